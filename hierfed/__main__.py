@@ -1,0 +1,5 @@
+import sys
+
+from hierfed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,7 @@
+"""Aggregators (registered in ``hierfed.registry.AGGREGATORS``) and server optimizers."""
+
+from hierfed.aggregators.base import AggContext, Aggregator
+from hierfed.aggregators.mean import WeightedMean
+from hierfed.aggregators.server_opt import FedAdam, FedAvgM, FedYogi, ServerOptimizer, ServerSGD
+
+__all__ = ["AggContext", "Aggregator", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer", "ServerSGD", "WeightedMean"]

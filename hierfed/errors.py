@@ -1,0 +1,52 @@
+"""Exception hierarchy: every error hierfed raises on purpose is a HierfedError.
+
+Messages name what is wrong, the offending value, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class HierfedError(Exception):
+    """Base class of all hierfed errors."""
+
+
+class ConfigError(HierfedError, ValueError):
+    """A configuration key has a wrong type, value or name; raised before any work starts."""
+
+    def __init__(self, key: str, value: object, fix: str) -> None:
+        self.key, self.value, self.fix = key, value, fix
+        super().__init__(f"config key '{key}' = {value!r}: {fix}")
+
+
+class RegistryError(HierfedError, KeyError):
+    """An unknown plug-in name was requested from a Registry."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(HierfedError, ValueError):
+    """A dataset or federation cannot be built as asked (empty tier, missing package, ...)."""
+
+
+class UpdateRejected(HierfedError):
+    """An Update failed validation at a tier; carries the sender and the reason."""
+
+    def __init__(self, sender: str, reason: str) -> None:
+        self.sender, self.reason = sender, reason
+        super().__init__(f"update from '{sender}' rejected: {reason}")
+
+
+class NodeFailure(HierfedError):
+    """A node (client, worker, aggregator) failed during a round.
+
+    Carries the node id, the round and the original cause, never a raw Ray trace.
+    """
+
+    def __init__(self, node_id: str, round: int, cause: str) -> None:
+        self.node_id, self.round, self.cause = node_id, round, cause
+        super().__init__(f"node '{node_id}' failed in round {round}: {cause}")
+
+
+class CheckpointError(HierfedError):
+    """A checkpoint is missing, truncated, corrupted or from an incompatible run."""

@@ -1,0 +1,11 @@
+"""Imports the built-in plug-in modules so their ``register`` decorators run.
+
+Third-party plug-ins register through entry points instead (see README, "Plug-ins").
+"""
+
+from __future__ import annotations
+
+import hierfed.aggregators  # noqa: F401
+import hierfed.data.edu_synth  # noqa: F401
+import hierfed.model.backbone  # noqa: F401
+import hierfed.postprocess  # noqa: F401

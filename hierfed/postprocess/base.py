@@ -1,0 +1,72 @@
+"""Postprocessors: what a sender does to its update on a tier edge, in configured order.
+
+Clipping, DP noise and compression codecs are all postprocessors. ``process`` returns the
+update the receiver will see (a codec returns the decoded values); ``wire_nbytes`` says how
+many bytes each component costs on the link after this step (the ledger records the last).
+
+Example::
+
+    >>> import torch
+    >>> from hierfed.update import Update
+    >>> u = Update.from_delta({"head.t": {"w": torch.tensor([3.0, 4.0])}}, 2.0, sender="s", round=0)
+    >>> ctx = PostContext("s", "global", "global", 0, 0)
+    >>> out, sizes = apply_chain([Clip({"max_norm": 1.0})], u, ctx)
+    >>> round(float(out.mean()["head.t"]["w"].norm()), 4), sizes
+    (1.0, {'head.t': 8})
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from hierfed.errors import ConfigError
+from hierfed.update import Update
+
+
+@dataclass(frozen=True)
+class PostContext:
+    sender: str
+    receiver: str
+    tier: str  # the receiving tier
+    round: int
+    seed: int
+
+
+class Postprocessor(ABC):
+    option_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.check_options(dict(options))
+        self.options = {**self.option_defaults, **dict(options)}
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], key: str = "options") -> None:
+        unknown = set(options) - set(cls.option_defaults)
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ConfigError(f"{key}.{name}", options[name], f"{cls.__name__} takes options {sorted(cls.option_defaults) or 'none'}")
+
+    @abstractmethod
+    def process(self, update: Update, ctx: PostContext) -> Update:
+        """The update as the receiver will see it; ``update`` is not mutated."""
+
+    def wire_nbytes(self, update: Update, sizes: dict[str, int]) -> dict[str, int]:
+        """Bytes per component on the wire after this step (default: unchanged)."""
+        return sizes
+
+
+def apply_chain(chain: Sequence[Postprocessor], update: Update, ctx: PostContext) -> tuple[Update, dict[str, int]]:
+    sizes = update.nbytes()
+    for pp in chain:
+        update = pp.process(update, ctx)
+        sizes = pp.wire_nbytes(update, sizes)
+    return update, sizes
+
+
+def build_chain(names: Sequence[str], options: Mapping[str, Mapping[str, Any]]) -> list[Postprocessor]:
+    from hierfed.registry import POSTPROCESSORS
+
+    return [POSTPROCESSORS.get(n)(dict(options.get(n, {}))) for n in names]

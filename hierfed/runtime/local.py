@@ -1,0 +1,64 @@
+"""The in-process runtime: the same WorkerCore code, called directly (for debugging).
+
+With ``num_workers > 1`` it still slices the cohort exactly like the Ray runtime, running the
+slices one after another on one core, which is how tests show that slicing changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hierfed.config import RuntimeConfig
+from hierfed.runtime.base import Runtime, split_even
+from hierfed.runtime.jobs import ClientMeta, EvalJob, MergeResult, MergeTask, TrainJob
+from hierfed.runtime.worker import WorkerCore, WorkerSetup
+from hierfed.update import State, Update
+
+
+class LocalRuntime(Runtime):
+    name = "local"
+
+    def __init__(self, cfg: RuntimeConfig) -> None:
+        self.cfg = cfg
+        self._workers = max(1, cfg.num_workers or 1)
+        self.core: WorkerCore | None = None
+
+    def start(self, setup: WorkerSetup) -> None:
+        self.core = WorkerCore(setup)
+
+    @property
+    def num_workers(self) -> int:
+        return self._workers
+
+    def put(self, obj: Any) -> Any:
+        return obj
+
+    def _core(self) -> WorkerCore:
+        if self.core is None:
+            raise RuntimeError("LocalRuntime.start() was not called")
+        return self.core
+
+    def initial_state(self) -> State:
+        return self._core().initial_state()
+
+    def train(self, jobs: Sequence[TrainJob], states: Any) -> tuple[list[ClientMeta], Any]:
+        metas: list[ClientMeta] = []
+        updates: dict[str, Update] = {}
+        for part in split_even(jobs, self._workers):
+            m, u = self._core().train(part, states)
+            metas += m
+            updates.update(u)
+        return metas, updates
+
+    def merge(self, tasks: Sequence[MergeTask], sources: Sequence[Any]) -> list[MergeResult]:
+        out: list[MergeResult] = []
+        for part in split_even(tasks, self._workers):
+            out += self._core().merge(part, *sources)
+        return out
+
+    def evaluate(self, jobs: Sequence[EvalJob], states: Mapping[str, State]) -> list[tuple[str, dict[str, tuple[float, int]]]]:
+        out = []
+        for part in split_even(jobs, self._workers):
+            out += self._core().evaluate(part, states)
+        return out

@@ -1,0 +1,146 @@
+"""The Ray runtime: a fixed pool of worker actors, each a thin shell around a WorkerCore.
+
+* ``ray.init`` locally (``runtime.num_cpus``) or connects to ``runtime.address``; a Ray
+  session that is already up (e.g. a test suite's) is reused and left running.
+* One actor per worker (``runtime.num_workers``, default one per CPU), never one per client.
+  Each builds one model skeleton and frozen backbone, then trains slice after slice.
+* The round's states go into the object store once (``put``); jobs reference them.
+* Failures come back as ``NodeFailure`` naming the worker and the cause, not a Ray trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hierfed.config import RuntimeConfig
+from hierfed.errors import NodeFailure
+from hierfed.runtime.base import Runtime, split_even
+from hierfed.runtime.jobs import ClientMeta, EvalJob, MergeResult, MergeTask, TrainJob
+from hierfed.runtime.worker import WorkerCore, WorkerSetup
+from hierfed.update import State
+
+log = logging.getLogger(__name__)
+
+
+class _WorkerShell:
+    """Ray actor body: builds the WorkerCore and forwards calls to it."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        self.core = WorkerCore(setup)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def initial_state(self) -> State:
+        return self.core.initial_state()
+
+    def train(self, jobs, states):
+        return self.core.train(jobs, states)
+
+    def merge(self, tasks, *sources):
+        return self.core.merge(tasks, *sources)
+
+    def evaluate(self, jobs, states):
+        return self.core.evaluate(jobs, states)
+
+
+class RayRuntime(Runtime):
+    name = "ray"
+
+    def __init__(self, cfg: RuntimeConfig) -> None:
+        self.cfg = cfg
+        self.actors: list[Any] = []
+        self._round = -1
+
+    def start(self, setup: WorkerSetup) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                      "configure_logging": False}
+            if self.cfg.address:
+                ray.init(address=self.cfg.address, **kwargs)
+            else:
+                if self.cfg.num_cpus:
+                    kwargs["num_cpus"] = self.cfg.num_cpus
+                ray.init(**kwargs)
+        cpus = int(ray.available_resources().get("CPU", 1)) or 1
+        n = self.cfg.num_workers or max(1, cpus)
+        remote = ray.remote(num_cpus=min(1, cpus / n) if n > cpus else 1, num_gpus=self.cfg.gpus_per_worker or 0)(
+            _WorkerShell
+        )
+        setup_ref = ray.put(setup)
+        self.actors = [remote.remote(setup_ref) for _ in range(n)]
+        self._get([a.ready.remote() for a in self.actors], "worker start")
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.actors)
+
+    def _get(self, refs: Any, what: str) -> Any:
+        import ray
+
+        try:
+            return ray.get(refs, timeout=self.cfg.round_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise NodeFailure("runtime", self._round, f"{what} exceeded runtime.round_timeout_s={self.cfg.round_timeout_s}") from None
+        except ray.exceptions.RayActorError as exc:
+            raise NodeFailure("worker", self._round, f"{what}: a worker actor died ({exc.__class__.__name__})") from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise NodeFailure("worker", self._round, f"{what}: {type(cause).__name__}: {cause}") from None
+
+    def put(self, obj: Any) -> Any:
+        import ray
+
+        return ray.put(obj)
+
+    def initial_state(self) -> State:
+        return self._get(self.actors[0].initial_state.remote(), "initial state")
+
+    def train(self, jobs: Sequence[TrainJob], states: Any) -> tuple[list[ClientMeta], Any]:
+        if jobs:
+            self._round = jobs[0].round
+        parts = split_even(jobs, len(self.actors))
+        meta_refs, update_refs = [], []
+        for actor, part in zip(self.actors, parts):
+            m, u = actor.train.options(num_returns=2).remote(part, states)
+            meta_refs.append(m)
+            update_refs.append(u)
+        metas: list[ClientMeta] = []
+        for chunk in self._get(meta_refs, "training"):
+            metas += chunk
+        return metas, update_refs
+
+    def merge(self, tasks: Sequence[MergeTask], sources: Sequence[Any]) -> list[MergeResult]:
+        flat: list[Any] = []
+        for s in sources:
+            flat += s if isinstance(s, list) else [s]
+        parts = split_even(tasks, len(self.actors))
+        refs = [actor.merge.remote(part, *flat) for actor, part in zip(self.actors, parts)]
+        out: list[MergeResult] = []
+        for chunk in self._get(refs, "aggregation"):
+            out += chunk
+        return out
+
+    def evaluate(self, jobs: Sequence[EvalJob], states: Mapping[str, State]) -> list[tuple[str, dict[str, tuple[float, int]]]]:
+        states_ref = self.put(dict(states))
+        parts = split_even(jobs, len(self.actors))
+        refs = [actor.evaluate.remote(part, states_ref) for actor, part in zip(self.actors, parts)]
+        out = []
+        for chunk in self._get(refs, "evaluation"):
+            out += chunk
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # already gone
+                pass
+        self.actors = []

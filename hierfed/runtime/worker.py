@@ -1,0 +1,161 @@
+"""WorkerCore: the plain object every runtime drives — one model skeleton, many clients.
+
+A Ray actor (runtime/ray.py) is a thin shell around it; the local runtime calls it
+directly. Everything a worker computes is a pure function of its inputs and the run seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hierfed.aggregators.base import AggContext
+from hierfed.client import ClientTrainer
+from hierfed.config import RunConfig
+from hierfed.data.federation import Federation
+from hierfed.errors import UpdateRejected
+from hierfed.model.m3t import M3TModel, build_model, model_spec
+from hierfed.model.spec import ModelSpec
+from hierfed.postprocess.base import PostContext, apply_chain, build_chain
+from hierfed.postprocess.validate import validate_update
+from hierfed.registry import AGGREGATORS, SERVER_OPTIMIZERS
+from hierfed.runtime.jobs import ClientMeta, EvalJob, MergeResult, MergeTask, TrainJob
+from hierfed.update import State, Update, state_sub
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker needs once: config and federation (shared via the object store)."""
+
+    cfg: RunConfig
+    federation: Federation
+    threads: int = 1  # torch intra-op threads; 1 keeps results identical across worker counts
+
+
+class WorkerCore:
+    """Builds the skeleton once; trains slices of clients, merges tier nodes, evaluates."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        from hierfed import plugins  # noqa: F401  (registers built-ins inside Ray workers)
+
+        torch.set_num_threads(setup.threads)
+        self.cfg = setup.cfg
+        self.fed = setup.federation
+        self.model: M3TModel = build_model(self.cfg.model, self.fed, self.cfg.seed)
+        self.spec: ModelSpec = model_spec(self.model, self.fed, self.cfg.model)
+        self.trainer = ClientTrainer(self.model, self.cfg.train, self.cfg.seed)
+        self.profiles = self.fed.by_id
+
+    def initial_state(self) -> State:
+        return self.model.component_state()
+
+    # ---------------------------------------------------------------- training
+
+    def train(self, jobs: Sequence[TrainJob], states: Mapping[str, State]) -> tuple[list[ClientMeta], dict[str, Update]]:
+        """Train each job's client in turn; returns metas and the updates by client id."""
+        metas: list[ClientMeta] = []
+        updates: dict[str, Update] = {}
+        for job in jobs:
+            try:
+                meta, update = self._train_one(job, states[job.parent_id])
+            except Exception as exc:  # a client's failure is reported, not fatal to the slice
+                log.warning("client %s failed in round %d: %s", job.client_id, job.round, exc)
+                meta = ClientMeta(job.client_id, job.parent_id, 0, float("nan"), 0, {},
+                                  error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+                update = None
+            metas.append(meta)
+            if update is not None:
+                updates[job.client_id] = update
+        return metas, updates
+
+    def _train_one(self, job: TrainJob, parent_state: State) -> tuple[ClientMeta, Update | None]:
+        profile = self.profiles[job.client_id]
+        data = self.fed.train[job.client_id]
+        start: State = dict(parent_state)
+        if job.local:
+            start.update(job.local)
+        fit = self.trainer.fit(data=data, tasks=profile.tasks, start=start, trainable=job.trains, key=job.key)
+        n = len(data)
+        local = {c: fit.state[c] for c in job.trains if c not in job.sends} or None
+        if not job.sends:
+            return ClientMeta(job.client_id, job.parent_id, n, fit.loss, fit.steps, {}, local), None
+        delta = state_sub({c: fit.state[c] for c in job.sends}, start)
+        update = Update.from_delta(delta, float(n), sender=job.client_id, round=job.round, num_samples=n)
+        tier = self.cfg.tier(job.tier)
+        chain = build_chain(tier.postprocess, tier.postprocess_options)
+        ctx = PostContext(job.client_id, job.parent_id, job.tier, job.round, self.cfg.seed)
+        update, sizes = apply_chain(chain, update, ctx)
+        return ClientMeta(job.client_id, job.parent_id, n, fit.loss, fit.steps, sizes, local), update
+
+    # ---------------------------------------------------------------- merging
+
+    def merge(self, tasks: Sequence[MergeTask], *sources: Mapping[str, Update]) -> list[MergeResult]:
+        """Run each node-round: validate every child's update, aggregate, server step."""
+        pool: dict[str, Update] = {}
+        for src in sources:
+            pool.update(src)
+        return [self._merge_one(t, pool) for t in tasks]
+
+    def _merge_one(self, task: MergeTask, pool: Mapping[str, Update]) -> MergeResult:
+        tier = self.cfg.tier(task.tier)
+        accepted: list[Update] = []
+        rejected: list[tuple[str, str]] = []
+        for exp in task.expectations:
+            upd = pool.get(exp.sender)
+            if upd is None:
+                continue  # failed or sent nothing; the driver knows why
+            try:
+                validate_update(upd, exp, self.spec)
+            except UpdateRejected as rej:
+                log.warning("round %d, %s: %s", task.round, task.node_id, rej)
+                rejected.append((exp.sender, rej.reason))
+                continue
+            accepted.append(upd)
+        aggregator = AGGREGATORS.get(tier.aggregator)(dict(tier.options))
+        ctx = AggContext(task.node_id, task.tier, task.round, self.cfg.seed)
+        state = task.state
+        agg_state, opt_state = task.agg_state, task.opt_state
+        weights: dict[str, float] = {}
+        merged = None
+        if len(accepted) >= aggregator.min_updates():
+            agg_state = aggregator.init_state() if agg_state is None else agg_state
+            merged, agg_state = aggregator.aggregate(accepted, agg_state, ctx)
+        if merged is not None:
+            weights = {c: float(w) for c, w in merged.weights.items() if w > 0}
+            opt = SERVER_OPTIMIZERS.get(tier.server_optimizer)(tier)
+            state, opt_state = opt.step(state, merged.mean(), opt_state)
+        emitted, sizes = None, {}
+        if task.emit and task.start is not None:
+            sends = [c for c in task.sends if task.emit_weights.get(c, 0) > 0]
+            if sends:
+                delta = state_sub({c: state[c] for c in sends}, task.start)
+                emitted = Update.from_delta(
+                    delta, {c: task.emit_weights[c] for c in sends}, sender=task.node_id, round=task.round,
+                    num_samples=sum(u.meta.num_samples for u in accepted),
+                )
+                ptier = self.cfg.tier(task.parent_tier)
+                chain = build_chain(ptier.postprocess, ptier.postprocess_options)
+                ctx2 = PostContext(task.node_id, task.parent_id, task.parent_tier, task.round, self.cfg.seed)
+                emitted, sizes = apply_chain(chain, emitted, ctx2)
+        return MergeResult(
+            task.node_id, state, agg_state, opt_state, weights,
+            tuple(u.meta.senders[0] for u in accepted), tuple(rejected),
+            sum(u.meta.num_samples for u in accepted), emitted, sizes,
+        )
+
+    # ---------------------------------------------------------------- evaluation
+
+    def evaluate(self, jobs: Sequence[EvalJob], states: Mapping[str, State]) -> list[tuple[str, dict[str, tuple[float, int]]]]:
+        out = []
+        for job in jobs:
+            data = self.fed.global_test if job.split == "global" else self.fed.test[job.name]
+            res = self.trainer.evaluate(data=data, tasks=job.tasks, state=states[job.state_key],
+                                        batch_size=self.cfg.eval.batch_size)
+            out.append((job.name, res))
+        return out

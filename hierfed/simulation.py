@@ -1,0 +1,200 @@
+"""run(cfg) -> RunResult: builds everything, runs the rounds, evaluates, writes the run folder.
+
+The library never prints: progress goes to the optional ``on_event`` callback (the CLI's
+reporter draws it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hierfed.checkpoint import atomic_write_text, save_state
+from hierfed.config import RunConfig, to_yaml, validate_config
+from hierfed.data.federation import Federation
+from hierfed.ledger import CommLedger
+from hierfed.model.m3t import build_model, model_spec
+from hierfed.model.spec import ModelSpec
+from hierfed.registry import DATASETS, TOPOLOGIES
+from hierfed.runtime.base import Runtime, make_runtime
+from hierfed.runtime.jobs import EvalJob
+from hierfed.runtime.worker import WorkerSetup
+from hierfed.topology import Topology
+from hierfed.tree import require_no_failures
+from hierfed.update import State
+
+log = logging.getLogger(__name__)
+Event = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class RunResult:
+    cfg: RunConfig
+    out_dir: Path | None
+    metrics: list[dict[str, Any]]
+    ledger: CommLedger
+    final_state: State
+    personalized: dict[str, dict[str, float]] = field(default_factory=dict)
+    federation_summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        for rec in reversed(self.metrics):
+            if rec.get("global"):
+                return dict(rec["global"])
+        return {}
+
+    @property
+    def initial_metrics(self) -> dict[str, float]:
+        return dict(self.metrics[0].get("global", {})) if self.metrics else {}
+
+
+def build_federation(cfg: RunConfig) -> Federation:
+    fed = DATASETS.get(cfg.data.name)(cfg.data, cfg.seed)
+    if cfg.data.max_clients and len(fed.clients) > cfg.data.max_clients:
+        keep = {c.id for c in fed.clients[: cfg.data.max_clients]}
+        fed = replace(
+            fed,
+            clients=[c for c in fed.clients if c.id in keep],
+            train={k: v for k, v in fed.train.items() if k in keep},
+            test={k: v for k, v in fed.test.items() if k in keep},
+        )
+    return fed
+
+
+def evaluate_global(runtime: Runtime, state: State, fed: Federation) -> dict[str, float]:
+    jobs = [EvalJob("global", (t,), "global") for t in sorted(fed.tasks)]
+    out: dict[str, float] = {}
+    for _, res in runtime.evaluate(jobs, {"global": state}):
+        for t, (metric, _) in res.items():
+            out[t] = metric
+    return out
+
+
+def evaluate_personalized(runtime: Runtime, topo: Topology, fed: Federation) -> dict[str, dict[str, float]]:
+    """Each client's personalized model on its own held-out rows, per task."""
+    states = {c.id: topo.personalized_state(c.id) for c in fed.clients if c.num_test > 0}
+    jobs = [EvalJob(cid, fed.by_id[cid].tasks, cid, split="client-test") for cid in sorted(states)]
+    return {name: {t: m for t, (m, _) in res.items()} for name, res in runtime.evaluate(jobs, states)}
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.topology.name}"
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    runtime: Runtime | None = None,
+    on_event: Event | None = None,
+    write: bool = True,
+) -> RunResult:
+    """Run a whole federation. ``runtime`` may be passed in (e.g. a test's shared one)."""
+    validate_config(cfg)
+    emit = on_event or (lambda kind, data: None)
+    t0 = time.perf_counter()
+    fed = build_federation(cfg)
+    model = build_model(cfg.model, fed, cfg.seed)
+    spec: ModelSpec = model_spec(model, fed, cfg.model)
+    initial = model.component_state()
+    del model
+    topo: Topology = TOPOLOGIES.get(cfg.topology.name)(cfg=cfg, federation=fed, spec=spec)
+    topo.init(initial)
+    out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
+    own_runtime = runtime is None
+    rt = runtime or make_runtime(cfg.runtime)
+    ledger = CommLedger()
+    metrics: list[dict[str, Any]] = []
+    summary = fed.summary()
+    emit("start", {"federation": summary, "trainable": spec.trainable_numel(), "backbone": spec.backbone_numel,
+                   "tiers": list(topo.tier_names)})
+    try:
+        if own_runtime:
+            rt.start(WorkerSetup(cfg, fed))
+        startup_s = time.perf_counter() - t0
+        rec0 = {"round": 0, "global": evaluate_global(rt, topo.global_state(), fed), "bytes": {}, "wall_s": 0.0}
+        metrics.append(rec0)
+        emit("round", rec0)
+        for rnd in range(1, cfg.rounds + 1):
+            t_round = time.perf_counter()
+            stats = topo.run_round(rnd, rt, ledger)
+            require_no_failures(stats, rnd)
+            rec: dict[str, Any] = {
+                "round": rnd,
+                "train_loss": stats.train_loss,
+                "participants": stats.participants,
+                "rejected": len(stats.rejections),
+                "failed": len(stats.failures),
+                "bytes": ledger.by_edge(rnd),
+                "bytes_total": sum(ledger.by_edge(rnd).values()),
+                **topo.round_metrics(),
+            }
+            if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+                rec["global"] = evaluate_global(rt, topo.global_state(), fed)
+            rec["wall_s"] = time.perf_counter() - t_round
+            if stats.rejections:
+                rec["rejections"] = [f"{s}: {r}" for s, r in stats.rejections[:20]]
+            metrics.append(rec)
+            emit("round", rec)
+        personalized = evaluate_personalized(rt, topo, fed) if cfg.eval.personalized else {}
+    finally:
+        if own_runtime:
+            rt.shutdown()
+    final = topo.global_state()
+    result = RunResult(cfg, out_dir if write else None, metrics, ledger, final, personalized, summary)
+    if write:
+        _write_outputs(result, startup_s=startup_s, total_s=time.perf_counter() - t0)
+    emit("end", {"result": result})
+    return result
+
+
+def personalized_means(personalized: dict[str, dict[str, float]]) -> dict[str, float]:
+    acc: dict[str, list[float]] = {}
+    for res in personalized.values():
+        for t, m in res.items():
+            acc.setdefault(t, []).append(m)
+    return {t: sum(v) / len(v) for t, v in sorted(acc.items())}
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _write_outputs(result: RunResult, *, startup_s: float, total_s: float) -> None:
+    out = result.out_dir
+    assert out is not None
+    lines = "".join(json.dumps(_clean(rec), sort_keys=True) + "\n" for rec in result.metrics)
+    atomic_write_text(out / "metrics.jsonl", lines)
+    result.ledger.save(out / "ledger.csv")
+    save_state(out / "final_state", result.final_state, {"rounds": result.cfg.rounds, "seed": result.cfg.seed})
+    summary = {
+        "federation": result.federation_summary,
+        "initial": result.initial_metrics,
+        "final": result.final_metrics,
+        "personalized_mean": personalized_means(result.personalized),
+        "bytes_by_edge": result.ledger.by_edge(),
+        "bytes_by_component": result.ledger.by_component(),
+        "bytes_total": result.ledger.total(),
+        "startup_s": startup_s,
+        "total_s": total_s,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(_clean(summary), indent=1, sort_keys=True))
+    if result.personalized:
+        atomic_write_text(out / "personalized.json", json.dumps(_clean(result.personalized), indent=1, sort_keys=True))

@@ -1,0 +1,301 @@
+"""TreeEngine: runs rounds of any tree of tier nodes on a Runtime (star = depth 1).
+
+Shared by the ``star`` and ``hierarchical`` topologies. Execution is level-synchronous:
+all nodes of one tier run their node-round together, so all sampled clients of a round are
+trained in one batch across the worker pool, and all nodes of a tier merge in one batch.
+
+One parent-round of a tier node ``n`` at tier index ``l`` (``k = local_rounds`` of its tier):
+
+    start = n's state after taking its parent's components
+    repeat k times:
+        sample children (keyed by seed, round, node, repetition)
+        broadcast n's state to them (ledger: down)
+        children train (leaves) or run their own parent-round (inner nodes)
+        children send updates (ledger: up); n validates, aggregates, applies its server step
+    emit  Update(n.state - start, weight = mean merged weight) for the components whose
+          scope reaches n's parent
+
+Components whose scope stops at n's tier are kept by n across rounds; ``local`` ones are
+kept per client and never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hierfed.config import RunConfig
+from hierfed.data.federation import Federation
+from hierfed.errors import DataError, NodeFailure
+from hierfed.ledger import CommLedger
+from hierfed.model.spec import ModelSpec
+from hierfed.postprocess.validate import Expectation
+from hierfed.runtime.base import Runtime
+from hierfed.runtime.jobs import ClientMeta, MergeTask, TrainJob
+from hierfed.seeding import np_rng
+from hierfed.update import State, Update, state_nbytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Node:
+    id: str
+    level: int  # tier index: 0 = root
+    tier: str
+    parent: str | None
+    children: list[str] = field(default_factory=list)
+    max_weight: float = 0.0  # train rows below this node (bound for validation)
+
+
+@dataclass
+class RoundStats:
+    """What one round did, for metrics."""
+
+    participants: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    rejections: list[tuple[str, str]] = field(default_factory=list)
+    loss_sum: float = 0.0
+    loss_rows: int = 0
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / self.loss_rows if self.loss_rows else float("nan")
+
+
+class TreeEngine:
+    """Holds the tree, every node's state and optimizer state; runs rounds on a runtime."""
+
+    def __init__(
+        self,
+        *,
+        cfg: RunConfig,
+        federation: Federation,
+        spec: ModelSpec,
+        paths: dict[str, tuple[str, ...]],
+        tier_names: tuple[str, ...],
+    ) -> None:
+        """``paths``: client id -> its path in this tree (root first, client last)."""
+        self.cfg = cfg
+        self.fed = federation
+        self.spec = spec
+        self.tier_names = tier_names
+        self.nodes: dict[str, Node] = {}
+        self.leaves: set[str] = set(paths)
+        profiles = federation.by_id
+        for cid, path in sorted(paths.items()):
+            if len(path) != len(tier_names):
+                raise DataError(f"client '{cid}' path {path} does not have {len(tier_names)} tiers {tier_names}")
+            ids = ["/".join(path[: i + 1]) for i in range(len(path) - 1)] + [cid]
+            for lvl, nid in enumerate(ids):
+                if nid not in self.nodes:
+                    self.nodes[nid] = Node(nid, lvl, tier_names[lvl], ids[lvl - 1] if lvl else None)
+                    if lvl:
+                        self.nodes[ids[lvl - 1]].children.append(nid)
+                self.nodes[nid].max_weight += profiles[cid].num_train
+        roots = [n for n in self.nodes.values() if n.level == 0]
+        if len(roots) != 1:
+            raise DataError(f"the tree must have exactly one root, found {[r.id for r in roots]}")
+        self.root = roots[0].id
+        for n in self.nodes.values():
+            n.children.sort()
+            if n.level < len(tier_names) - 1 and not n.children:
+                raise DataError(f"tier node '{n.id}' has no members; remove it or give it clients")
+        self.holds = {cid: spec.holds(profiles[cid]) for cid in self.leaves}
+        self.states: dict[str, State] = {}
+        self.local: dict[str, State] = {}
+        self.agg_states: dict[str, Any] = {}
+        self.opt_states: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- helpers
+
+    def init(self, initial: State) -> None:
+        for nid, node in self.nodes.items():
+            if nid not in self.leaves:
+                self.states[nid] = dict(initial)
+        self.initial = initial
+
+    def level_of(self, component: str) -> int:
+        return self.spec.scope_level(component)
+
+    def sends_up(self, components: Sequence[str], level: int) -> tuple[str, ...]:
+        """Of ``components``, those a node at ``level`` sends to its parent."""
+        return tuple(c for c in components if self.level_of(c) < level)
+
+    def take_from_parent(self, parent_state: State, own: State, level: int) -> State:
+        """A node's starting state: the parent's value of components merged above it, its own otherwise."""
+        return {c: (parent_state[c] if self.level_of(c) < level else own[c]) for c in parent_state}
+
+    def sample(self, node: Node, rnd: int, key: tuple) -> list[str]:
+        p = self.cfg.tier(node.tier).participation
+        kids = node.children
+        m = max(1, int(math.ceil(p * len(kids) - 1e-9)))
+        if m >= len(kids):
+            return list(kids)
+        rng = np_rng(self.cfg.seed, "sample", rnd, *key, node.id)
+        return sorted(kids[i] for i in rng.choice(len(kids), size=m, replace=False))
+
+    def edge(self, child: Node, direction: str = "up") -> str:
+        """The tier edge a transfer crosses, written in its direction ("student->institution")."""
+        parent = self.nodes[child.parent].tier if child.parent else child.tier
+        return f"{child.tier}->{parent}" if direction == "up" else f"{parent}->{child.tier}"
+
+    def personalized_state(self, client_id: str) -> State:
+        """Root components plus the client's tier-scoped (ancestors') and local components."""
+        node = self.nodes[client_id]
+        chain = []
+        p = node.parent
+        while p is not None:
+            chain.append(p)
+            p = self.nodes[p].parent
+        state = dict(self.states[self.root])
+        for nid in reversed(chain[:-1]):  # from the root's children down
+            lvl = self.nodes[nid].level
+            for c in state:
+                if self.level_of(c) >= lvl:
+                    state[c] = self.states[nid][c]
+        for c, v in self.local.get(client_id, {}).items():
+            state[c] = v
+        return state
+
+    # ---------------------------------------------------------------- the round
+
+    def run_round(self, rnd: int, runtime: Runtime, ledger: CommLedger) -> RoundStats:
+        stats = RoundStats()
+        root = self.nodes[self.root]
+        self._run_level([root.id], {root.id: self.states[root.id]}, rnd, (), runtime, ledger, stats)
+        return stats
+
+    def _run_level(
+        self,
+        node_ids: list[str],
+        start: dict[str, State],
+        rnd: int,
+        key: tuple,
+        runtime: Runtime,
+        ledger: CommLedger,
+        stats: RoundStats,
+    ) -> dict[str, Update]:
+        """One parent-round of every node in ``node_ids`` (all of one tier); returns their emitted updates."""
+        level = self.nodes[node_ids[0]].level
+        tier = self.tier_names[level]
+        k = self.cfg.tier(tier).local_rounds if level > 0 else 1
+        cur = dict(start)
+        weight_hist: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in node_ids}
+        emitted: dict[str, Update] = {}
+        child_level = level + 1
+        for j in range(k):
+            jkey = (*key, j)
+            sampled = {n: self.sample(self.nodes[n], rnd, jkey) for n in node_ids}
+            # broadcast down: each child gets its parent's state (only what it uses)
+            for n in node_ids:
+                for c in sampled[n]:
+                    comps = self.holds[c] if c in self.leaves else [x for x in cur[n] if self.level_of(x) < child_level]
+                    ledger.record(round=rnd, src=n, dst=c, edge=self.edge(self.nodes[c], "down"), direction="down",
+                                  sizes={x: state_nbytes(cur[n][x]) for x in comps})
+            if child_level == len(self.tier_names) - 1:
+                sources, expectations = self._train_leaves(node_ids, sampled, cur, rnd, jkey, runtime, ledger, stats)
+            else:
+                kids = [c for n in node_ids for c in sampled[n]]
+                kid_start = {c: self.take_from_parent(cur[self.nodes[c].parent], self.states[c], child_level) for c in kids}
+                ups = self._run_level(kids, kid_start, rnd, jkey, runtime, ledger, stats)
+                sources = [ups]
+                expectations = {
+                    c: Expectation(c, frozenset(self.sends_up(list(cur[self.nodes[c].parent]), child_level)),
+                                   exact=False, max_weight=self.nodes[c].max_weight)
+                    for c in kids
+                }
+            tasks = []
+            for n in node_ids:
+                tasks.append(MergeTask(
+                    node_id=n, tier=tier, round=rnd, key=jkey,
+                    expectations=tuple(expectations[c] for c in sampled[n]),
+                    state=cur[n], agg_state=self.agg_states.get(n), opt_state=self.opt_states.get(n),
+                ))
+            results = runtime.merge(tasks, sources)
+            for res in results:
+                n = res.node_id
+                cur[n] = res.state
+                self.agg_states[n], self.opt_states[n] = res.agg_state, res.opt_state
+                stats.rejections += [(s, f"{n}: {r}") for s, r in res.rejected]
+                for c, w in res.weights.items():
+                    weight_hist[n][c].append(w)
+                for c in cur[n]:
+                    if c not in res.weights:
+                        weight_hist[n][c].append(0.0)
+        # emit each non-root node's update for its parent (on the workers: tensor math there);
+        # its weight per component is the mean merged weight over the k node-rounds
+        if level > 0:
+            emit_tasks = []
+            for n in node_ids:
+                node = self.nodes[n]
+                sends = self.sends_up(list(cur[n]), level)
+                emit_w = {c: sum(weight_hist[n][c]) / k for c in sends if sum(weight_hist[n][c]) > 0}
+                emit_tasks.append(MergeTask(
+                    node_id=n, tier=tier, round=rnd, key=(*key, "emit"), expectations=(), state=cur[n],
+                    emit=True, start=start[n], sends=sends, emit_weights=emit_w,
+                    parent_id=node.parent or "", parent_tier=self.nodes[node.parent].tier if node.parent else "",
+                ))
+            for res in runtime.merge(emit_tasks, []):
+                if res.emitted is not None:
+                    emitted[res.node_id] = res.emitted
+                    node = self.nodes[res.node_id]
+                    ledger.record(round=rnd, src=res.node_id, dst=node.parent or "", edge=self.edge(node),
+                                  direction="up", sizes=res.emitted_sizes)
+        for n in node_ids:
+            self.states[n] = cur[n]
+        return emitted
+
+    def _train_leaves(
+        self,
+        node_ids: list[str],
+        sampled: dict[str, list[str]],
+        cur: dict[str, State],
+        rnd: int,
+        key: tuple,
+        runtime: Runtime,
+        ledger: CommLedger,
+        stats: RoundStats,
+    ) -> tuple[list[Any], dict[str, Expectation]]:
+        level = len(self.tier_names) - 1
+        jobs: list[TrainJob] = []
+        expectations: dict[str, Expectation] = {}
+        for n in node_ids:
+            for c in sampled[n]:
+                sends = self.sends_up(self.holds[c], level)
+                jobs.append(TrainJob(
+                    client_id=c, parent_id=n, tier=self.nodes[n].tier, round=rnd, key=(rnd, *key, c),
+                    trains=self.holds[c], sends=sends, local=self.local.get(c),
+                ))
+                expectations[c] = Expectation(c, frozenset(sends), exact=True, max_weight=self.nodes[c].max_weight)
+        jobs.sort(key=lambda j: j.client_id)
+        states_handle = runtime.put({n: cur[n] for n in node_ids})
+        metas, updates = runtime.train(jobs, states_handle)
+        self._account(metas, rnd, ledger, stats)
+        return [updates], expectations
+
+    def _account(self, metas: list[ClientMeta], rnd: int, ledger: CommLedger, stats: RoundStats) -> None:
+        for m in metas:
+            if m.error is not None:
+                stats.failures.append((m.client_id, m.error.splitlines()[0]))
+                continue
+            stats.participants += 1
+            stats.loss_sum += m.loss * m.num_samples
+            stats.loss_rows += m.num_samples
+            if m.local:
+                self.local[m.client_id] = m.local
+            if m.sizes:
+                node = self.nodes[m.client_id]
+                ledger.record(round=rnd, src=m.client_id, dst=m.parent_id, edge=self.edge(node), direction="up",
+                              sizes=m.sizes)
+
+
+def require_no_failures(stats: RoundStats, rnd: int, tolerate: Callable[[RoundStats], bool] | None = None) -> None:
+    """Raise NodeFailure for the first failed client unless ``tolerate`` accepts the round."""
+    if stats.failures and not (tolerate and tolerate(stats)):
+        cid, cause = stats.failures[0]
+        raise NodeFailure(cid, rnd, cause)

@@ -1,0 +1,163 @@
+"""Update: the currency of a federation.
+
+An Update carries, per *component*, a pre-weighted sum of parameter deltas and the sum of
+the weights behind it::
+
+    tensors[c][p] = sum_i w_i[c] * delta_i[c][p]        weights[c] = sum_i w_i[c]
+
+Weights are per component because clients hold different subsets of components: a student
+without a camera contributes nothing, and no weight, to ``encoder.image``. ``+`` is
+associative and commutative (up to float rounding), and the division happens once, at the
+top of a tier (``Update.mean``) — so a hierarchical weighted mean equals the flat one.
+
+Metadata (who sent it, the round, sample counts) travels beside the tensors; algorithms
+never add optional fields here.
+
+Example::
+
+    >>> import torch
+    >>> a = Update.from_delta({"head.t": {"w": torch.ones(2)}}, 1.0, sender="s1", round=0)
+    >>> b = Update.from_delta({"head.t": {"w": torch.zeros(2)}}, 3.0, sender="s2", round=0)
+    >>> (a + b).mean()["head.t"]["w"].tolist()
+    [0.25, 0.25]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+# component -> parameter name -> tensor
+State = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    """Who and what stands behind an Update; never used by the math."""
+
+    senders: tuple[str, ...]
+    round: int
+    num_samples: int = 0
+
+
+@dataclass(frozen=True)
+class Update:
+    """Pre-weighted per-component delta sums; immutable, never mutated in place."""
+
+    tensors: Mapping[str, Mapping[str, torch.Tensor]]
+    weights: Mapping[str, float]
+    meta: UpdateMeta = field(default_factory=lambda: UpdateMeta((), 0))
+
+    @classmethod
+    def from_delta(
+        cls,
+        delta: Mapping[str, Mapping[str, torch.Tensor]],
+        weight: float | Mapping[str, float],
+        *,
+        sender: str,
+        round: int,
+        num_samples: int = 0,
+    ) -> Update:
+        """Weight a plain delta: ``tensors[c] = w[c] * delta[c]``; ``weight`` may be per component."""
+        ws = {c: float(weight if not isinstance(weight, Mapping) else weight[c]) for c in delta}
+        tensors = {c: {p: t * ws[c] for p, t in params.items()} for c, params in delta.items()}
+        return cls(tensors, ws, UpdateMeta((sender,), round, num_samples))
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(sorted(self.tensors))
+
+    def __add__(self, other: Update) -> Update:
+        if not isinstance(other, Update):
+            return NotImplemented
+        tensors: dict[str, dict[str, torch.Tensor]] = {c: dict(p) for c, p in self.tensors.items()}
+        weights = dict(self.weights)
+        for c, params in other.tensors.items():
+            if c in tensors:
+                mine = tensors[c]
+                if mine.keys() != params.keys():
+                    raise ValueError(f"component '{c}' has different parameters in the two updates")
+                tensors[c] = {p: mine[p] + params[p] for p in mine}
+                weights[c] = weights[c] + other.weights[c]
+            else:
+                tensors[c] = dict(params)
+                weights[c] = other.weights[c]
+        meta = UpdateMeta(
+            tuple(sorted(set(self.meta.senders) | set(other.meta.senders))),
+            max(self.meta.round, other.meta.round),
+            self.meta.num_samples + other.meta.num_samples,
+        )
+        return Update(tensors, weights, meta)
+
+    @staticmethod
+    def sum(updates: Iterable[Update]) -> Update | None:
+        """Sum in sorted sender order, so the float result does not depend on arrival order."""
+        ordered = sorted(updates, key=lambda u: u.meta.senders)
+        if not ordered:
+            return None
+        total = ordered[0]
+        for u in ordered[1:]:
+            total = total + u
+        return total
+
+    def mean(self) -> State:
+        """Divide once: the weighted mean delta of every component with positive weight."""
+        return {
+            c: {p: t / self.weights[c] for p, t in params.items()}
+            for c, params in self.tensors.items()
+            if self.weights[c] > 0
+        }
+
+    def nbytes(self) -> dict[str, int]:
+        """Raw (unencoded) size of every component in bytes."""
+        return {c: state_nbytes(params) for c, params in self.tensors.items()}
+
+    def restrict(self, components: Iterable[str]) -> Update:
+        keep = set(components)
+        return Update(
+            {c: p for c, p in self.tensors.items() if c in keep},
+            {c: w for c, w in self.weights.items() if c in keep},
+            self.meta,
+        )
+
+
+def state_nbytes(params: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in params.values())
+
+
+def state_sub(a: Mapping[str, Mapping[str, torch.Tensor]], b: Mapping[str, Mapping[str, torch.Tensor]]) -> State:
+    """``a - b`` over the components of ``a``."""
+    return {c: {p: t - b[c][p] for p, t in params.items()} for c, params in a.items()}
+
+
+def state_add(a: Mapping[str, Mapping[str, torch.Tensor]], delta: Mapping[str, Mapping[str, torch.Tensor]]) -> State:
+    """``a + delta``; components of ``a`` that ``delta`` lacks are kept as they are."""
+    out: State = {c: dict(p) for c, p in a.items()}
+    for c, params in delta.items():
+        out[c] = {p: out[c][p] + t for p, t in params.items()}
+    return out
+
+
+def state_clone(a: Mapping[str, Mapping[str, torch.Tensor]]) -> State:
+    return {c: {p: t.detach().clone() for p, t in params.items()} for c, params in a.items()}
+
+
+def state_norm(a: Mapping[str, Mapping[str, torch.Tensor]]) -> float:
+    sq = sum(float(t.double().pow(2).sum()) for params in a.values() for t in params.values())
+    return math.sqrt(sq)
+
+
+def flat_state(a: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``component/param`` -> tensor, the layout used on disk (safetensors)."""
+    return {f"{c}/{p}": t for c, params in sorted(a.items()) for p, t in sorted(params.items())}
+
+
+def unflat_state(flat: Mapping[str, torch.Tensor]) -> State:
+    out: State = {}
+    for key, t in flat.items():
+        c, _, p = key.partition("/")
+        out.setdefault(c, {})[p] = t
+    return out

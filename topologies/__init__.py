@@ -1,0 +1,1 @@
+"""Built-in topology modules, registered through the ``hierfed.topologies`` entry point group."""
