@@ -1,0 +1,389 @@
+"""Gossip mixing: communication graphs, doubly-stochastic mixing matrices, and the mixing step.
+
+Used by the ``gossip`` topology (no server) and by the tree's semi-decentralized option
+(members of one tier gossip between aggregations by their parent). Graph and matrix math is
+numpy on ``n x n`` matrices and runs wherever it is called; the tensor part
+(``combine`` / ``consensus``) runs on the workers.
+
+Graphs are undirected, simple (no self-loops, no duplicate edges) and must be connected.
+Nodes are indices ``0..n-1``; callers map them to node ids (sorted, so the mapping is stable).
+
+Mixing with a symmetric doubly-stochastic ``W`` (rows and columns sum to 1)::
+
+    x_i <- sum_j W_ij x_j                       (uniform weighting)
+
+preserves the plain mean of the ``x_i``. With *sample weighting* every node also carries a
+weight ``w_i`` (its training rows) and both ``y_i = w_i x_i`` and ``w_i`` are mixed linearly
+(the push-sum ratio form)::
+
+    x_i <- (sum_j W_ij w_j x_j) / (sum_j W_ij w_j)
+
+which preserves ``sum_i y_i`` and ``sum_i w_i``. On the complete graph with Metropolis–Hastings
+weights ``W = 11^T / n``, so one step gives every node exactly FedAvg's sample-weighted mean.
+
+Components that only some nodes hold are mixed among their holders: ``restrict`` keeps
+``W_ij`` only between nodes with the same (non-None) label and folds the removed mass onto
+the diagonal, which keeps the matrix symmetric and doubly stochastic on every label class.
+Dropped nodes and failed links are removed the same way.
+
+Example::
+
+    >>> import numpy as np
+    >>> W = metropolis_hastings(3, ring(3))
+    >>> bool(np.allclose(W, 1 / 3))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hierfed.errors import ConfigError
+
+Edge = tuple[int, int]  # (i, j) with i < j
+
+GRAPHS = ("ring", "torus", "complete", "random_regular", "erdos_renyi", "small_world", "edges")
+RULES = ("metropolis_hastings", "max_degree")
+
+
+# ---------------------------------------------------------------- graph builders
+
+
+def _edge(i: int, j: int) -> Edge:
+    return (i, j) if i < j else (j, i)
+
+
+def ring(n: int) -> frozenset[Edge]:
+    """Each node linked to its two neighbours on a cycle (one edge for n = 2, none for n = 1)."""
+    return frozenset(_edge(i, (i + 1) % n) for i in range(n) if (i + 1) % n != i)
+
+
+def torus_shape(n: int) -> tuple[int, int]:
+    """The most square ``rows x cols = n`` grid (rows <= cols); a prime n gives ``1 x n`` (a ring)."""
+    rows = int(math.isqrt(n))
+    while n % rows:
+        rows -= 1
+    return rows, n // rows
+
+
+def torus(n: int) -> frozenset[Edge]:
+    """A 2-D torus: node ``r * cols + c`` links to its four grid neighbours, wrapping around."""
+    rows, cols = torus_shape(n)
+    out = set()
+    for r in range(rows):
+        for c in range(cols):
+            i = r * cols + c
+            for j in (r * cols + (c + 1) % cols, ((r + 1) % rows) * cols + c):
+                if j != i:
+                    out.add(_edge(i, j))
+    return frozenset(out)
+
+
+def complete(n: int) -> frozenset[Edge]:
+    return frozenset((i, j) for i in range(n) for j in range(i + 1, n))
+
+
+def random_regular(n: int, degree: int, rng: np.random.Generator, *, tries: int = 200) -> frozenset[Edge]:
+    """A uniformly paired ``degree``-regular simple graph (configuration model with retries)."""
+    if degree < 1 or degree >= n or (n * degree) % 2:
+        raise ConfigError(
+            "topology.options.degree", degree,
+            f"a random regular graph on {n} nodes needs 1 <= degree < {n} and n * degree even",
+        )
+    for _ in range(tries):
+        stubs = np.repeat(np.arange(n), degree)
+        rng.shuffle(stubs)
+        pairs = stubs.reshape(-1, 2)
+        edges = {_edge(int(a), int(b)) for a, b in pairs}
+        if len(edges) == len(pairs) and all(a != b for a, b in pairs):
+            g = frozenset(edges)
+            if is_connected(n, g):
+                return g
+    raise ConfigError("topology.options.degree", degree, f"no connected {degree}-regular graph found on {n} nodes; raise the degree")
+
+
+def erdos_renyi(n: int, p: float, rng: np.random.Generator, *, tries: int = 200) -> frozenset[Edge]:
+    """G(n, p), redrawn (same keyed stream) until connected."""
+    if not (0 < p <= 1):
+        raise ConfigError("topology.options.p", p, "edge probability must lie in (0, 1]")
+    iu = np.triu_indices(n, k=1)
+    for _ in range(tries):
+        keep = rng.random(len(iu[0])) < p
+        g = frozenset((int(a), int(b)) for a, b, k in zip(iu[0], iu[1], keep) if k)
+        if is_connected(n, g):
+            return g
+    raise ConfigError("topology.options.p", p, f"G({n}, {p}) was never connected in {tries} draws; raise p")
+
+
+def small_world(n: int, k: int, beta: float, rng: np.random.Generator, *, tries: int = 200) -> frozenset[Edge]:
+    """Watts–Strogatz: a ring lattice with ``k`` neighbours per node, each edge rewired with prob. ``beta``."""
+    if k < 2 or k % 2 or k >= n:
+        raise ConfigError("topology.options.k", k, f"small-world needs an even k with 2 <= k < n={n}")
+    if not (0 <= beta <= 1):
+        raise ConfigError("topology.options.beta", beta, "rewiring probability must lie in [0, 1]")
+    for _ in range(tries):
+        edges = {_edge(i, (i + s) % n) for i in range(n) for s in range(1, k // 2 + 1)}
+        for i in range(n):
+            for s in range(1, k // 2 + 1):
+                e = _edge(i, (i + s) % n)
+                if e in edges and rng.random() < beta:
+                    free = [j for j in range(n) if j != i and _edge(i, j) not in edges]
+                    if free:
+                        edges.discard(e)
+                        edges.add(_edge(i, int(free[rng.integers(len(free))])))
+        g = frozenset(edges)
+        if is_connected(n, g):
+            return g
+    raise ConfigError("topology.options.beta", beta, "the rewired graph was never connected; lower beta or raise k")
+
+
+def from_edge_list(nodes: Sequence[str], pairs: Iterable[Sequence[str]], *, key: str = "topology.options.edges") -> frozenset[Edge]:
+    """A user graph over node ids: ``[[a, b], ...]``; unknown ids and self-loops are rejected."""
+    index = {nid: i for i, nid in enumerate(nodes)}
+    out = set()
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ConfigError(key, list(pair), "each edge is a pair of node ids [a, b]")
+        a, b = str(pair[0]), str(pair[1])
+        for x in (a, b):
+            if x not in index:
+                near = [n for n in nodes if n.endswith(x)][:3]
+                raise ConfigError(key, [a, b], f"'{x}' is not a node of this graph; node ids look like {near or list(nodes[:2])}")
+        if a == b:
+            raise ConfigError(key, [a, b], "self-loops are not allowed: a node always keeps its own value (the diagonal)")
+        out.add(_edge(index[a], index[b]))
+    return frozenset(out)
+
+
+def is_connected(n: int, edges: Iterable[Edge]) -> bool:
+    if n <= 1:
+        return True
+    adj: list[list[int]] = [[] for _ in range(n)]
+    for i, j in edges:
+        adj[i].append(j)
+        adj[j].append(i)
+    seen = {0}
+    todo = deque([0])
+    while todo:
+        for j in adj[todo.popleft()]:
+            if j not in seen:
+                seen.add(j)
+                todo.append(j)
+    return len(seen) == n
+
+
+def require_connected(nodes: Sequence[str], edges: Iterable[Edge], *, key: str) -> None:
+    """Raise ConfigError naming an unreachable node if the graph is not connected."""
+    edges = list(edges)
+    if is_connected(len(nodes), edges):
+        return
+    adj: dict[int, set[int]] = {i: set() for i in range(len(nodes))}
+    for i, j in edges:
+        adj[i].add(j)
+        adj[j].add(i)
+    seen, todo = {0}, deque([0])
+    while todo:
+        for j in adj[todo.popleft()]:
+            if j not in seen:
+                seen.add(j)
+                todo.append(j)
+    lost = [nodes[i] for i in range(len(nodes)) if i not in seen]
+    raise ConfigError(
+        key, None,
+        f"the graph is disconnected: {len(lost)} of {len(nodes)} nodes (e.g. '{lost[0]}') cannot reach "
+        f"'{nodes[0]}', so gossip would never reach consensus; add edges or pick a connected graph",
+    )
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Which graph to build; parsed from ``topology.options`` by the caller."""
+
+    kind: str = "ring"
+    degree: int = 3  # random_regular
+    p: float = 0.3  # erdos_renyi
+    k: int = 4  # small_world: lattice neighbours (even)
+    beta: float = 0.2  # small_world: rewiring probability
+    edges: tuple[tuple[str, str], ...] = ()  # kind == "edges": user edge list over node ids
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAPHS:
+            raise ConfigError("topology.options.graph", self.kind, f"known graphs: {', '.join(GRAPHS)}")
+
+
+def build_graph(spec: GraphSpec, nodes: Sequence[str], rng: np.random.Generator) -> frozenset[Edge]:
+    """The edges of ``spec`` over ``nodes`` (sorted ids); connected, or ConfigError."""
+    n = len(nodes)
+    if spec.kind == "ring":
+        g = ring(n)
+    elif spec.kind == "torus":
+        g = torus(n)
+    elif spec.kind == "complete":
+        g = complete(n)
+    elif spec.kind == "random_regular":
+        g = random_regular(n, spec.degree, rng)
+    elif spec.kind == "erdos_renyi":
+        g = erdos_renyi(n, spec.p, rng)
+    elif spec.kind == "small_world":
+        g = small_world(n, spec.k, spec.beta, rng)
+    else:
+        g = from_edge_list(nodes, spec.edges)
+    require_connected(nodes, g, key=f"topology.options.{'edges' if spec.kind == 'edges' else 'graph'}")
+    return g
+
+
+def drop_links(edges: Iterable[Edge], p: float, rng: np.random.Generator) -> frozenset[Edge]:
+    """Each link independently fails with probability ``p`` (one draw per edge, in sorted order)."""
+    ordered = sorted(edges)
+    if p <= 0:
+        return frozenset(ordered)
+    alive = rng.random(len(ordered)) >= p
+    return frozenset(e for e, a in zip(ordered, alive) if a)
+
+
+# ---------------------------------------------------------------- matrices
+
+
+def degrees(n: int, edges: Iterable[Edge]) -> np.ndarray:
+    d = np.zeros(n, dtype=np.int64)
+    for i, j in edges:
+        d[i] += 1
+        d[j] += 1
+    return d
+
+
+def metropolis_hastings(n: int, edges: Iterable[Edge]) -> np.ndarray:
+    """``W_ij = 1 / (1 + max(d_i, d_j))`` on edges, ``W_ii = 1 - sum_j W_ij``: symmetric, doubly stochastic."""
+    edges = list(edges)
+    d = degrees(n, edges)
+    W = np.zeros((n, n))
+    for i, j in edges:
+        W[i, j] = W[j, i] = 1.0 / (1 + max(d[i], d[j]))
+    W[np.diag_indices(n)] = 1.0 - W.sum(axis=1)
+    return W
+
+
+def max_degree(n: int, edges: Iterable[Edge]) -> np.ndarray:
+    """``W_ij = 1 / (1 + d_max)`` on edges, the rest on the diagonal."""
+    edges = list(edges)
+    dmax = int(degrees(n, edges).max()) if n else 0
+    W = np.zeros((n, n))
+    for i, j in edges:
+        W[i, j] = W[j, i] = 1.0 / (1 + dmax)
+    W[np.diag_indices(n)] = 1.0 - W.sum(axis=1)
+    return W
+
+
+def mixing_matrix(n: int, edges: Iterable[Edge], rule: str = "metropolis_hastings") -> np.ndarray:
+    if rule == "metropolis_hastings":
+        return metropolis_hastings(n, edges)
+    if rule == "max_degree":
+        return max_degree(n, edges)
+    raise ConfigError("topology.options.weights", rule, f"known mixing rules: {', '.join(RULES)}")
+
+
+def restrict(W: np.ndarray, labels: Sequence[Hashable | None]) -> np.ndarray:
+    """Keep ``W_ij`` only where ``labels[i] == labels[j] is not None``; fold the rest onto the diagonal.
+
+    Rows of unlabeled nodes become identity rows (they neither send nor receive). The result
+    stays symmetric and doubly stochastic when ``W`` is.
+    """
+    lab = list(labels)
+    n = len(lab)
+    same = np.array([[lab[i] is not None and lab[i] == lab[j] for j in range(n)] for i in range(n)], dtype=bool)
+    R = np.where(same, W, 0.0)
+    R[np.diag_indices(n)] = 0.0
+    R[np.diag_indices(n)] = 1.0 - R.sum(axis=1)
+    return R
+
+
+def compose(matrices: Sequence[np.ndarray]) -> np.ndarray:
+    """The effect of mixing with ``matrices[0]``, then ``[1]``, ...: ``M = W_k ... W_1``."""
+    M = np.eye(matrices[0].shape[0])
+    for W in matrices:
+        M = W @ M
+    return M
+
+
+def coefficients(M: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Row-stochastic ``A_ij = M_ij w_j / sum_k M_ik w_k``: ``x' = A x`` is the ratio form above.
+
+    A row whose denominator is 0 (no weight reaches the node) keeps the node's own value.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    num = M * w[None, :]
+    den = num.sum(axis=1, keepdims=True)
+    A = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+    empty = den[:, 0] <= 0
+    A[empty, :] = 0.0
+    A[empty, np.flatnonzero(empty)] = 1.0
+    return A
+
+
+# ---------------------------------------------------------------- tensor math (workers)
+
+
+def combine(terms: Sequence[tuple[float, Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """``sum_j a_j x_j`` over the parameters of one component, accumulated in float64 in the
+    given order (callers pass sources sorted by node id) and cast back to the inputs' dtype."""
+    first = terms[0][1]
+    out: dict[str, torch.Tensor] = {}
+    for p, t0 in first.items():
+        acc = torch.zeros(t0.shape, dtype=torch.float64)
+        for a, params in terms:
+            if a != 0.0:
+                acc += float(a) * params[p].detach().to(torch.float64)
+        out[p] = acc.to(t0.dtype)
+    return out
+
+
+def mix_states(
+    A: np.ndarray, nodes: Sequence[str], values: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
+    components: Sequence[str], rows: Sequence[str] | None = None,
+) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """New values of ``components`` for ``rows`` (default all nodes): ``x_i[c] = sum_j A_ij x_j[c]``.
+
+    ``values[node][component]`` must exist wherever ``A_ij != 0``. Pure: inputs are not mutated.
+    """
+    index = {nid: i for i, nid in enumerate(nodes)}
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for nid in rows if rows is not None else nodes:
+        i = index[nid]
+        out[nid] = {}
+        for c in components:
+            terms = [(float(A[i, j]), values[nodes[j]][c]) for j in range(len(nodes)) if A[i, j] != 0.0]
+            if terms:
+                out[nid][c] = combine(terms)
+    return out
+
+
+def consensus_distance(
+    values: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
+    groups: Mapping[str, Mapping[str, Hashable]],
+) -> float:
+    """Mean over nodes of ``||x_i - xbar||``, where for every component ``xbar`` is the plain mean
+    over the nodes that share it with ``i`` (same label in ``groups[component]``).
+
+    ``groups[c][node]`` is the node's label for component ``c`` (absent: the node does not share c).
+    A node that shares nothing with anyone counts as distance 0.
+    """
+    sq: dict[str, float] = {nid: 0.0 for nid in values}
+    for c, labels in sorted(groups.items()):
+        classes: dict[Hashable, list[str]] = {}
+        for nid, lab in sorted(labels.items(), key=lambda kv: kv[0]):
+            classes.setdefault(lab, []).append(nid)
+        for members in classes.values():
+            if len(members) < 2:
+                continue
+            for p in sorted(values[members[0]][c]):
+                stack = torch.stack([values[m][c][p].detach().to(torch.float64) for m in members])
+                dev = (stack - stack.mean(dim=0, keepdim=True)).reshape(len(members), -1).pow(2).sum(dim=1)
+                for m, d in zip(members, dev.tolist()):
+                    sq[m] += d
+    return float(np.mean([math.sqrt(v) for v in sq.values()])) if sq else 0.0
