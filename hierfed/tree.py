@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from hierfed.aggregators.robust import check_fanouts
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
 from hierfed.errors import DataError, NodeFailure
@@ -106,6 +107,8 @@ class TreeEngine:
             if n.level < len(tier_names) - 1 and not n.children:
                 raise DataError(f"tier node '{n.id}' has no members; remove it or give it clients")
         self.holds = {cid: spec.holds(profiles[cid]) for cid in self.leaves}
+        # robust rules need enough updates per node-round (e.g. Krum: n >= 2f + 3): fail now, not mid-run
+        check_fanouts(cfg, [(n.tier, len(n.children)) for n in self.nodes.values() if n.children])
         self.states: dict[str, State] = {}
         self.local: dict[str, State] = {}
         self.agg_states: dict[str, Any] = {}

@@ -2,6 +2,7 @@
 
 from hierfed.aggregators.base import AggContext, Aggregator
 from hierfed.aggregators.mean import WeightedMean
+from hierfed.aggregators.robust import CoordinateMedian, Krum, NormBoundedMean, TrimmedMean
 from hierfed.aggregators.server_opt import FedAdam, FedAvgM, FedYogi, ServerOptimizer, ServerSGD
 
-__all__ = ["AggContext", "Aggregator", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer", "ServerSGD", "WeightedMean"]
+__all__ = ["AggContext", "Aggregator", "CoordinateMedian", "Krum", "NormBoundedMean", "TrimmedMean", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer", "ServerSGD", "WeightedMean"]
