@@ -1,0 +1,1 @@
+"""Engine overhead: one FedAvg workload run by a plain PyTorch loop, hierfed and Flower."""
