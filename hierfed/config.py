@@ -59,6 +59,9 @@ class ModelConfig:
     resources: dict[str, list[str]] = field(
         default_factory=lambda: {"full": ["*"], "light": ["head.*", "prompt.*"]}
     )
+    # LoRA rank per resource class (heterogeneous ranks); a class not listed uses lora_rank,
+    # which is also the skeleton's (largest) rank; 0 = the class trains no adapter
+    resource_ranks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -261,6 +264,14 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("model.prompt_tokens", m.prompt_tokens, "must be >= 0 (0 disables prompts)")
     if not m.lora_targets:
         raise ConfigError("model.lora_targets", m.lora_targets, "name at least one module, e.g. [q_proj, v_proj]")
+    for cls_name, rank in m.resource_ranks.items():
+        if cls_name not in m.resources:
+            raise ConfigError(f"model.resource_ranks.{cls_name}", rank,
+                              f"not a resource class; known: {sorted(m.resources)} (add it to model.resources)")
+        if not isinstance(rank, int) or not (0 <= rank <= m.lora_rank):
+            raise ConfigError(f"model.resource_ranks.{cls_name}", rank,
+                              f"must be an integer in [0, model.lora_rank={m.lora_rank}]; raise model.lora_rank "
+                              "to the largest rank (it sizes the shared adapter)")
     for pat, scope in m.scopes.items():
         if not scope:
             raise ConfigError(f"model.scopes.{pat}", scope, "give 'global', 'local' or a tier name")

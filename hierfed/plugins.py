@@ -6,6 +6,7 @@ Third-party plug-ins register through entry points instead (see README, "Plug-in
 from __future__ import annotations
 
 import hierfed.aggregators  # noqa: F401
+import hierfed.aggregators.lora  # noqa: F401
 import hierfed.data.edu_synth  # noqa: F401
 import hierfed.model.backbone  # noqa: F401
 import hierfed.postprocess  # noqa: F401

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from hierfed.errors import ConfigError
-from hierfed.update import Update
+from hierfed.update import State, Update
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ class AggContext:
     tier: str
     round: int
     seed: int
+    # the node's current component values: what its children started this round from, so
+    # ``state[c] + update.tensors[c] / update.weights[c]`` is a child's absolute value
+    # (product-space rules such as ``lora_exact`` need it); None when not known
+    state: State | None = None
 
 
 class Aggregator(ABC):

@@ -288,4 +288,6 @@ def model_spec(model: M3TModel, federation: Federation, cfg: ModelConfig) -> Mod
         tier_names=federation.tier_names,
         resources={k: tuple(v) for k, v in cfg.resources.items()},
         backbone_numel=backbone_numel,
+        lora_rank=cfg.lora_rank,
+        resource_ranks=dict(cfg.resource_ranks),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hierfed.data.federation import ClientProfile, Federation
 from hierfed.errors import ConfigError
@@ -44,6 +44,12 @@ class ModelSpec:
     tier_names: tuple[str, ...]  # root first
     resources: Mapping[str, tuple[str, ...]]  # resource class -> glob patterns of components
     backbone_numel: int = 0
+    lora_rank: int = 0  # the skeleton's (largest) adapter rank
+    resource_ranks: Mapping[str, int] = field(default_factory=dict)  # class -> rank (missing: lora_rank)
+
+    def rank_of(self, profile: ClientProfile) -> int:
+        """The LoRA rank a client trains: its resource class's, else the skeleton's."""
+        return int(self.resource_ranks.get(profile.resource, self.lora_rank))
 
     def scope_level(self, component: str) -> int:
         """The deepest tier index at which ``component`` is merged (0 = root).
@@ -74,6 +80,8 @@ class ModelSpec:
                 continue
             if spec.kind in ("head", "prompt") and name.split(".", 1)[1] not in profile.tasks:
                 continue
+            if spec.kind == "adapter" and self.resource_ranks and self.rank_of(profile) == 0:
+                continue  # a rank-0 class trains no adapter
             if any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 out.append(name)
         return tuple(sorted(out))

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from hierfed.aggregators.base import AggContext
+from hierfed.aggregators.lora import mask_rank, truncate_rank
 from hierfed.client import ClientTrainer
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
@@ -80,7 +81,15 @@ class WorkerCore:
         start: State = dict(parent_state)
         if job.local:
             start.update(job.local)
-        fit = self.trainer.fit(data=data, tasks=profile.tasks, start=start, trainable=job.trains, key=job.key)
+        rank = self.spec.rank_of(profile)
+        begin = start
+        if rank < self.spec.lora_rank:  # a lower-rank client: best rank-r view of the adapters
+            begin = {c: (truncate_rank(p, rank) if c.startswith("adapter.") and c in job.trains else p)
+                     for c, p in start.items()}
+        fit = self.trainer.fit(data=data, tasks=profile.tasks, start=begin, trainable=job.trains, key=job.key)
+        if rank < self.spec.lora_rank:
+            fit = replace(fit, state={c: (mask_rank(p, rank) if c.startswith("adapter.") else p)
+                                      for c, p in fit.state.items()})
         n = len(data)
         local = {c: fit.state[c] for c in job.trains if c not in job.sends} or None
         if not job.sends:
@@ -118,7 +127,7 @@ class WorkerCore:
                 continue
             accepted.append(upd)
         aggregator = AGGREGATORS.get(tier.aggregator)(dict(tier.options))
-        ctx = AggContext(task.node_id, task.tier, task.round, self.cfg.seed)
+        ctx = AggContext(task.node_id, task.tier, task.round, self.cfg.seed, state=task.state)
         state = task.state
         agg_state, opt_state = task.agg_state, task.opt_state
         weights: dict[str, float] = {}
