@@ -90,6 +90,24 @@ class TierConfig:
     postprocess: list[str] = field(default_factory=list)  # applied by senders into this tier, in order
     postprocess_options: dict[str, Any] = field(default_factory=dict)  # postprocessor name -> options
     options: dict[str, Any] = field(default_factory=dict)  # aggregator-specific options
+    # stragglers and dropouts (hierfed/clock.py gives every node a simulated speed and link)
+    dropout: float = 0.0  # probability that a sampled child of this node drops out of the round, [0, 1)
+    deadline_s: float = 0.0  # simulated seconds this node waits for its children per node-round; 0 = all
+    straggler: str = "discard"  # past the deadline: discard (sent late, bytes counted, not merged) | drop (told to stop, sends nothing)
+
+
+@dataclass
+class ClockConfig:
+    """The simulated wall-clock cost model (hierfed/clock.py); lognormal around the medians."""
+
+    rows_per_s: float = 400.0  # median client training speed (rows per second, per task pass)
+    compute_sigma: float = 0.5  # spread of client speeds within a group (log scale)
+    group_sigma: float = 0.5  # spread between groups (the tier below the root, e.g. institutions)
+    bandwidth_mbps: float = 20.0  # median link bandwidth (megabits per second)
+    bandwidth_sigma: float = 0.5
+    latency_s: float = 0.05  # median one-way link latency
+    latency_sigma: float = 0.3
+    round_jitter: float = 0.1  # per-round noise on every compute and transfer time (log scale)
 
 
 @dataclass
@@ -129,6 +147,7 @@ class RunConfig:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
 
     def tier(self, name: str) -> TierConfig:
         """The configuration of the aggregating tier ``name`` (the default if not listed)."""
@@ -302,6 +321,11 @@ def validate_config(cfg: RunConfig) -> None:
                 raise ConfigError(f"{key}.postprocess_options.{pp}", dict(tier.postprocess_options[pp]),
                                   f"'{pp}' is not in {key}.postprocess {list(tier.postprocess)}; add it there or drop its options")
         _fraction(f"{key}.participation", tier.participation)
+        if not isinstance(tier.dropout, (int, float)) or not (0 <= tier.dropout < 1):
+            raise ConfigError(f"{key}.dropout", tier.dropout, "a probability in [0, 1) (0 = nobody drops out)")
+        _nonneg(f"{key}.deadline_s", tier.deadline_s)
+        if tier.straggler not in ("discard", "drop"):
+            raise ConfigError(f"{key}.straggler", tier.straggler, "known: discard, drop")
         _positive_int(f"{key}.local_rounds", tier.local_rounds)
         _positive(f"{key}.server_lr", tier.server_lr)
         for k in ("server_momentum", "beta1", "beta2"):
@@ -322,3 +346,8 @@ def validate_config(cfg: RunConfig) -> None:
     _positive("runtime.round_timeout_s", r.round_timeout_s)
     _positive_int("eval.every", cfg.eval.every)
     _positive_int("eval.batch_size", cfg.eval.batch_size)
+    ck = cfg.clock
+    for k in ("rows_per_s", "bandwidth_mbps", "latency_s"):
+        _positive(f"clock.{k}", getattr(ck, k))
+    for k in ("compute_sigma", "group_sigma", "bandwidth_sigma", "latency_sigma", "round_jitter"):
+        _nonneg(f"clock.{k}", getattr(ck, k))

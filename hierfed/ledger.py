@@ -21,7 +21,7 @@ class Transfer:
     src: str
     dst: str
     edge: str  # directed tier edge: "student->institution" (up), "institution->student" (down)
-    direction: str  # "up" or "down"
+    direction: str  # "up", "down", or "peer" (gossip between neighbours: edge "student<->student")
     component: str
     nbytes: int
 
@@ -34,8 +34,8 @@ class CommLedger:
 
     def record(self, *, round: int, src: str, dst: str, edge: str, direction: str, sizes: dict[str, int]) -> None:
         """Record one transfer of several components (``sizes``: component -> bytes)."""
-        if direction not in ("up", "down"):
-            raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+        if direction not in ("up", "down", "peer"):  # peer: a gossip exchange between neighbours
+            raise ValueError(f"direction must be 'up', 'down' or 'peer', got {direction!r}")
         for comp in sorted(sizes):
             self.records.append(Transfer(round, src, dst, edge, direction, comp, int(sizes[comp])))
 

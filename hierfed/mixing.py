@@ -387,3 +387,15 @@ def consensus_distance(
                 for m, d in zip(members, dev.tolist()):
                     sq[m] += d
     return float(np.mean([math.sqrt(v) for v in sq.values()])) if sq else 0.0
+
+
+def weighted_average(
+    values: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], weights: Mapping[str, Mapping[str, float]],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per component ``c``: ``sum_i w_i x_i[c] / sum_i w_i`` over the nodes listed in ``weights[c]``."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for c, ws in sorted(weights.items()):
+        total = sum(ws.values())
+        if total > 0:
+            out[c] = combine([(w / total, values[nid][c]) for nid, w in sorted(ws.items())])
+    return out

@@ -126,6 +126,7 @@ def run(
         rec0 = {"round": 0, "global": evaluate_global(rt, topo.global_state(), fed), "bytes": {}, "wall_s": 0.0}
         metrics.append(rec0)
         emit("round", rec0)
+        sim_total = 0.0
         for rnd in range(1, cfg.rounds + 1):
             t_round = time.perf_counter()
             stats = topo.run_round(rnd, rt, ledger)
@@ -138,6 +139,10 @@ def run(
                 "failed": len(stats.failures),
                 "bytes": ledger.by_edge(rnd),
                 "bytes_total": sum(ledger.by_edge(rnd).values()),
+                "sim_time_s": stats.sim_time_s,  # simulated wall clock (hierfed/clock.py)
+                "sim_time_total_s": sim_total + stats.sim_time_s,
+                "dropped": len(stats.dropped),
+                "late": len(stats.late),
                 **topo.round_metrics(),
             }
             if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
@@ -147,6 +152,7 @@ def run(
                 rec["rejections"] = [f"{s}: {r}" for s, r in stats.rejections[:20]]
             metrics.append(rec)
             emit("round", rec)
+            sim_total = rec["sim_time_total_s"]
         personalized = evaluate_personalized(rt, topo, fed) if cfg.eval.personalized else {}
     finally:
         if own_runtime:

@@ -25,10 +25,11 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hierfed.aggregators.robust import check_fanouts
+from hierfed.clock import Clock
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
 from hierfed.errors import DataError, NodeFailure
@@ -62,6 +63,9 @@ class RoundStats:
     rejections: list[tuple[str, str]] = field(default_factory=list)
     loss_sum: float = 0.0
     loss_rows: int = 0
+    dropped: list[str] = field(default_factory=list)  # sampled children that dropped out
+    late: list[str] = field(default_factory=list)  # children past their parent's deadline: never merged
+    sim_time_s: float = 0.0  # simulated wall-clock time of the round (hierfed/clock.py)
 
     @property
     def train_loss(self) -> float:
@@ -113,6 +117,10 @@ class TreeEngine:
         self.local: dict[str, State] = {}
         self.agg_states: dict[str, Any] = {}
         self.opt_states: dict[str, Any] = {}
+        self.clock = Clock(cfg, federation)
+        self.elapsed: dict[str, float] = {}  # simulated seconds of a node's latest parent-round
+        self.arrival: dict[str, float] = {}  # when a child's update reached its parent (from the broadcast)
+        self._down_s: dict[str, float] = {}  # how long the broadcast to a child took
 
     # ---------------------------------------------------------------- helpers
 
@@ -141,6 +149,33 @@ class TreeEngine:
             return list(kids)
         rng = np_rng(self.cfg.seed, "sample", rnd, *key, node.id)
         return sorted(kids[i] for i in rng.choice(len(kids), size=m, replace=False))
+
+    def dropouts(self, node: Node, sampled: list[str], rnd: int, key: tuple) -> set[str]:
+        """Sampled children of ``node`` that drop out after the broadcast (``dropout`` of its tier)."""
+        p = self.cfg.tier(node.tier).dropout
+        if p <= 0 or not sampled:
+            return set()
+        u = np_rng(self.cfg.seed, "dropout", rnd, *key, node.id).random(len(sampled))
+        return {c for c, x in zip(sampled, u) if x < p}
+
+    def arrive(self, child: str, busy_s: float, up_bytes: int, rnd: int, key: tuple, stats: RoundStats) -> bool:
+        """Clock a child's report to its parent; False if it missed the parent's deadline.
+
+        ``busy_s``: the child's own work (training, or its subtree's node-rounds). A late child's
+        update is never merged; with ``straggler: drop`` it does not even send (no bytes)."""
+        parent = self.nodes[self.nodes[child].parent or child]
+        tier = self.cfg.tier(parent.tier)
+        t = self._down_s.get(child, 0.0) + busy_s + self.clock.transfer_s(child, up_bytes, rnd=rnd, key=(*key, "up"))
+        self.arrival[child] = t
+        if tier.deadline_s > 0 and t > tier.deadline_s:
+            stats.late.append(child)
+            return False
+        return True
+
+    def sends_late(self, child: str) -> bool:
+        """Whether a late child still transmits (``discard``) rather than stopping (``drop``)."""
+        parent = self.nodes[self.nodes[child].parent or child]
+        return self.cfg.tier(parent.tier).straggler == "discard"
 
     def edge(self, child: Node, direction: str = "up") -> str:
         """The tier edge a transfer crosses, written in its direction ("student->institution")."""
@@ -171,6 +206,7 @@ class TreeEngine:
         stats = RoundStats()
         root = self.nodes[self.root]
         self._run_level([root.id], {root.id: self.states[root.id]}, rnd, (), runtime, ledger, stats)
+        stats.sim_time_s = self.elapsed[root.id]
         return stats
 
     def _run_level(
@@ -191,6 +227,8 @@ class TreeEngine:
         weight_hist: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in node_ids}
         emitted: dict[str, Update] = {}
         child_level = level + 1
+        for n in node_ids:
+            self.elapsed[n] = 0.0
         for j in range(k):
             jkey = (*key, j)
             sampled = {n: self.sample(self.nodes[n], rnd, jkey) for n in node_ids}
@@ -198,25 +236,44 @@ class TreeEngine:
             for n in node_ids:
                 for c in sampled[n]:
                     comps = self.holds[c] if c in self.leaves else [x for x in cur[n] if self.level_of(x) < child_level]
+                    sizes = {x: state_nbytes(cur[n][x]) for x in comps}
                     ledger.record(round=rnd, src=n, dst=c, edge=self.edge(self.nodes[c], "down"), direction="down",
-                                  sizes={x: state_nbytes(cur[n][x]) for x in comps})
+                                  sizes=sizes)
+                    self._down_s[c] = self.clock.transfer_s(c, sum(sizes.values()), rnd=rnd, key=(*jkey, "down"))
+            # dropouts vanish after the broadcast: they neither train nor report
+            drawn = {n: list(sampled[n]) for n in node_ids}
+            for n in node_ids:
+                gone = self.dropouts(self.nodes[n], sampled[n], rnd, jkey)
+                stats.dropped += sorted(gone)
+                sampled[n] = [c for c in sampled[n] if c not in gone]
+                self.arrival.update({c: math.inf for c in gone})
             if child_level == len(self.tier_names) - 1:
                 sources, expectations = self._train_leaves(node_ids, sampled, cur, rnd, jkey, runtime, ledger, stats)
             else:
                 kids = [c for n in node_ids for c in sampled[n]]
                 kid_start = {c: self.take_from_parent(cur[self.nodes[c].parent], self.states[c], child_level) for c in kids}
-                ups = self._run_level(kids, kid_start, rnd, jkey, runtime, ledger, stats)
+                ups = self._run_level(kids, kid_start, rnd, jkey, runtime, ledger, stats) if kids else {}
                 sources = [ups]
                 expectations = {
                     c: Expectation(c, frozenset(self.sends_up(list(cur[self.nodes[c].parent]), child_level)),
                                    exact=False, max_weight=self.nodes[c].max_weight)
-                    for c in kids
+                    for c in kids if c in ups
                 }
+            # the node-round lasts until its last on-time child reported, or until the deadline
+            # when a sampled child dropped out or was late
+            for n in node_ids:
+                deadline = self.cfg.tier(tier).deadline_s
+                times = [self.arrival.get(c, math.inf) for c in drawn[n]]
+                on_time = [t for t in times if t < math.inf and (deadline <= 0 or t <= deadline)]
+                waited = max(on_time, default=0.0)
+                if deadline > 0 and len(on_time) < len(times):
+                    waited = deadline
+                self.elapsed[n] += waited
             tasks = []
             for n in node_ids:
                 tasks.append(MergeTask(
                     node_id=n, tier=tier, round=rnd, key=jkey,
-                    expectations=tuple(expectations[c] for c in sampled[n]),
+                    expectations=tuple(expectations[c] for c in sampled[n] if c in expectations),
                     state=cur[n], agg_state=self.agg_states.get(n), opt_state=self.opt_states.get(n),
                 ))
             results = runtime.merge(tasks, sources)
@@ -244,11 +301,14 @@ class TreeEngine:
                     parent_id=node.parent or "", parent_tier=self.nodes[node.parent].tier if node.parent else "",
                 ))
             for res in runtime.merge(emit_tasks, []):
-                if res.emitted is not None:
-                    emitted[res.node_id] = res.emitted
-                    node = self.nodes[res.node_id]
+                node = self.nodes[res.node_id]
+                up = sum(res.emitted_sizes.values()) if res.emitted is not None else 0
+                on_time = self.arrive(res.node_id, self.elapsed[res.node_id], up, rnd, key, stats)
+                if res.emitted is not None and (on_time or self.sends_late(res.node_id)):
                     ledger.record(round=rnd, src=res.node_id, dst=node.parent or "", edge=self.edge(node),
                                   direction="up", sizes=res.emitted_sizes)
+                if res.emitted is not None and on_time:
+                    emitted[res.node_id] = res.emitted
         for n in node_ids:
             self.states[n] = cur[n]
         return emitted
@@ -278,14 +338,21 @@ class TreeEngine:
         jobs.sort(key=lambda j: j.client_id)
         states_handle = runtime.put({n: cur[n] for n in node_ids})
         metas, updates = runtime.train(jobs, states_handle)
-        self._account(metas, rnd, ledger, stats)
+        self._account(metas, rnd, ledger, stats, key)
+        for c in stats.late:
+            expectations.pop(c, None)  # a late update is never merged (nor kept for later)
         return [updates], expectations
 
-    def _account(self, metas: list[ClientMeta], rnd: int, ledger: CommLedger, stats: RoundStats) -> None:
+    def _account(self, metas: list[ClientMeta], rnd: int, ledger: CommLedger, stats: RoundStats,
+                 key: tuple = ()) -> None:
         for m in metas:
             if m.error is not None:
                 stats.failures.append((m.client_id, m.error.splitlines()[0]))
+                self.arrival[m.client_id] = math.inf
                 continue
+            busy = self.clock.compute_s(m.client_id, rnd=rnd, key=key)
+            if not self.arrive(m.client_id, busy, sum(m.sizes.values()), rnd, key, stats) and not self.sends_late(m.client_id):
+                m = replace(m, sizes={})  # told to stop at the deadline: it sends nothing
             stats.participants += 1
             stats.loss_sum += m.loss * m.num_samples
             stats.loss_rows += m.num_samples

@@ -19,7 +19,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from hierfed.config import RuntimeConfig
-from hierfed.runtime.jobs import ClientMeta, EvalJob, MergeResult, MergeTask, TrainJob
+from hierfed.runtime.jobs import (
+    AverageTask,
+    ClientMeta,
+    EvalJob,
+    MergeResult,
+    MergeTask,
+    MixResult,
+    MixTask,
+    TrainJob,
+)
 from hierfed.update import State, Update
 
 T = TypeVar("T")
@@ -72,6 +81,17 @@ class Runtime(ABC):
     @abstractmethod
     def evaluate(self, jobs: Sequence[EvalJob], states: Mapping[str, State]) -> list[tuple[str, dict[str, tuple[float, int]]]]:
         """Evaluate jobs; results in job order."""
+
+    def mix(
+        self, tasks: Sequence[MixTask], starts: Any, expectations: Mapping[str, Any], sources: Sequence[Any]
+    ) -> list[MixResult]:
+        """Gossip-mix nodes on workers (``WorkerCore.mix``); ``starts`` is a handle of node -> State,
+        ``sources`` update handles as returned by ``train``. Results in task order."""
+        raise NotImplementedError(f"the {self.name} runtime does not support gossip mixing")
+
+    def average(self, task: AverageTask, states: Any) -> tuple[float, State]:
+        """Consensus distance and weighted mean of node states (a handle), on one worker."""
+        raise NotImplementedError(f"the {self.name} runtime does not support gossip averaging")
 
     def shutdown(self) -> None:
         """Release workers (a shared Ray session is left running)."""

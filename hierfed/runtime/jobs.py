@@ -21,6 +21,7 @@ class TrainJob:
     trains: tuple[str, ...]  # components the client trains
     sends: tuple[str, ...]  # of those, the ones whose scope reaches the parent
     local: State | None = None  # the client's own components kept from earlier rounds
+    privacy: Any = None  # the client's DP accountant state (privacy.PrivacyState) from earlier rounds
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ClientMeta:
     steps: int
     sizes: dict[str, int]  # bytes per component on the wire, after the chain
     local: State | None = None  # new values of components that never leave the client
+    privacy: Any = None  # the client's DP accountant state after this round (privacy.PrivacyState)
     error: str | None = None
 
 
@@ -80,3 +82,36 @@ class EvalJob:
     tasks: tuple[str, ...]
     state_key: str  # key into the states passed alongside
     split: str = "global"  # "global" or "client-test"
+
+
+@dataclass(frozen=True)
+class MixTask:
+    """Gossip mixing for one node: new values of its shared components, each a convex
+    combination of the half-step values (start + own update) of the node and its neighbours.
+
+    ``groups``: per group of components that mix alike, ``(components, ((source, coef), ...))``
+    with sources sorted by node id and coefficients summing to 1 (hierfed.mixing.coefficients).
+    """
+
+    node_id: str
+    round: int
+    groups: tuple[tuple[tuple[str, ...], tuple[tuple[str, float], ...]], ...]
+
+
+@dataclass(frozen=True)
+class MixResult:
+    node_id: str
+    state: State  # the mixed components only
+    rejected: tuple[tuple[str, str], ...] = ()  # (source, reason): its update was not used
+
+
+@dataclass(frozen=True)
+class AverageTask:
+    """Consensus statistics of node states: the distance and the weighted mean model.
+
+    ``labels[c][node]``: who shares component ``c`` with whom (for the distance);
+    ``weights[c][node]``: the node's weight in the mean of ``c`` (absent = not counted).
+    """
+
+    labels: dict[str, dict[str, Any]]
+    weights: dict[str, dict[str, float]]

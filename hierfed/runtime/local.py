@@ -11,7 +11,16 @@ from typing import Any
 
 from hierfed.config import RuntimeConfig
 from hierfed.runtime.base import Runtime, split_even
-from hierfed.runtime.jobs import ClientMeta, EvalJob, MergeResult, MergeTask, TrainJob
+from hierfed.runtime.jobs import (
+    AverageTask,
+    ClientMeta,
+    EvalJob,
+    MergeResult,
+    MergeTask,
+    MixResult,
+    MixTask,
+    TrainJob,
+)
 from hierfed.runtime.worker import WorkerCore, WorkerSetup
 from hierfed.update import State, Update
 
@@ -62,3 +71,14 @@ class LocalRuntime(Runtime):
         for part in split_even(jobs, self._workers):
             out += self._core().evaluate(part, states)
         return out
+
+    def mix(
+        self, tasks: Sequence[MixTask], starts: Any, expectations: Mapping[str, Any], sources: Sequence[Any]
+    ) -> list[MixResult]:
+        out: list[MixResult] = []
+        for part in split_even(tasks, self._workers):
+            out += self._core().mix(part, starts, expectations, *sources)
+        return out
+
+    def average(self, task: AverageTask, states: Any) -> tuple[float, State]:
+        return self._core().average(task, states)

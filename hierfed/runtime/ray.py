@@ -18,7 +18,16 @@ from typing import Any
 from hierfed.config import RuntimeConfig
 from hierfed.errors import NodeFailure
 from hierfed.runtime.base import Runtime, split_even
-from hierfed.runtime.jobs import ClientMeta, EvalJob, MergeResult, MergeTask, TrainJob
+from hierfed.runtime.jobs import (
+    AverageTask,
+    ClientMeta,
+    EvalJob,
+    MergeResult,
+    MergeTask,
+    MixResult,
+    MixTask,
+    TrainJob,
+)
 from hierfed.runtime.worker import WorkerCore, WorkerSetup
 from hierfed.update import State
 
@@ -45,6 +54,12 @@ class _WorkerShell:
 
     def evaluate(self, jobs, states):
         return self.core.evaluate(jobs, states)
+
+    def mix(self, tasks, starts, expectations, *sources):
+        return self.core.mix(tasks, starts, expectations, *sources)
+
+    def average(self, task, states):
+        return self.core.average(task, states)
 
 
 class RayRuntime(Runtime):
@@ -134,6 +149,25 @@ class RayRuntime(Runtime):
         for chunk in self._get(refs, "evaluation"):
             out += chunk
         return out
+
+    def mix(
+        self, tasks: Sequence[MixTask], starts: Any, expectations: Mapping[str, Any], sources: Sequence[Any]
+    ) -> list[MixResult]:
+        if tasks:
+            self._round = tasks[0].round
+        flat: list[Any] = []
+        for s in sources:
+            flat += s if isinstance(s, list) else [s]
+        exp_ref = self.put(dict(expectations))
+        parts = split_even(tasks, len(self.actors))
+        refs = [actor.mix.remote(part, starts, exp_ref, *flat) for actor, part in zip(self.actors, parts)]
+        out: list[MixResult] = []
+        for chunk in self._get(refs, "gossip mixing"):
+            out += chunk
+        return out
+
+    def average(self, task: AverageTask, states: Any) -> tuple[float, State]:
+        return self._get(self.actors[0].average.remote(task, states), "gossip averaging")
 
     def shutdown(self) -> None:
         import ray

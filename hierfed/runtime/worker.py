@@ -19,13 +19,23 @@ from hierfed.client import ClientTrainer
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
 from hierfed.errors import UpdateRejected
+from hierfed.mixing import combine, consensus_distance, weighted_average
 from hierfed.model.m3t import M3TModel, build_model, model_spec
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.base import PostContext, apply_chain, build_chain
-from hierfed.postprocess.validate import validate_update
+from hierfed.postprocess.validate import Expectation, validate_update
 from hierfed.registry import AGGREGATORS, SERVER_OPTIMIZERS
-from hierfed.runtime.jobs import ClientMeta, EvalJob, MergeResult, MergeTask, TrainJob
-from hierfed.update import State, Update, state_sub
+from hierfed.runtime.jobs import (
+    AverageTask,
+    ClientMeta,
+    EvalJob,
+    MergeResult,
+    MergeTask,
+    MixResult,
+    MixTask,
+    TrainJob,
+)
+from hierfed.update import State, Update, state_add, state_sub
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +130,8 @@ class WorkerCore:
             if upd is None:
                 continue  # failed or sent nothing; the driver knows why
             try:
+                if upd.meta.round != task.round:  # a late update never lands in a later round
+                    raise UpdateRejected(exp.sender, f"stale update from round {upd.meta.round} in round {task.round}")
                 validate_update(upd, exp, self.spec)
             except UpdateRejected as rej:
                 log.warning("round %d, %s: %s", task.round, task.node_id, rej)
@@ -157,6 +169,53 @@ class WorkerCore:
             tuple(u.meta.senders[0] for u in accepted), tuple(rejected),
             sum(u.meta.num_samples for u in accepted), emitted, sizes,
         )
+
+    # ---------------------------------------------------------------- gossip mixing
+
+    def mix(
+        self, tasks: Sequence[MixTask], starts: Mapping[str, State], expectations: Mapping[str, Expectation],
+        *sources: Mapping[str, Update],
+    ) -> list[MixResult]:
+        """Mix each task's node (hierfed.mixing): every source's update is validated once and
+        turned into its half-step value ``start + mean delta``; a missing or rejected update
+        leaves the source at its start. Inputs are not mutated."""
+        pool: dict[str, Update] = {}
+        for src in sources:
+            pool.update(src)
+        half: dict[str, State] = {}
+        rejected: dict[str, str] = {}
+
+        def value(nid: str, rnd: int) -> State:
+            if nid not in half:
+                state = dict(starts[nid])
+                upd = pool.get(nid) if nid in expectations else None  # unexpected (e.g. late): unused
+                if upd is not None:
+                    try:
+                        if upd.meta.round != rnd:
+                            raise UpdateRejected(nid, f"stale update from round {upd.meta.round} in round {rnd}")
+                        validate_update(upd, expectations[nid], self.spec)
+                        state = state_add(state, upd.mean())
+                    except UpdateRejected as rej:
+                        log.warning("round %d, gossip: %s", rnd, rej)
+                        rejected[nid] = rej.reason
+                half[nid] = state
+            return half[nid]
+
+        out = []
+        for task in tasks:
+            new: State = {}
+            used: set[str] = set()
+            for comps, row in task.groups:
+                vals = [(coef, value(src, task.round)) for src, coef in row]
+                used.update(src for src, _ in row)
+                for c in comps:
+                    new[c] = combine([(a, v[c]) for a, v in vals])
+            out.append(MixResult(task.node_id, new, tuple(sorted((s, r) for s, r in rejected.items() if s in used))))
+        return out
+
+    def average(self, task: AverageTask, states: Mapping[str, State]) -> tuple[float, State]:
+        """Consensus distance of ``states`` and their weighted mean model (hierfed.mixing)."""
+        return consensus_distance(states, task.labels), weighted_average(states, task.weights)
 
     # ---------------------------------------------------------------- evaluation
 

@@ -1,0 +1,120 @@
+"""A simulated wall clock: how long a round would take on real, heterogeneous devices.
+
+The cost model (``clock`` section of the config) is deliberately simple:
+
+* every client has a compute speed in training rows per second; a local round processes
+  ``num_train * local_epochs * len(tasks)`` rows (the ClientTrainer's schedule);
+* every node below the root has a link to its parent with a bandwidth and a latency; moving
+  ``b`` bytes over it takes ``latency + b / bandwidth`` (both directions alike);
+* speeds, bandwidths and latencies are lognormal around the configured medians, with one
+  factor per *group* (the node's ancestor just below the root, e.g. its institution: some
+  institutions have slow labs and slow networks) and one per node; each round adds a small
+  per-round jitter. Every draw is keyed by ``(seed, "clock", ...)``, so times are a pure
+  function of the seed.
+
+Nothing here sleeps or measures real time; topologies ask the clock how long their
+transfers and training would take and decide who missed a deadline. Uncompressed or
+compressed, the bytes charged are the ones the ledger records.
+
+Example::
+
+    >>> from hierfed.config import load_config
+    >>> from hierfed.simulation import build_federation
+    >>> cfg = load_config(None, ["data.num_institutions=2", "data.essay_only_institutions=0"])
+    >>> clock = Clock(cfg, build_federation(cfg))
+    >>> cid = clock.fed_ids[0]
+    >>> clock.compute_s(cid, rnd=1, key=()) > 0 and clock.transfer_s(cid, 1000, rnd=1, key=()) > 0
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from hierfed.config import RunConfig
+from hierfed.data.federation import Federation
+from hierfed.seeding import np_rng
+
+
+class Clock:
+    """Per-node compute and link costs drawn from ``cfg.clock``; pure functions of the seed."""
+
+    def __init__(self, cfg: RunConfig, federation: Federation) -> None:
+        self.c = cfg.clock
+        self.seed = cfg.seed
+        self.epochs = cfg.train.local_epochs
+        profiles = federation.by_id
+        self.fed_ids = [c.id for c in federation.clients]
+        self.rows = {cid: p.num_train * len(p.tasks) for cid, p in profiles.items()}
+        self._speed: dict[str, float] = {}
+        self._link: dict[str, tuple[float, float]] = {}
+
+    @staticmethod
+    def group_of(node_id: str) -> str:
+        """The node's ancestor just below the root ("global/inst-01" for a student of inst-01)."""
+        parts = node_id.split("/")
+        return "/".join(parts[:2])
+
+    def _lognormal(self, median: float, sigma: float, *key: object) -> float:
+        if sigma <= 0:
+            return median
+        return median * math.exp(sigma * float(np_rng(self.seed, "clock", *key).standard_normal()))
+
+    def speed(self, client_id: str) -> float:
+        """Training rows per second of a client (fixed for the run)."""
+        if client_id not in self._speed:
+            g = self._lognormal(1.0, self.c.group_sigma, "group-compute", self.group_of(client_id))
+            self._speed[client_id] = g * self._lognormal(self.c.rows_per_s, self.c.compute_sigma, "compute", client_id)
+        return self._speed[client_id]
+
+    def link(self, node_id: str) -> tuple[float, float]:
+        """(bandwidth in bytes per second, latency in seconds) of the node's link to its parent."""
+        if node_id not in self._link:
+            g = self._lognormal(1.0, self.c.group_sigma, "group-network", self.group_of(node_id))
+            bw = g * self._lognormal(self.c.bandwidth_mbps, self.c.bandwidth_sigma, "bandwidth", node_id) * 1e6 / 8
+            lat = self._lognormal(self.c.latency_s, self.c.latency_sigma, "latency", node_id)
+            self._link[node_id] = (bw, lat)
+        return self._link[node_id]
+
+    def _jitter(self, node_id: str, rnd: int, key: Sequence[object], what: str) -> float:
+        return self._lognormal(1.0, self.c.round_jitter, what, rnd, *key, node_id)
+
+    def compute_s(self, client_id: str, *, rnd: int, key: Sequence[object]) -> float:
+        """Seconds a client needs for its local training in this (round, key)."""
+        rows = self.rows[client_id] * self.epochs
+        return rows / self.speed(client_id) * self._jitter(client_id, rnd, key, "compute-jitter")
+
+    def transfer_s(self, node_id: str, nbytes: int, *, rnd: int, key: Sequence[object]) -> float:
+        """Seconds to move ``nbytes`` over the node's link to its parent (either direction)."""
+        if nbytes <= 0:
+            return 0.0
+        bw, lat = self.link(node_id)
+        return (lat + nbytes / bw) * self._jitter(node_id, rnd, key, "link-jitter")
+
+    # ---------------------------------------------------------------- gossip
+
+    def late_gossip_nodes(self, rnd: int, trainers: Mapping[str, object], deadline_s: float) -> set[str]:
+        """Trainers whose local training ends after ``deadline_s`` (0 = no deadline)."""
+        if deadline_s <= 0:
+            return set()
+        return {n for n in trainers if self.compute_s(n, rnd=rnd, key=("gossip",)) > deadline_s}
+
+    def gossip_round_time(
+        self, rnd: int, *, compute: Mapping[str, object], step_bytes: Sequence[Mapping[tuple[str, str], int]],
+        deadline_s: float, any_late: bool,
+    ) -> float:
+        """Training (until the slowest on-time node, or the deadline if someone was late), then
+        each mixing step as long as its slowest link; a peer link costs the slower of the two
+        nodes' access links."""
+        train = max((self.compute_s(n, rnd=rnd, key=("gossip",)) for n in compute), default=0.0)
+        if any_late and deadline_s > 0:
+            train = deadline_s
+        total = train
+        for s, links in enumerate(step_bytes):
+            total += max(
+                (max(self.transfer_s(a, b, rnd=rnd, key=("peer", s)), self.transfer_s(d, b, rnd=rnd, key=("peer", s)))
+                 for (a, d), b in sorted(links.items())),
+                default=0.0,
+            )
+        return total

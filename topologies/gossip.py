@@ -1,0 +1,328 @@
+"""``gossip``: decentralized training without a server (D-PSGD style consensus).
+
+Nodes are the federation's **clients** (students). Each round:
+
+1. online nodes are sampled to train (``participation`` of the root tier's TierConfig, as in
+   ``star``), dropouts are drawn (``dropout``), and sampled nodes train locally on the workers
+   (``runtime.train``, exactly as a star client would, same keyed batches);
+2. every online node mixes its *shared* components with its neighbours ``steps`` times through
+   a doubly-stochastic matrix (Metropolis–Hastings by default; hierfed.mixing). All new values
+   are computed from the same half-step values (start + own update) before any node commits.
+   The matrices are composed on the driver (``n x n`` numpy); the tensor combination runs on the
+   workers (``runtime.mix``);
+3. the round reports the consensus distance (mean ``||x_i - xbar||``), and — on evaluation
+   rounds — every node's model on the global held-out set for the tasks that node serves:
+   the mean over nodes and the worst node, per task.
+
+A component is shared only among the nodes that hold it; a ``tier``-scoped component (e.g.
+``model.scopes.head.*=institution``) is mixed only between neighbours of the same institution;
+``local`` components never leave a node. Dropped nodes and failed links are removed from the
+step's matrix with their mass folded onto the diagonal (still doubly stochastic).
+
+Weighting (``weighting``): ``samples`` (default) mixes ``(n_i x_i, n_i)`` and divides (the
+push-sum ratio form), so on the complete graph with one step every node holds exactly the
+sample-weighted FedAvg model; ``uniform`` mixes ``x_i`` plainly and preserves the plain mean.
+
+"The global model" (``global_state``, evaluated as ``global`` in metrics) is the weighted mean
+of the node models (by training rows), which is what consensus converges to.
+
+Options (``topology.options``): ``graph`` ring | torus | complete | random_regular |
+erdos_renyi | small_world | edges; ``degree`` (random_regular), ``p`` (erdos_renyi), ``k`` and
+``beta`` (small_world), ``edges`` (a list of ``[client_id, client_id]``); ``weights``
+metropolis_hastings | max_degree; ``weighting`` samples | uniform; ``steps`` mixing steps per
+round; ``time_varying`` (resample the graph each round, keyed by seed and round);
+``link_failure`` (probability that a link is down in a mixing step); ``eval_nodes`` (evaluate a
+keyed subset of this many nodes; 0 = all).
+
+Every neighbour exchange is one ledger record per direction (``direction="peer"``, edge
+``student<->student``); bytes are the post-postprocessor wire size of a trained node's first
+payload, and the raw size otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+
+from hierfed import mixing
+from hierfed.clock import Clock
+from hierfed.config import RunConfig
+from hierfed.data.federation import Federation
+from hierfed.errors import ConfigError, DataError
+from hierfed.ledger import CommLedger
+from hierfed.model.spec import ModelSpec
+from hierfed.postprocess.validate import Expectation
+from hierfed.runtime.base import Runtime
+from hierfed.runtime.jobs import AverageTask, EvalJob, MixTask, TrainJob
+from hierfed.seeding import np_rng
+from hierfed.topology import Topology
+from hierfed.tree import RoundStats
+from hierfed.update import State, state_nbytes
+
+OPTION_DEFAULTS: dict[str, Any] = {
+    "graph": "ring",
+    "degree": 3,
+    "p": 0.3,
+    "k": 4,
+    "beta": 0.2,
+    "edges": [],
+    "weights": "metropolis_hastings",
+    "weighting": "samples",
+    "steps": 1,
+    "time_varying": False,
+    "link_failure": 0.0,
+    "eval_nodes": 0,
+}
+
+
+def parse_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options with defaults filled in; unknown names and bad values raise ConfigError."""
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"topology.options.{unknown[0]}", options[unknown[0]],
+                          f"gossip takes options {sorted(OPTION_DEFAULTS)}")
+    o = {**OPTION_DEFAULTS, **options}
+    if not isinstance(o["steps"], int) or o["steps"] < 1:
+        raise ConfigError("topology.options.steps", o["steps"], "mixing steps per round: an integer >= 1")
+    if not (0 <= float(o["link_failure"]) < 1):
+        raise ConfigError("topology.options.link_failure", o["link_failure"], "must lie in [0, 1)")
+    if o["weighting"] not in ("samples", "uniform"):
+        raise ConfigError("topology.options.weighting", o["weighting"], "known: samples, uniform")
+    if o["weights"] not in mixing.RULES:
+        raise ConfigError("topology.options.weights", o["weights"], f"known: {', '.join(mixing.RULES)}")
+    if not isinstance(o["eval_nodes"], int) or o["eval_nodes"] < 0:
+        raise ConfigError("topology.options.eval_nodes", o["eval_nodes"], "an integer >= 0 (0 = every node)")
+    return o
+
+
+class GossipTopology(Topology):
+    """Serverless consensus over a graph of clients; see the module docstring."""
+
+    name = "gossip"
+
+    def __init__(self, *, cfg: RunConfig, federation: Federation, spec: ModelSpec) -> None:
+        super().__init__(cfg=cfg, federation=federation, spec=spec)
+        self.opts = parse_options(dict(cfg.topology.options))
+        self.nodes: list[str] = [c.id for c in federation.clients]  # sorted by id
+        if len(self.nodes) < 2:
+            raise DataError(f"gossip needs at least 2 clients, the federation has {len(self.nodes)}")
+        for i, tier in enumerate(federation.tier_names[1:-1], start=1):
+            groups = {c.path[: i + 1] for c in federation.clients}
+            for g in sorted(groups):
+                if not any(c.path[: i + 1] == g for c in federation.clients):  # pragma: no cover
+                    raise DataError(f"{tier} '{'/'.join(g)}' has no clients")
+        self.root_tier = federation.tier_names[0]
+        self.node_tier = federation.tier_names[-1]
+        self.edge_name = f"{self.node_tier}<->{self.node_tier}"
+        self.tier_cfg = cfg.tier(self.root_tier)
+        profiles = federation.by_id
+        self.num_train = {n: profiles[n].num_train for n in self.nodes}
+        self.tasks = {n: profiles[n].tasks for n in self.nodes}
+        self.holds = {n: spec.holds(profiles[n]) for n in self.nodes}
+        leaf = len(federation.tier_names) - 1
+        # a component's sharing label at a node: the ancestor at its scope's tier (None: not shared)
+        self.shared: dict[str, tuple[str, ...]] = {}
+        self.labels: dict[str, dict[str, Hashable]] = defaultdict(dict)
+        for n in self.nodes:
+            path = profiles[n].path
+            mine = []
+            for c in self.holds[n]:
+                lvl = spec.scope_level(c)
+                if lvl < leaf:
+                    mine.append(c)
+                    self.labels[c][n] = "/".join(path[: lvl + 1])
+            self.shared[n] = tuple(mine)
+        self.graph_spec = mixing.GraphSpec(
+            kind=str(self.opts["graph"]), degree=int(self.opts["degree"]), p=float(self.opts["p"]),
+            k=int(self.opts["k"]), beta=float(self.opts["beta"]),
+            edges=tuple((str(a), str(b)) for a, b in (tuple(e) for e in self.opts["edges"])),
+        )
+        # built (and checked: connected, no self-loops) before any work starts
+        self.graph = mixing.build_graph(self.graph_spec, self.nodes, np_rng(cfg.seed, "gossip-graph"))
+        self.clock = Clock(cfg, federation)
+        self.states: dict[str, State] = {}
+        self.local: dict[str, State] = {}
+        self.mean: State = {}
+        self._metrics: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- contract
+
+    def init(self, initial: State) -> None:
+        self.initial = initial
+        self.states = {n: {c: initial[c] for c in self.holds[n]} for n in self.nodes}
+        self.mean = {}
+
+    def global_state(self) -> State:
+        return {**self.initial, **self.mean}
+
+    def personalized_state(self, client_id: str) -> State:
+        return {**self.global_state(), **self.states[client_id]}
+
+    def round_metrics(self) -> dict[str, Any]:
+        return dict(self._metrics)
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return (self.root_tier, self.node_tier)
+
+    # ---------------------------------------------------------------- the round
+
+    def graph_of_round(self, rnd: int) -> frozenset[mixing.Edge]:
+        if not self.opts["time_varying"]:
+            return self.graph
+        return mixing.build_graph(self.graph_spec, self.nodes, np_rng(self.cfg.seed, "gossip-graph", rnd))
+
+    def _draw(self, rnd: int) -> tuple[list[str], list[str]]:
+        """(online nodes, nodes that train): dropouts and participation, keyed by seed and round."""
+        p_drop = self.tier_cfg.dropout
+        online = list(self.nodes)
+        if p_drop > 0:
+            u = np_rng(self.cfg.seed, "dropout", rnd, self.root_tier).random(len(self.nodes))
+            online = [n for n, x in zip(self.nodes, u) if x >= p_drop]
+        m = max(1, int(math.ceil(self.tier_cfg.participation * len(self.nodes) - 1e-9)))
+        if m >= len(self.nodes):
+            chosen = set(self.nodes)
+        else:
+            rng = np_rng(self.cfg.seed, "sample", rnd, 0, self.root_tier)
+            chosen = {self.nodes[i] for i in rng.choice(len(self.nodes), size=m, replace=False)}
+        return online, [n for n in online if n in chosen]
+
+    def run_round(self, rnd: int, runtime: Runtime, ledger: CommLedger) -> RoundStats:
+        stats = RoundStats()
+        online, trainers = self._draw(rnd)
+        starts = runtime.put(self.states)
+        jobs = [
+            TrainJob(client_id=n, parent_id=n, tier=self.root_tier, round=rnd, key=(rnd, 0, n),
+                     trains=self.holds[n], sends=self.shared[n])
+            for n in trainers
+        ]
+        metas, updates = runtime.train(jobs, starts)
+        sizes: dict[str, dict[str, int]] = {}
+        compute: dict[str, int] = {}
+        for m in metas:
+            if m.error is not None:
+                stats.failures.append((m.client_id, m.error.splitlines()[0]))
+                continue
+            stats.participants += 1
+            stats.loss_sum += m.loss * m.num_samples
+            stats.loss_rows += m.num_samples
+            sizes[m.client_id] = m.sizes
+            compute[m.client_id] = m.num_samples
+            if m.local:
+                self.local[m.client_id] = m.local
+        # a straggler past the deadline: its update is discarded (it mixes its old state)
+        late = self.clock.late_gossip_nodes(rnd, compute, self.tier_cfg.deadline_s)
+        stats.late += sorted(late)
+        expectations = {
+            n: Expectation(n, frozenset(self.shared[n]), exact=True, max_weight=float(self.num_train[n]))
+            for n in sizes if n not in late
+        }
+        tasks, step_edges = self._mix_tasks(rnd, online)
+        # only expected updates are mixed: a late node's update is ignored by the workers
+        results = runtime.mix(tasks, starts, expectations, [updates])
+        new_states = {n: dict(s) for n, s in self.states.items()}
+        seen_rejections: set[tuple[str, str]] = set()
+        for res in results:
+            new_states[res.node_id].update(res.state)
+            seen_rejections.update(res.rejected)
+        for n, loc in self.local.items():
+            new_states[n].update(loc)
+        stats.rejections += sorted(seen_rejections)
+        self.states = new_states  # every node commits only now
+        exchanges, step_bytes = self._record(rnd, ledger, step_edges, sizes, late)
+        dist, mean = runtime.average(
+            AverageTask(
+                labels={c: dict(v) for c, v in self.labels.items()},
+                weights={c: {n: self._weight(n) for n in v} for c, v in self.labels.items()},
+            ),
+            runtime.put(self.states),
+        )
+        self.mean = mean
+        stats.sim_time_s = self.clock.gossip_round_time(
+            rnd, compute={n: c for n, c in compute.items() if n not in late}, step_bytes=step_bytes,
+            deadline_s=self.tier_cfg.deadline_s, any_late=bool(late),
+        )
+        self._metrics = {"consensus_distance": dist, "gossip_exchanges": exchanges, "online_nodes": len(online)}
+        if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.rounds:
+            self._metrics.update(self._evaluate_nodes(rnd, runtime))
+        return stats
+
+    def _weight(self, n: str) -> float:
+        return float(self.num_train[n]) if self.opts["weighting"] == "samples" else 1.0
+
+    def _mix_tasks(self, rnd: int, online: list[str]) -> tuple[list[MixTask], list[frozenset[mixing.Edge]]]:
+        n = len(self.nodes)
+        graph = self.graph_of_round(rnd)
+        on = set(online)
+        step_edges = []
+        mats = []
+        for s in range(int(self.opts["steps"])):
+            edges = mixing.drop_links(graph, float(self.opts["link_failure"]),
+                                      np_rng(self.cfg.seed, "gossip-links", rnd, s))
+            edges = frozenset((i, j) for i, j in edges if self.nodes[i] in on and self.nodes[j] in on)
+            step_edges.append(edges)
+            mats.append(mixing.mixing_matrix(n, edges, str(self.opts["weights"])))
+        # components that mix alike (same labels at every node) share one matrix
+        by_labels: dict[tuple, list[str]] = defaultdict(list)
+        for c, lab in sorted(self.labels.items()):
+            by_labels[tuple(lab.get(x) if x in on else None for x in self.nodes)].append(c)
+        rows: dict[str, list[tuple[tuple[str, ...], tuple[tuple[str, float], ...]]]] = defaultdict(list)
+        weights = [self._weight(x) for x in self.nodes]
+        for labels, comps in sorted(by_labels.items(), key=lambda kv: kv[1]):
+            M = mixing.compose([mixing.restrict(W, list(labels)) for W in mats])
+            A = mixing.coefficients(M, weights)
+            for i, nid in enumerate(self.nodes):
+                if labels[i] is None:
+                    continue
+                row = tuple((self.nodes[j], float(A[i, j])) for j in np.flatnonzero(A[i]))
+                rows[nid].append((tuple(comps), row))
+        tasks = [MixTask(node_id=nid, round=rnd, groups=tuple(rows[nid])) for nid in self.nodes if rows.get(nid)]
+        return tasks, step_edges
+
+    def _record(
+        self, rnd: int, ledger: CommLedger, step_edges: list[frozenset[mixing.Edge]],
+        sizes: dict[str, dict[str, int]], late: set[str],
+    ) -> tuple[int, list[dict[tuple[str, str], int]]]:
+        """One ledger record per direction of every live link in every step; returns the count
+        and, per step, the bytes on each directed link (for the clock)."""
+        count = 0
+        per_step = []
+        for s, edges in enumerate(step_edges):
+            links: dict[tuple[str, str], int] = {}
+            for i, j in sorted(edges):
+                a, b = self.nodes[i], self.nodes[j]
+                for src, dst in ((a, b), (b, a)):
+                    comps = [c for c in self.shared[src] if self.labels[c].get(dst) == self.labels[c][src]]
+                    if not comps:
+                        continue
+                    wire = sizes.get(src, {}) if s == 0 and src not in late else {}
+                    sz = {c: int(wire.get(c, state_nbytes(self.states[src][c]))) for c in comps}
+                    ledger.record(round=rnd, src=src, dst=dst, edge=self.edge_name, direction="peer", sizes=sz)
+                    links[(src, dst)] = sum(sz.values())
+                    count += 1
+            per_step.append(links)
+        return count, per_step
+
+    def _evaluate_nodes(self, rnd: int, runtime: Runtime) -> dict[str, Any]:
+        """Every (or a keyed subset of) node's model on the global held-out set, for its tasks."""
+        nodes = list(self.nodes)
+        k = int(self.opts["eval_nodes"])
+        if 0 < k < len(nodes):
+            rng = np_rng(self.cfg.seed, "gossip-eval", rnd)
+            nodes = sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
+        states = {n: self.personalized_state(n) for n in nodes}
+        jobs = [EvalJob(n, tuple(sorted(self.tasks[n])), n, split="global") for n in nodes]
+        per_task: dict[str, list[float]] = defaultdict(list)
+        for _, res in runtime.evaluate(jobs, states):
+            for t, (metric, _) in res.items():
+                per_task[t].append(metric)
+        return {
+            "node_metric_mean": {t: float(np.mean(v)) for t, v in sorted(per_task.items())},
+            "node_metric_worst": {t: float(np.min(v)) for t, v in sorted(per_task.items())},
+            "nodes_evaluated": len(nodes),
+        }
+
