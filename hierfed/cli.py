@@ -48,7 +48,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may come after options (`run --quiet rounds=3`): argparse leaves those in `extra`
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     console = Console()
     logging.basicConfig(level=os.environ.get("HIERFED_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             return _report(console, Path(args.run_dir))
         return _run(console, args)
     except HierfedError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
 
 

@@ -97,7 +97,7 @@ def generate(
     glyph = _glyphs()[digits]
     shifts = rng.integers(-1, 2, size=(n, 2))
     img = np.stack([np.roll(np.roll(g, s[0], axis=0), s[1], axis=1) for g, s in zip(glyph, shifts)]) if n else glyph
-    img = img * rng.uniform(0.6, 1.2, (n, 1, 1)) + rng.normal(0, 0.35, (n, IMG, IMG))
+    img = img * rng.uniform(0.7, 1.2, (n, 1, 1)) + rng.normal(0, 0.25, (n, IMG, IMG))
     img = img[:, None].astype(np.float32)
 
     topics = rng.choice(TOPICS, size=n, p=topic_prior)

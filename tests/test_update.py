@@ -1,0 +1,82 @@
+"""Update arithmetic: hand-computed sums and means, and the laws hierarchy relies on."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hierfed.update import Update, flat_state, state_norm, unflat_state
+
+
+def _u(sender: str, comps: dict[str, list[float]], w: float | dict[str, float]) -> Update:
+    delta = {c: {"w": torch.tensor(v, dtype=torch.float64)} for c, v in comps.items()}
+    return Update.from_delta(delta, w, sender=sender, round=1, num_samples=int(w if isinstance(w, (int, float)) else 1))
+
+
+def test_weighted_mean_by_hand_three_clients():
+    # clients hold different subsets: c only has the head, so the encoder's weight counts a and b only
+    a = _u("a", {"enc": [1.0, 2.0], "head": [3.0]}, 1.0)
+    b = _u("b", {"enc": [4.0, 8.0], "head": [0.0]}, 2.0)
+    c = _u("c", {"head": [6.0]}, 3.0)
+    total = Update.sum([c, a, b])
+    assert total is not None
+    mean = total.mean()
+    assert total.weights == {"enc": 3.0, "head": 6.0}
+    assert torch.allclose(mean["enc"]["w"], torch.tensor([(1 + 8) / 3, (2 + 16) / 3], dtype=torch.float64))
+    assert torch.allclose(mean["head"]["w"], torch.tensor([(3 + 0 + 18) / 6], dtype=torch.float64))
+    assert total.meta.senders == ("a", "b", "c")
+    assert total.meta.num_samples == 6
+
+
+def test_add_does_not_mutate_inputs():
+    a = _u("a", {"h": [1.0]}, 1.0)
+    b = _u("b", {"h": [2.0]}, 1.0)
+    before = a.tensors["h"]["w"].clone()
+    _ = a + b
+    assert torch.equal(a.tensors["h"]["w"], before)
+    assert a.weights == {"h": 1.0}
+
+
+def test_sum_of_nothing_is_none():
+    assert Update.sum([]) is None
+
+
+def test_flat_roundtrip_and_norm():
+    s = {"head.t": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}, "enc.x": {"w": torch.full((3,), 2.0)}}
+    back = unflat_state(flat_state(s))
+    assert set(back) == set(s)
+    assert all(torch.equal(back[c][p], s[c][p]) for c in s for p in s[c])
+    assert abs(state_norm(s) - (4 + 12) ** 0.5) < 1e-9
+
+
+weights = st.floats(min_value=0.1, max_value=100.0, allow_nan=False)
+values = st.lists(st.floats(min_value=-10, max_value=10, allow_nan=False), min_size=3, max_size=3)
+client = st.tuples(weights, values, st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(client, min_size=2, max_size=12), st.integers(min_value=1, max_value=4), st.randoms())
+def test_hierarchical_mean_equals_flat_mean_and_order_does_not_matter(clients, groups, rnd):
+    ups = []
+    for i, (w, v, has_enc) in enumerate(clients):
+        comps = {"head": v}
+        if has_enc or i == 0:
+            comps["enc"] = [x * 2 for x in v]
+        ups.append(_u(f"s{i:02d}", comps, w))
+    flat = Update.sum(ups)
+    # hierarchical: group clients, sum within groups, then sum the group totals (any grouping)
+    buckets: dict[int, list[Update]] = {}
+    for i, u in enumerate(ups):
+        buckets.setdefault(i % groups, []).append(u)
+    partial = [Update.sum(b) for b in buckets.values()]
+    hier = Update.sum([p for p in partial if p is not None])
+    shuffled = list(ups)
+    rnd.shuffle(shuffled)
+    again = Update.sum(shuffled)
+    assert flat is not None and hier is not None and again is not None
+    for c in flat.tensors:
+        assert abs(flat.weights[c] - hier.weights[c]) < 1e-9
+        assert torch.allclose(flat.mean()[c]["w"], hier.mean()[c]["w"], atol=1e-9)
+        # Update.sum sorts by sender: a shuffled arrival order gives the identical bits
+        assert torch.equal(flat.tensors[c]["w"], again.tensors[c]["w"])
