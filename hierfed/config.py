@@ -137,6 +137,39 @@ class EvalConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Simulated attackers (hierfed/attacks.py); ``name: none`` disables them."""
+
+    name: str = "none"  # none | sign_flip | scaling | gaussian | label_flip | alie
+    fraction: float = 0.0  # of the nodes of `tier` that attack, picked by a keyed draw, in [0, 1)
+    tier: str = ""  # the sending tier whose nodes attack; "" = the leaf tier (e.g. student)
+    options: dict[str, Any] = field(default_factory=dict)  # attack-specific (e.g. scale, std, z)
+
+
+@dataclass
+class PrivacyPolicy:
+    """A sample-level DP-SGD budget for the whole run (hierfed/privacy/)."""
+
+    epsilon: float = 8.0  # total budget per privacy unit (a client's rows) over the run
+    delta: float = 1e-5
+    clip_norm: float = 1.0  # per-sample gradient L2 bound
+    noise_multiplier: float = 0.0  # 0 = derived with Opacus from epsilon, delta and the planned steps
+    rounds: int = 0  # planned participations the budget is spread over; 0 = every round of the run
+    # stricter budgets for clients holding a modality (e.g. image: 2.0); the smallest applies
+    modalities: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PrivacyConfig:
+    """Which clients train with DP-SGD, under which policy."""
+
+    policies: dict[str, PrivacyPolicy] = field(default_factory=dict)
+    # client-id glob -> policy name, first match wins (e.g. "global/inst-00/*": strict)
+    assign: dict[str, str] = field(default_factory=dict)
+    default: str = ""  # policy of clients no glob matches (and without a profile policy); "" = no DP
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     rounds: int = 5  # rounds of the root tier
@@ -148,6 +181,8 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def tier(self, name: str) -> TierConfig:
         """The configuration of the aggregating tier ``name`` (the default if not listed)."""
@@ -351,3 +386,8 @@ def validate_config(cfg: RunConfig) -> None:
         _positive(f"clock.{k}", getattr(ck, k))
     for k in ("compute_sigma", "group_sigma", "bandwidth_sigma", "latency_sigma", "round_jitter"):
         _nonneg(f"clock.{k}", getattr(ck, k))
+    from hierfed.attacks import check_attack_config
+    from hierfed.privacy.policy import check_privacy_config
+
+    check_attack_config(cfg)
+    check_privacy_config(cfg)

@@ -10,3 +10,4 @@ import hierfed.aggregators.lora  # noqa: F401
 import hierfed.data.edu_synth  # noqa: F401
 import hierfed.model.backbone  # noqa: F401
 import hierfed.postprocess  # noqa: F401
+import hierfed.privacy  # noqa: F401  (the gaussian postprocessor)

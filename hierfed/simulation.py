@@ -22,6 +22,7 @@ from hierfed.data.federation import Federation
 from hierfed.ledger import CommLedger
 from hierfed.model.m3t import build_model, model_spec
 from hierfed.model.spec import ModelSpec
+from hierfed.privacy.accountant import privacy_metrics
 from hierfed.registry import DATASETS, TOPOLOGIES
 from hierfed.runtime.base import Runtime, make_runtime
 from hierfed.runtime.jobs import EvalJob
@@ -127,6 +128,7 @@ def run(
         metrics.append(rec0)
         emit("round", rec0)
         sim_total = 0.0
+        dp_seen: dict[str, dict[str, Any]] = {}  # latest DP report per client (cumulative epsilon)
         for rnd in range(1, cfg.rounds + 1):
             t_round = time.perf_counter()
             stats = topo.run_round(rnd, rt, ledger)
@@ -150,6 +152,7 @@ def run(
             rec["wall_s"] = time.perf_counter() - t_round
             if stats.rejections:
                 rec["rejections"] = [f"{s}: {r}" for s, r in stats.rejections[:20]]
+            rec.update(privacy_metrics(cfg, topo.tier_names, rnd, getattr(stats, "privacy", {}), dp_seen))
             metrics.append(rec)
             emit("round", rec)
             sim_total = rec["sim_time_total_s"]

@@ -63,6 +63,7 @@ class RoundStats:
     rejections: list[tuple[str, str]] = field(default_factory=list)
     loss_sum: float = 0.0
     loss_rows: int = 0
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # DP report per client trained this round
     dropped: list[str] = field(default_factory=list)  # sampled children that dropped out
     late: list[str] = field(default_factory=list)  # children past their parent's deadline: never merged
     sim_time_s: float = 0.0  # simulated wall-clock time of the round (hierfed/clock.py)
@@ -115,6 +116,7 @@ class TreeEngine:
         check_fanouts(cfg, [(n.tier, len(n.children)) for n in self.nodes.values() if n.children])
         self.states: dict[str, State] = {}
         self.local: dict[str, State] = {}
+        self.privacy: dict[str, Any] = {}  # client -> its DP accountant state (travels in TrainJob/ClientMeta)
         self.agg_states: dict[str, Any] = {}
         self.opt_states: dict[str, Any] = {}
         self.clock = Clock(cfg, federation)
@@ -332,7 +334,7 @@ class TreeEngine:
                 sends = self.sends_up(self.holds[c], level)
                 jobs.append(TrainJob(
                     client_id=c, parent_id=n, tier=self.nodes[n].tier, round=rnd, key=(rnd, *key, c),
-                    trains=self.holds[c], sends=sends, local=self.local.get(c),
+                    trains=self.holds[c], sends=sends, local=self.local.get(c), privacy=self.privacy.get(c),
                 ))
                 expectations[c] = Expectation(c, frozenset(sends), exact=True, max_weight=self.nodes[c].max_weight)
         jobs.sort(key=lambda j: j.client_id)
@@ -353,6 +355,11 @@ class TreeEngine:
             busy = self.clock.compute_s(m.client_id, rnd=rnd, key=key)
             if not self.arrive(m.client_id, busy, sum(m.sizes.values()), rnd, key, stats) and not self.sends_late(m.client_id):
                 m = replace(m, sizes={})  # told to stop at the deadline: it sends nothing
+            if m.privacy is not None:  # the DP accountant state travels with the client
+                self.privacy[m.client_id] = m.privacy
+                stats.privacy[m.client_id] = m.privacy.report()
+            if m.privacy is not None and m.privacy.status == "budget_spent":
+                continue  # sat out: its DP budget is spent (reported in stats.privacy)
             stats.participants += 1
             stats.loss_sum += m.loss * m.num_samples
             stats.loss_rows += m.num_samples

@@ -18,12 +18,15 @@ from hierfed.aggregators.lora import mask_rank, truncate_rank
 from hierfed.client import ClientTrainer
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
+from hierfed.attacks import attack_pool, build_attack, poisoned
 from hierfed.errors import UpdateRejected
 from hierfed.mixing import combine, consensus_distance, weighted_average
 from hierfed.model.m3t import M3TModel, build_model, model_spec
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.base import PostContext, apply_chain, build_chain
 from hierfed.postprocess.validate import Expectation, validate_update
+from hierfed.privacy.dpsgd import train_client
+from hierfed.privacy.policy import plan_for
 from hierfed.registry import AGGREGATORS, SERVER_OPTIMIZERS
 from hierfed.runtime.jobs import (
     AverageTask,
@@ -65,6 +68,7 @@ class WorkerCore:
 
     def initial_state(self) -> State:
         return self.model.component_state()
+        self.attack = build_attack(self.cfg, self.fed)  # None unless the config simulates attackers
 
     # ---------------------------------------------------------------- training
 
@@ -96,21 +100,27 @@ class WorkerCore:
         if rank < self.spec.lora_rank:  # a lower-rank client: best rank-r view of the adapters
             begin = {c: (truncate_rank(p, rank) if c.startswith("adapter.") and c in job.trains else p)
                      for c, p in start.items()}
-        fit = self.trainer.fit(data=data, tasks=profile.tasks, start=begin, trainable=job.trains, key=job.key)
+        fit, privacy = train_client(
+            self.trainer, plan=plan_for(self.cfg, profile, len(data), self.fed.tier_names), prior=job.privacy,
+            data=poisoned(self.attack, job.client_id, data, self.fed.tasks), tasks=profile.tasks, start=begin,
+            trainable=job.trains, key=job.key,
+        )
+        if fit is None:  # its DP budget is spent: the client sits out this round and says so
+            return ClientMeta(job.client_id, job.parent_id, 0, 0.0, 0, {}, job.local, privacy=privacy), None
         if rank < self.spec.lora_rank:
             fit = replace(fit, state={c: (mask_rank(p, rank) if c.startswith("adapter.") else p)
                                       for c, p in fit.state.items()})
         n = len(data)
         local = {c: fit.state[c] for c in job.trains if c not in job.sends} or None
         if not job.sends:
-            return ClientMeta(job.client_id, job.parent_id, n, fit.loss, fit.steps, {}, local), None
+            return ClientMeta(job.client_id, job.parent_id, n, fit.loss, fit.steps, {}, local, privacy=privacy), None
         delta = state_sub({c: fit.state[c] for c in job.sends}, start)
         update = Update.from_delta(delta, float(n), sender=job.client_id, round=job.round, num_samples=n)
         tier = self.cfg.tier(job.tier)
         chain = build_chain(tier.postprocess, tier.postprocess_options)
         ctx = PostContext(job.client_id, job.parent_id, job.tier, job.round, self.cfg.seed)
         update, sizes = apply_chain(chain, update, ctx)
-        return ClientMeta(job.client_id, job.parent_id, n, fit.loss, fit.steps, sizes, local), update
+        return ClientMeta(job.client_id, job.parent_id, n, fit.loss, fit.steps, sizes, local, privacy=privacy), update
 
     # ---------------------------------------------------------------- merging
 
@@ -128,6 +138,8 @@ class WorkerCore:
         for exp in task.expectations:
             upd = pool.get(exp.sender)
             if upd is None:
+        pool = attack_pool(self.attack, [e.sender for e in task.expectations], pool, node_id=task.node_id,
+                           round=task.round, seed=self.cfg.seed)
                 continue  # failed or sent nothing; the driver knows why
             try:
                 if upd.meta.round != task.round:  # a late update never lands in a later round

@@ -1,0 +1,117 @@
+"""Privacy policies: which clients train with DP-SGD, under which budget and noise.
+
+A client's policy is, in order: its profile's ``privacy`` field, the first ``privacy.assign``
+glob that matches its id (``global/inst-00/*`` assigns a whole institution — a jurisdiction),
+``privacy.default``; an empty name means no DP. A policy is tightened per modality: a client
+holding a modality listed in ``policy.modalities`` gets the smallest epsilon among them.
+
+Why tighten the whole client, not just the modality's encoder: every gradient — adapters,
+heads, prompts — depends on every modality of the row through the forward pass, so a
+separate, smaller budget for ``encoder.image`` alone would not protect the images.
+
+The noise multiplier is derived with Opacus (``get_noise_multiplier``) so that the planned
+participations exactly fit the budget::
+
+    steps per participation = local_epochs x tasks x ceil(1 / q),   q = min(1, batch_size / n)
+    planned participations  = policy.rounds, or rounds x product of local_rounds of the
+                              tiers between the root and the clients (every round, the most
+                              a client can take part)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from hierfed.data.federation import ClientProfile
+from hierfed.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """Everything a worker needs to train one client with DP-SGD."""
+
+    policy: str
+    epsilon: float  # the client's budget (after per-modality tightening)
+    delta: float
+    clip_norm: float
+    noise_multiplier: float
+    sample_rate: float  # Poisson sampling rate of one step
+    steps_per_round: int  # optimizer steps of one participation
+    planned_rounds: int
+
+
+def policy_name(cfg: Any, profile: ClientProfile) -> str:
+    """The name of the client's privacy policy ('' = none)."""
+    if profile.privacy:
+        return profile.privacy
+    for pattern, name in cfg.privacy.assign.items():
+        if fnmatch.fnmatchcase(profile.id, pattern):
+            return name
+    return cfg.privacy.default
+
+
+@functools.lru_cache(maxsize=4096)
+def _derive_sigma(epsilon: float, delta: float, q: float, steps: int) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps,
+                                      accountant="rdp", epsilon_tolerance=0.005))
+
+
+def planned_participations(cfg: Any, tier_names: tuple[str, ...]) -> int:
+    per_round = 1
+    for name in tier_names[1:-1]:
+        per_round *= cfg.tier(name).local_rounds
+    return cfg.rounds * per_round
+
+
+def plan_for(cfg: Any, profile: ClientProfile, num_rows: int, tier_names: tuple[str, ...]) -> DPPlan | None:
+    """The client's DP-SGD plan, or None when no policy applies to it."""
+    name = policy_name(cfg, profile)
+    if not name:
+        return None
+    pol = cfg.privacy.policies[name]
+    eps = float(pol.epsilon)
+    for m, e in pol.modalities.items():
+        if m in profile.modalities:
+            eps = min(eps, float(e))
+    q = min(1.0, cfg.train.batch_size / max(num_rows, 1))
+    steps = cfg.train.local_epochs * len(profile.tasks) * int(math.ceil(1.0 / q - 1e-9))
+    planned = pol.rounds or planned_participations(cfg, tier_names)
+    sigma = float(pol.noise_multiplier) or _derive_sigma(eps, float(pol.delta), q, steps * planned)
+    return DPPlan(name, eps, float(pol.delta), float(pol.clip_norm), sigma, q, steps, planned)
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_privacy_config(cfg: Any) -> None:
+    """Config-time checks of the ``privacy`` section (called by ``validate_config``)."""
+    pc = cfg.privacy
+    for name, pol in pc.policies.items():
+        key = f"privacy.policies.{name}"
+        if not _finite(pol.epsilon) or pol.epsilon <= 0:
+            raise ConfigError(f"{key}.epsilon", pol.epsilon, "must be a finite number > 0")
+        if not _finite(pol.delta) or not (0 < pol.delta < 1):
+            raise ConfigError(f"{key}.delta", pol.delta, "must lie strictly between 0 and 1 (e.g. 1e-5)")
+        if not _finite(pol.clip_norm) or pol.clip_norm <= 0:
+            raise ConfigError(f"{key}.clip_norm", pol.clip_norm, "must be a finite number > 0")
+        if not _finite(pol.noise_multiplier) or pol.noise_multiplier < 0:
+            raise ConfigError(f"{key}.noise_multiplier", pol.noise_multiplier,
+                              "must be a finite number >= 0 (0 = derive it from epsilon, delta and the rounds)")
+        if not isinstance(pol.rounds, int) or pol.rounds < 0:
+            raise ConfigError(f"{key}.rounds", pol.rounds, "must be an integer >= 0 (0 = every round of the run)")
+        for m, e in pol.modalities.items():
+            if not _finite(e) or e <= 0:
+                raise ConfigError(f"{key}.modalities.{m}", e, "must be a finite epsilon > 0")
+    known = sorted(pc.policies)
+    for pattern, name in pc.assign.items():
+        if name and name not in pc.policies:
+            raise ConfigError(f"privacy.assign.{pattern}", name, f"no such policy; known: {known or '(none defined)'}")
+    if pc.default and pc.default not in pc.policies:
+        raise ConfigError("privacy.default", pc.default, f"no such policy; known: {known or '(none defined)'}")
