@@ -24,9 +24,9 @@ from hierfed.mixing import combine, consensus_distance, weighted_average
 from hierfed.model.m3t import M3TModel, build_model, model_spec
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.base import PostContext, apply_chain, build_chain
-from hierfed.postprocess.validate import Expectation, validate_update
 from hierfed.privacy.dpsgd import train_client
 from hierfed.privacy.policy import plan_for
+from hierfed.postprocess.validate import Expectation, validate_update
 from hierfed.registry import AGGREGATORS, SERVER_OPTIMIZERS
 from hierfed.runtime.jobs import (
     AverageTask,
@@ -65,10 +65,10 @@ class WorkerCore:
         self.spec: ModelSpec = model_spec(self.model, self.fed, self.cfg.model)
         self.trainer = ClientTrainer(self.model, self.cfg.train, self.cfg.seed)
         self.profiles = self.fed.by_id
+        self.attack = build_attack(self.cfg, self.fed)  # None unless the config simulates attackers
 
     def initial_state(self) -> State:
         return self.model.component_state()
-        self.attack = build_attack(self.cfg, self.fed)  # None unless the config simulates attackers
 
     # ---------------------------------------------------------------- training
 
@@ -135,11 +135,11 @@ class WorkerCore:
         tier = self.cfg.tier(task.tier)
         accepted: list[Update] = []
         rejected: list[tuple[str, str]] = []
+        pool = attack_pool(self.attack, [e.sender for e in task.expectations], pool, node_id=task.node_id,
+                           round=task.round, seed=self.cfg.seed)
         for exp in task.expectations:
             upd = pool.get(exp.sender)
             if upd is None:
-        pool = attack_pool(self.attack, [e.sender for e in task.expectations], pool, node_id=task.node_id,
-                           round=task.round, seed=self.cfg.seed)
                 continue  # failed or sent nothing; the driver knows why
             try:
                 if upd.meta.round != task.round:  # a late update never lands in a later round
