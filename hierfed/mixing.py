@@ -21,10 +21,12 @@ weight ``w_i`` (its training rows) and both ``y_i = w_i x_i`` and ``w_i`` are mi
 which preserves ``sum_i y_i`` and ``sum_i w_i``. On the complete graph with Metropolis–Hastings
 weights ``W = 11^T / n``, so one step gives every node exactly FedAvg's sample-weighted mean.
 
-Components that only some nodes hold are mixed among their holders: ``restrict`` keeps
-``W_ij`` only between nodes with the same (non-None) label and folds the removed mass onto
-the diagonal, which keeps the matrix symmetric and doubly stochastic on every label class.
-Dropped nodes and failed links are removed the same way.
+Components that only some nodes hold are mixed among their holders, on the subgraph of
+links whose two ends share the component (``induced``), with the weights recomputed from the
+degrees in that subgraph — so on the complete graph every holder averages over exactly the
+holders, as FedAvg does. Dropped nodes and failed links are removed before the weights are
+computed, the same way. (``restrict`` is the alternative that keeps ``W`` and folds the
+removed mass onto the diagonal; both stay symmetric and doubly stochastic.)
 
 Example::
 
@@ -301,6 +303,11 @@ def restrict(W: np.ndarray, labels: Sequence[Hashable | None]) -> np.ndarray:
     R[np.diag_indices(n)] = 0.0
     R[np.diag_indices(n)] = 1.0 - R.sum(axis=1)
     return R
+
+
+def induced(edges: Iterable[Edge], labels: Sequence[Hashable | None]) -> frozenset[Edge]:
+    """The links whose two ends carry the same, non-None label (e.g. both hold a component)."""
+    return frozenset((i, j) for i, j in edges if labels[i] is not None and labels[i] == labels[j])
 
 
 def compose(matrices: Sequence[np.ndarray]) -> np.ndarray:

@@ -156,3 +156,12 @@ def test_consensus_distance_by_hand():
     # a, b share c: mean (1.5, 2), each at distance 2.5; z shares nothing -> 0
     d = mixing.consensus_distance(vals, {"c": {"a": 0, "b": 0}})
     assert d == pytest.approx((2.5 + 2.5 + 0.0) / 3)
+
+
+def test_induced_subgraph_on_the_complete_graph_averages_over_holders():
+    # holders 0, 2, 3 of 4 nodes: MH on the induced K3 gives 1/3 among them; node 1 keeps its value
+    g = mixing.induced(mixing.complete(4), ["h", None, "h", "h"])
+    assert g == {(0, 2), (0, 3), (2, 3)}
+    W = mixing.metropolis_hastings(4, g)
+    np.testing.assert_allclose(W[np.ix_([0, 2, 3], [0, 2, 3])], np.full((3, 3), 1 / 3))
+    assert W[1, 1] == 1.0

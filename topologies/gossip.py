@@ -99,6 +99,18 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
+def uses(spec: ModelSpec, profile: Any) -> tuple[str, ...]:
+    """Every component a client's model needs for its modalities and tasks, whatever it trains."""
+    out = []
+    for name, comp in spec.components.items():
+        if comp.kind == "encoder" and name.split(".", 1)[1] not in profile.modalities:
+            continue
+        if comp.kind in ("head", "prompt") and name.split(".", 1)[1] not in profile.tasks:
+            continue
+        out.append(name)
+    return tuple(sorted(set(out) | set(spec.holds(profile))))
+
+
 class GossipTopology(Topology):
     """Serverless consensus over a graph of clients; see the module docstring."""
 
@@ -110,11 +122,6 @@ class GossipTopology(Topology):
         self.nodes: list[str] = [c.id for c in federation.clients]  # sorted by id
         if len(self.nodes) < 2:
             raise DataError(f"gossip needs at least 2 clients, the federation has {len(self.nodes)}")
-        for i, tier in enumerate(federation.tier_names[1:-1], start=1):
-            groups = {c.path[: i + 1] for c in federation.clients}
-            for g in sorted(groups):
-                if not any(c.path[: i + 1] == g for c in federation.clients):  # pragma: no cover
-                    raise DataError(f"{tier} '{'/'.join(g)}' has no clients")
         self.root_tier = federation.tier_names[0]
         self.node_tier = federation.tier_names[-1]
         self.edge_name = f"{self.node_tier}<->{self.node_tier}"
@@ -122,20 +129,19 @@ class GossipTopology(Topology):
         profiles = federation.by_id
         self.num_train = {n: profiles[n].num_train for n in self.nodes}
         self.tasks = {n: profiles[n].tasks for n in self.nodes}
-        self.holds = {n: spec.holds(profiles[n]) for n in self.nodes}
+        self.holds = {n: spec.holds(profiles[n]) for n in self.nodes}  # what a node trains
+        self.uses = {n: uses(spec, profiles[n]) for n in self.nodes}  # what its model needs (a copy of each)
         leaf = len(federation.tier_names) - 1
-        # a component's sharing label at a node: the ancestor at its scope's tier (None: not shared)
+        # a component's sharing label at a node: the ancestor at its scope's tier (absent: not shared)
         self.shared: dict[str, tuple[str, ...]] = {}
         self.labels: dict[str, dict[str, Hashable]] = defaultdict(dict)
         for n in self.nodes:
             path = profiles[n].path
-            mine = []
-            for c in self.holds[n]:
+            for c in self.uses[n]:
                 lvl = spec.scope_level(c)
                 if lvl < leaf:
-                    mine.append(c)
                     self.labels[c][n] = "/".join(path[: lvl + 1])
-            self.shared[n] = tuple(mine)
+            self.shared[n] = tuple(c for c in self.holds[n] if n in self.labels.get(c, {}))
         self.graph_spec = mixing.GraphSpec(
             kind=str(self.opts["graph"]), degree=int(self.opts["degree"]), p=float(self.opts["p"]),
             k=int(self.opts["k"]), beta=float(self.opts["beta"]),
@@ -153,7 +159,7 @@ class GossipTopology(Topology):
 
     def init(self, initial: State) -> None:
         self.initial = initial
-        self.states = {n: {c: initial[c] for c in self.holds[n]} for n in self.nodes}
+        self.states = {n: {c: initial[c] for c in self.uses[n]} for n in self.nodes}
         self.mean = {}
 
     def global_state(self) -> State:
@@ -237,7 +243,7 @@ class GossipTopology(Topology):
         dist, mean = runtime.average(
             AverageTask(
                 labels={c: dict(v) for c, v in self.labels.items()},
-                weights={c: {n: self._weight(n) for n in v} for c, v in self.labels.items()},
+                weights={c: {n: self._weight(n, c) for n in v if self._weight(n, c) > 0} for c, v in self.labels.items()},
             ),
             runtime.put(self.states),
         )
@@ -251,30 +257,34 @@ class GossipTopology(Topology):
             self._metrics.update(self._evaluate_nodes(rnd, runtime))
         return stats
 
-    def _weight(self, n: str) -> float:
-        return float(self.num_train[n]) if self.opts["weighting"] == "samples" else 1.0
+    def _weight(self, n: str, c: str) -> float:
+        """A node's mixing weight for ``c``: its training rows if it trains ``c`` (0 if it only
+        keeps a copy, e.g. a light client's encoders), or 1 under uniform weighting."""
+        if self.opts["weighting"] == "uniform":
+            return 1.0
+        return float(self.num_train[n]) if c in self.holds[n] else 0.0
 
     def _mix_tasks(self, rnd: int, online: list[str]) -> tuple[list[MixTask], list[frozenset[mixing.Edge]]]:
         n = len(self.nodes)
         graph = self.graph_of_round(rnd)
         on = set(online)
         step_edges = []
-        mats = []
         for s in range(int(self.opts["steps"])):
             edges = mixing.drop_links(graph, float(self.opts["link_failure"]),
                                       np_rng(self.cfg.seed, "gossip-links", rnd, s))
             edges = frozenset((i, j) for i, j in edges if self.nodes[i] in on and self.nodes[j] in on)
             step_edges.append(edges)
-            mats.append(mixing.mixing_matrix(n, edges, str(self.opts["weights"])))
-        # components that mix alike (same labels at every node) share one matrix
+        # components that mix alike (same labels and weights at every node) share one matrix
         by_labels: dict[tuple, list[str]] = defaultdict(list)
         for c, lab in sorted(self.labels.items()):
-            by_labels[tuple(lab.get(x) if x in on else None for x in self.nodes)].append(c)
+            labels = tuple(lab.get(x) if x in on else None for x in self.nodes)
+            by_labels[(labels, tuple(self._weight(x, c) for x in self.nodes))].append(c)
         rows: dict[str, list[tuple[tuple[str, ...], tuple[tuple[str, float], ...]]]] = defaultdict(list)
-        weights = [self._weight(x) for x in self.nodes]
-        for labels, comps in sorted(by_labels.items(), key=lambda kv: kv[1]):
-            M = mixing.compose([mixing.restrict(W, list(labels)) for W in mats])
-            A = mixing.coefficients(M, weights)
+        for (labels, weights), comps in sorted(by_labels.items(), key=lambda kv: kv[1]):
+            # weights from the degrees in the subgraph of live links between nodes sharing these components
+            rule = str(self.opts["weights"])
+            M = mixing.compose([mixing.mixing_matrix(n, mixing.induced(e, labels), rule) for e in step_edges])
+            A = mixing.coefficients(M, list(weights))
             for i, nid in enumerate(self.nodes):
                 if labels[i] is None:
                     continue
@@ -296,7 +306,8 @@ class GossipTopology(Topology):
             for i, j in sorted(edges):
                 a, b = self.nodes[i], self.nodes[j]
                 for src, dst in ((a, b), (b, a)):
-                    comps = [c for c in self.shared[src] if self.labels[c].get(dst) == self.labels[c][src]]
+                    comps = [c for c in self.uses[src]
+                             if src in self.labels.get(c, {}) and self.labels[c].get(dst) == self.labels[c][src]]
                     if not comps:
                         continue
                     wire = sizes.get(src, {}) if s == 0 and src not in late else {}
