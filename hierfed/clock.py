@@ -65,14 +65,23 @@ class Clock:
         """Training rows per second of a client (fixed for the run)."""
         if client_id not in self._speed:
             g = self._lognormal(1.0, self.c.group_sigma, "group-compute", self.group_of(client_id))
-            self._speed[client_id] = g * self._lognormal(self.c.rows_per_s, self.c.compute_sigma, "compute", client_id)
+            self._speed[client_id] = g * self._lognormal(
+                self.c.rows_per_s, self.c.compute_sigma, "compute", client_id
+            )
         return self._speed[client_id]
 
     def link(self, node_id: str) -> tuple[float, float]:
         """(bandwidth in bytes per second, latency in seconds) of the node's link to its parent."""
         if node_id not in self._link:
             g = self._lognormal(1.0, self.c.group_sigma, "group-network", self.group_of(node_id))
-            bw = g * self._lognormal(self.c.bandwidth_mbps, self.c.bandwidth_sigma, "bandwidth", node_id) * 1e6 / 8
+            bw = (
+                g
+                * self._lognormal(
+                    self.c.bandwidth_mbps, self.c.bandwidth_sigma, "bandwidth", node_id
+                )
+                * 1e6
+                / 8
+            )
             lat = self._lognormal(self.c.latency_s, self.c.latency_sigma, "latency", node_id)
             self._link[node_id] = (bw, lat)
         return self._link[node_id]
@@ -94,15 +103,22 @@ class Clock:
 
     # ---------------------------------------------------------------- gossip
 
-    def late_gossip_nodes(self, rnd: int, trainers: Mapping[str, object], deadline_s: float) -> set[str]:
+    def late_gossip_nodes(
+        self, rnd: int, trainers: Mapping[str, object], deadline_s: float
+    ) -> set[str]:
         """Trainers whose local training ends after ``deadline_s`` (0 = no deadline)."""
         if deadline_s <= 0:
             return set()
         return {n for n in trainers if self.compute_s(n, rnd=rnd, key=("gossip",)) > deadline_s}
 
     def gossip_round_time(
-        self, rnd: int, *, compute: Mapping[str, object], step_bytes: Sequence[Mapping[tuple[str, str], int]],
-        deadline_s: float, any_late: bool,
+        self,
+        rnd: int,
+        *,
+        compute: Mapping[str, object],
+        step_bytes: Sequence[Mapping[tuple[str, str], int]],
+        deadline_s: float,
+        any_late: bool,
     ) -> float:
         """Training (until the slowest on-time node, or the deadline if someone was late), then
         each mixing step as long as its slowest link; a peer link costs the slower of the two
@@ -113,8 +129,13 @@ class Clock:
         total = train
         for s, links in enumerate(step_bytes):
             total += max(
-                (max(self.transfer_s(a, b, rnd=rnd, key=("peer", s)), self.transfer_s(d, b, rnd=rnd, key=("peer", s)))
-                 for (a, d), b in sorted(links.items())),
+                (
+                    max(
+                        self.transfer_s(a, b, rnd=rnd, key=("peer", s)),
+                        self.transfer_s(d, b, rnd=rnd, key=("peer", s)),
+                    )
+                    for (a, d), b in sorted(links.items())
+                ),
                 default=0.0,
             )
         return total

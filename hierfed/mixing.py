@@ -91,11 +91,14 @@ def complete(n: int) -> frozenset[Edge]:
     return frozenset((i, j) for i in range(n) for j in range(i + 1, n))
 
 
-def random_regular(n: int, degree: int, rng: np.random.Generator, *, tries: int = 200) -> frozenset[Edge]:
+def random_regular(
+    n: int, degree: int, rng: np.random.Generator, *, tries: int = 200
+) -> frozenset[Edge]:
     """A uniformly paired ``degree``-regular simple graph (configuration model with retries)."""
     if degree < 1 or degree >= n or (n * degree) % 2:
         raise ConfigError(
-            "topology.options.degree", degree,
+            "topology.options.degree",
+            degree,
             f"a random regular graph on {n} nodes needs 1 <= degree < {n} and n * degree even",
         )
     for _ in range(tries):
@@ -107,7 +110,11 @@ def random_regular(n: int, degree: int, rng: np.random.Generator, *, tries: int 
             g = frozenset(edges)
             if is_connected(n, g):
                 return g
-    raise ConfigError("topology.options.degree", degree, f"no connected {degree}-regular graph found on {n} nodes; raise the degree")
+    raise ConfigError(
+        "topology.options.degree",
+        degree,
+        f"no connected {degree}-regular graph found on {n} nodes; raise the degree",
+    )
 
 
 def erdos_renyi(n: int, p: float, rng: np.random.Generator, *, tries: int = 200) -> frozenset[Edge]:
@@ -120,13 +127,19 @@ def erdos_renyi(n: int, p: float, rng: np.random.Generator, *, tries: int = 200)
         g = frozenset((int(a), int(b)) for a, b, k in zip(iu[0], iu[1], keep) if k)
         if is_connected(n, g):
             return g
-    raise ConfigError("topology.options.p", p, f"G({n}, {p}) was never connected in {tries} draws; raise p")
+    raise ConfigError(
+        "topology.options.p", p, f"G({n}, {p}) was never connected in {tries} draws; raise p"
+    )
 
 
-def small_world(n: int, k: int, beta: float, rng: np.random.Generator, *, tries: int = 200) -> frozenset[Edge]:
+def small_world(
+    n: int, k: int, beta: float, rng: np.random.Generator, *, tries: int = 200
+) -> frozenset[Edge]:
     """Watts–Strogatz: a ring lattice with ``k`` neighbours per node, each edge rewired with prob. ``beta``."""
     if k < 2 or k % 2 or k >= n:
-        raise ConfigError("topology.options.k", k, f"small-world needs an even k with 2 <= k < n={n}")
+        raise ConfigError(
+            "topology.options.k", k, f"small-world needs an even k with 2 <= k < n={n}"
+        )
     if not (0 <= beta <= 1):
         raise ConfigError("topology.options.beta", beta, "rewiring probability must lie in [0, 1]")
     for _ in range(tries):
@@ -142,10 +155,16 @@ def small_world(n: int, k: int, beta: float, rng: np.random.Generator, *, tries:
         g = frozenset(edges)
         if is_connected(n, g):
             return g
-    raise ConfigError("topology.options.beta", beta, "the rewired graph was never connected; lower beta or raise k")
+    raise ConfigError(
+        "topology.options.beta",
+        beta,
+        "the rewired graph was never connected; lower beta or raise k",
+    )
 
 
-def from_edge_list(nodes: Sequence[str], pairs: Iterable[Sequence[str]], *, key: str = "topology.options.edges") -> frozenset[Edge]:
+def from_edge_list(
+    nodes: Sequence[str], pairs: Iterable[Sequence[str]], *, key: str = "topology.options.edges"
+) -> frozenset[Edge]:
     """A user graph over node ids: ``[[a, b], ...]``; unknown ids and self-loops are rejected."""
     index = {nid: i for i, nid in enumerate(nodes)}
     out = set()
@@ -156,9 +175,17 @@ def from_edge_list(nodes: Sequence[str], pairs: Iterable[Sequence[str]], *, key:
         for x in (a, b):
             if x not in index:
                 near = [n for n in nodes if n.endswith(x)][:3]
-                raise ConfigError(key, [a, b], f"'{x}' is not a node of this graph; node ids look like {near or list(nodes[:2])}")
+                raise ConfigError(
+                    key,
+                    [a, b],
+                    f"'{x}' is not a node of this graph; node ids look like {near or list(nodes[:2])}",
+                )
         if a == b:
-            raise ConfigError(key, [a, b], "self-loops are not allowed: a node always keeps its own value (the diagonal)")
+            raise ConfigError(
+                key,
+                [a, b],
+                "self-loops are not allowed: a node always keeps its own value (the diagonal)",
+            )
         out.add(_edge(index[a], index[b]))
     return frozenset(out)
 
@@ -197,7 +224,8 @@ def require_connected(nodes: Sequence[str], edges: Iterable[Edge], *, key: str) 
                 todo.append(j)
     lost = [nodes[i] for i in range(len(nodes)) if i not in seen]
     raise ConfigError(
-        key, None,
+        key,
+        None,
         f"the graph is disconnected: {len(lost)} of {len(nodes)} nodes (e.g. '{lost[0]}') cannot reach "
         f"'{nodes[0]}', so gossip would never reach consensus; add edges or pick a connected graph",
     )
@@ -216,7 +244,9 @@ class GraphSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in GRAPHS:
-            raise ConfigError("topology.options.graph", self.kind, f"known graphs: {', '.join(GRAPHS)}")
+            raise ConfigError(
+                "topology.options.graph", self.kind, f"known graphs: {', '.join(GRAPHS)}"
+            )
 
 
 def build_graph(spec: GraphSpec, nodes: Sequence[str], rng: np.random.Generator) -> frozenset[Edge]:
@@ -236,7 +266,9 @@ def build_graph(spec: GraphSpec, nodes: Sequence[str], rng: np.random.Generator)
         g = small_world(n, spec.k, spec.beta, rng)
     else:
         g = from_edge_list(nodes, spec.edges)
-    require_connected(nodes, g, key=f"topology.options.{'edges' if spec.kind == 'edges' else 'graph'}")
+    require_connected(
+        nodes, g, key=f"topology.options.{'edges' if spec.kind == 'edges' else 'graph'}"
+    )
     return g
 
 
@@ -298,7 +330,9 @@ def restrict(W: np.ndarray, labels: Sequence[Hashable | None]) -> np.ndarray:
     """
     lab = list(labels)
     n = len(lab)
-    same = np.array([[lab[i] is not None and lab[i] == lab[j] for j in range(n)] for i in range(n)], dtype=bool)
+    same = np.array(
+        [[lab[i] is not None and lab[i] == lab[j] for j in range(n)] for i in range(n)], dtype=bool
+    )
     R = np.where(same, W, 0.0)
     R[np.diag_indices(n)] = 0.0
     R[np.diag_indices(n)] = 1.0 - R.sum(axis=1)
@@ -351,8 +385,11 @@ def combine(terms: Sequence[tuple[float, Mapping[str, torch.Tensor]]]) -> dict[s
 
 
 def mix_states(
-    A: np.ndarray, nodes: Sequence[str], values: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
-    components: Sequence[str], rows: Sequence[str] | None = None,
+    A: np.ndarray,
+    nodes: Sequence[str],
+    values: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
+    components: Sequence[str],
+    rows: Sequence[str] | None = None,
 ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """New values of ``components`` for ``rows`` (default all nodes): ``x_i[c] = sum_j A_ij x_j[c]``.
 
@@ -364,7 +401,9 @@ def mix_states(
         i = index[nid]
         out[nid] = {}
         for c in components:
-            terms = [(float(A[i, j]), values[nodes[j]][c]) for j in range(len(nodes)) if A[i, j] != 0.0]
+            terms = [
+                (float(A[i, j]), values[nodes[j]][c]) for j in range(len(nodes)) if A[i, j] != 0.0
+            ]
             if terms:
                 out[nid][c] = combine(terms)
     return out
@@ -390,14 +429,20 @@ def consensus_distance(
                 continue
             for p in sorted(values[members[0]][c]):
                 stack = torch.stack([values[m][c][p].detach().to(torch.float64) for m in members])
-                dev = (stack - stack.mean(dim=0, keepdim=True)).reshape(len(members), -1).pow(2).sum(dim=1)
+                dev = (
+                    (stack - stack.mean(dim=0, keepdim=True))
+                    .reshape(len(members), -1)
+                    .pow(2)
+                    .sum(dim=1)
+                )
                 for m, d in zip(members, dev.tolist()):
                     sq[m] += d
     return float(np.mean([math.sqrt(v) for v in sq.values()])) if sq else 0.0
 
 
 def weighted_average(
-    values: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]], weights: Mapping[str, Mapping[str, float]],
+    values: Mapping[str, Mapping[str, Mapping[str, torch.Tensor]]],
+    weights: Mapping[str, Mapping[str, float]],
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per component ``c``: ``sum_i w_i x_i[c] / sum_i w_i`` over the nodes listed in ``weights[c]``."""
     out: dict[str, dict[str, torch.Tensor]] = {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
 from hierfed.config import load_config
 from hierfed.errors import ConfigError
 from hierfed.ledger import CommLedger
@@ -15,6 +14,7 @@ from hierfed.registry import TOPOLOGIES
 from hierfed.runtime.local import LocalRuntime
 from hierfed.runtime.worker import WorkerSetup
 from hierfed.simulation import build_federation
+from tests.conftest import tiny_overrides
 
 
 def _cfg(topology="gossip", **extra):
@@ -52,7 +52,9 @@ def test_complete_graph_one_step_equals_sample_weighted_fedavg():
     (weighted_mean, server_lr=1) global model, component by component."""
     star, _, _ = _round(_cfg("star"))
     fedavg = star.global_state()
-    gossip, _, _ = _round(_cfg(**{"topology.options.graph": "complete", "topology.options.steps": 1}))
+    gossip, _, _ = _round(
+        _cfg(**{"topology.options.graph": "complete", "topology.options.steps": 1})
+    )
     checked = 0
     for n, state in gossip.states.items():
         for c in gossip.shared[n]:
@@ -60,24 +62,36 @@ def test_complete_graph_one_step_equals_sample_weighted_fedavg():
             checked += 1
     assert checked > 20
     # the plain (uniform) mean differs when clients have different sizes: the test discriminates
-    uni, _, _ = _round(_cfg(**{"topology.options.graph": "complete", "topology.options.weighting": "uniform"}))
+    uni, _, _ = _round(
+        _cfg(**{"topology.options.graph": "complete", "topology.options.weighting": "uniform"})
+    )
     n0 = uni.nodes[0]
-    diffs = [float((uni.states[n0][c][p] - fedavg[c][p]).abs().max()) for c in uni.shared[n0] for p in fedavg[c]]
+    diffs = [
+        float((uni.states[n0][c][p] - fedavg[c][p]).abs().max())
+        for c in uni.shared[n0]
+        for p in fedavg[c]
+    ]
     assert max(diffs) > 1e-4
 
 
 def test_ring_mixing_preserves_the_mean_of_the_half_steps():
     """Uniform weighting on a ring: the mean over nodes equals every node's value on the
     complete graph (the mean of the trained half-steps), for components all nodes share."""
-    ring, _, _ = _round(_cfg(**{"topology.options.weighting": "uniform", "topology.options.steps": 3}))
-    comp, _, _ = _round(_cfg(**{"topology.options.weighting": "uniform", "topology.options.graph": "complete"}))
+    ring, _, _ = _round(
+        _cfg(**{"topology.options.weighting": "uniform", "topology.options.steps": 3})
+    )
+    comp, _, _ = _round(
+        _cfg(**{"topology.options.weighting": "uniform", "topology.options.graph": "complete"})
+    )
     everyone = [c for c in ring.labels if len(ring.labels[c]) == len(ring.nodes)]
     assert "adapter.backbone" in everyone
     some_node_moved = False
     for c in everyone:
         for p in ring.states[ring.nodes[0]][c]:
             stack = torch.stack([ring.states[n][c][p].double() for n in ring.nodes])
-            torch.testing.assert_close(stack.mean(0), comp.states[comp.nodes[0]][c][p].double(), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(
+                stack.mean(0), comp.states[comp.nodes[0]][c][p].double(), atol=1e-6, rtol=1e-5
+            )
             some_node_moved |= bool((stack[0] - stack.mean(0)).abs().max() > 1e-6)
     assert some_node_moved  # a ring with 3 steps is not yet at consensus
 
@@ -88,8 +102,12 @@ def test_ledger_counts_every_neighbour_exchange():
     # a ring of n nodes: n links, both directions, every step; all nodes share the adapters
     assert topo.round_metrics()["gossip_exchanges"] == 2 * 2 * n
     peer = [r for r in ledger.records if r.direction == "peer"]
-    assert {(r.src, r.dst) for r in peer} == {(a, b) for a in topo.nodes for b in topo.nodes
-                                             if a != b and abs(topo.nodes.index(a) - topo.nodes.index(b)) in (1, n - 1)}
+    assert {(r.src, r.dst) for r in peer} == {
+        (a, b)
+        for a in topo.nodes
+        for b in topo.nodes
+        if a != b and abs(topo.nodes.index(a) - topo.nodes.index(b)) in (1, n - 1)
+    }
     assert set(ledger.by_edge()) == {"student<->student"}
     # adapter bytes: one record per exchange
     adapter = [r for r in peer if r.component == "adapter.backbone"]
@@ -109,7 +127,9 @@ def test_link_failures_and_dropouts_are_keyed_and_cut_exchanges():
 
 
 def test_round_metrics_report_consensus_and_node_quality():
-    topo, _, stats = _round(_cfg(**{"topology.options.time_varying": True, "topology.options.graph": "erdos_renyi"}))
+    topo, _, stats = _round(
+        _cfg(**{"topology.options.time_varying": True, "topology.options.graph": "erdos_renyi"})
+    )
     m = topo.round_metrics()
     assert m["consensus_distance"] > 0
     assert set(m["node_metric_mean"]) == {"digit", "dropout_risk", "essay_grade", "essay_topic"}
@@ -122,12 +142,27 @@ def test_round_metrics_report_consensus_and_node_quality():
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"topology.options.graph": "edges",
-          "topology.options.edges": "[[global/inst-00/student-000,global/inst-00/student-001]]"}, "disconnected"),
-        ({"topology.options.graph": "edges",
-          "topology.options.edges": "[[global/inst-00/student-000,global/inst-00/student-000]]"}, "self-loops"),
-        ({"topology.options.graph": "edges", "topology.options.edges": "[[global/inst-00/student-000,nobody]]"},
-         "not a node"),
+        (
+            {
+                "topology.options.graph": "edges",
+                "topology.options.edges": "[[global/inst-00/student-000,global/inst-00/student-001]]",
+            },
+            "disconnected",
+        ),
+        (
+            {
+                "topology.options.graph": "edges",
+                "topology.options.edges": "[[global/inst-00/student-000,global/inst-00/student-000]]",
+            },
+            "self-loops",
+        ),
+        (
+            {
+                "topology.options.graph": "edges",
+                "topology.options.edges": "[[global/inst-00/student-000,nobody]]",
+            },
+            "not a node",
+        ),
         ({"topology.options.graph": "hypercube"}, "known graphs"),
         ({"topology.options.stepz": 2}, "gossip takes options"),
         ({"topology.options.graph": "random_regular", "topology.options.degree": 20}, "degree"),

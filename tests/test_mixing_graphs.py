@@ -28,7 +28,9 @@ def test_ring_torus_complete_shapes():
 @pytest.mark.parametrize("kind", mixing.GRAPHS[:-1])
 def test_every_builder_gives_a_connected_simple_graph(kind):
     nodes = [f"n{i:02d}" for i in range(12)]
-    g = mixing.build_graph(mixing.GraphSpec(kind=kind, degree=3, p=0.4, k=4, beta=0.3), nodes, _rng(kind))
+    g = mixing.build_graph(
+        mixing.GraphSpec(kind=kind, degree=3, p=0.4, k=4, beta=0.3), nodes, _rng(kind)
+    )
     assert all(i < j for i, j in g)
     assert mixing.is_connected(12, g)
     if kind == "random_regular":
@@ -48,13 +50,17 @@ def test_metropolis_hastings_by_hand():
     expect = np.array([[2 / 3, 1 / 3, 0], [1 / 3, 1 / 3, 1 / 3], [0, 1 / 3, 2 / 3]])
     np.testing.assert_allclose(W, expect)
     # complete graph: every entry 1/n
-    np.testing.assert_allclose(mixing.metropolis_hastings(4, mixing.complete(4)), np.full((4, 4), 0.25))
+    np.testing.assert_allclose(
+        mixing.metropolis_hastings(4, mixing.complete(4)), np.full((4, 4), 0.25)
+    )
 
 
 def test_disconnected_graph_rejected():
     nodes = ["a", "b", "c", "d"]
     with pytest.raises(ConfigError, match="disconnected.*'c'"):
-        mixing.build_graph(mixing.GraphSpec(kind="edges", edges=(("a", "b"), ("c", "d"))), nodes, _rng())
+        mixing.build_graph(
+            mixing.GraphSpec(kind="edges", edges=(("a", "b"), ("c", "d"))), nodes, _rng()
+        )
 
 
 def test_self_loop_rejected():
@@ -118,7 +124,9 @@ def test_mixing_preserves_the_mean_on_connected_graphs(case):
     np.testing.assert_allclose(W.sum(axis=1), 1.0, atol=1e-12)
     M = mixing.compose([W] * steps)
     nodes = [f"n{i}" for i in range(n)]
-    values = {nid: {"c": {"w": torch.tensor([v], dtype=torch.float64)}} for nid, v in zip(nodes, vals)}
+    values = {
+        nid: {"c": {"w": torch.tensor([v], dtype=torch.float64)}} for nid, v in zip(nodes, vals)
+    }
     # uniform weighting: the plain mean is preserved
     out = mixing.mix_states(mixing.coefficients(M, [1.0] * n), nodes, values, ["c"])
     new = [float(out[nid]["c"]["w"]) for nid in nodes]
@@ -151,8 +159,11 @@ def test_restricted_mixing_preserves_each_holder_class_mean(case, labels):
 
 
 def test_consensus_distance_by_hand():
-    vals = {"a": {"c": {"w": torch.tensor([0.0, 0.0])}}, "b": {"c": {"w": torch.tensor([3.0, 4.0])}},
-            "z": {"c": {"w": torch.tensor([9.0, 9.0])}}}
+    vals = {
+        "a": {"c": {"w": torch.tensor([0.0, 0.0])}},
+        "b": {"c": {"w": torch.tensor([3.0, 4.0])}},
+        "z": {"c": {"w": torch.tensor([9.0, 9.0])}},
+    }
     # a, b share c: mean (1.5, 2), each at distance 2.5; z shares nothing -> 0
     d = mixing.consensus_distance(vals, {"c": {"a": 0, "b": 0}})
     assert d == pytest.approx((2.5 + 2.5 + 0.0) / 3)

@@ -83,19 +83,28 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     """Options with defaults filled in; unknown names and bad values raise ConfigError."""
     unknown = sorted(set(options) - set(OPTION_DEFAULTS))
     if unknown:
-        raise ConfigError(f"topology.options.{unknown[0]}", options[unknown[0]],
-                          f"gossip takes options {sorted(OPTION_DEFAULTS)}")
+        raise ConfigError(
+            f"topology.options.{unknown[0]}",
+            options[unknown[0]],
+            f"gossip takes options {sorted(OPTION_DEFAULTS)}",
+        )
     o = {**OPTION_DEFAULTS, **options}
     if not isinstance(o["steps"], int) or o["steps"] < 1:
-        raise ConfigError("topology.options.steps", o["steps"], "mixing steps per round: an integer >= 1")
+        raise ConfigError(
+            "topology.options.steps", o["steps"], "mixing steps per round: an integer >= 1"
+        )
     if not (0 <= float(o["link_failure"]) < 1):
         raise ConfigError("topology.options.link_failure", o["link_failure"], "must lie in [0, 1)")
     if o["weighting"] not in ("samples", "uniform"):
         raise ConfigError("topology.options.weighting", o["weighting"], "known: samples, uniform")
     if o["weights"] not in mixing.RULES:
-        raise ConfigError("topology.options.weights", o["weights"], f"known: {', '.join(mixing.RULES)}")
+        raise ConfigError(
+            "topology.options.weights", o["weights"], f"known: {', '.join(mixing.RULES)}"
+        )
     if not isinstance(o["eval_nodes"], int) or o["eval_nodes"] < 0:
-        raise ConfigError("topology.options.eval_nodes", o["eval_nodes"], "an integer >= 0 (0 = every node)")
+        raise ConfigError(
+            "topology.options.eval_nodes", o["eval_nodes"], "an integer >= 0 (0 = every node)"
+        )
     return o
 
 
@@ -121,7 +130,9 @@ class GossipTopology(Topology):
         self.opts = parse_options(dict(cfg.topology.options))
         self.nodes: list[str] = [c.id for c in federation.clients]  # sorted by id
         if len(self.nodes) < 2:
-            raise DataError(f"gossip needs at least 2 clients, the federation has {len(self.nodes)}")
+            raise DataError(
+                f"gossip needs at least 2 clients, the federation has {len(self.nodes)}"
+            )
         self.root_tier = federation.tier_names[0]
         self.node_tier = federation.tier_names[-1]
         self.edge_name = f"{self.node_tier}<->{self.node_tier}"
@@ -130,7 +141,9 @@ class GossipTopology(Topology):
         self.num_train = {n: profiles[n].num_train for n in self.nodes}
         self.tasks = {n: profiles[n].tasks for n in self.nodes}
         self.holds = {n: spec.holds(profiles[n]) for n in self.nodes}  # what a node trains
-        self.uses = {n: uses(spec, profiles[n]) for n in self.nodes}  # what its model needs (a copy of each)
+        self.uses = {
+            n: uses(spec, profiles[n]) for n in self.nodes
+        }  # what its model needs (a copy of each)
         leaf = len(federation.tier_names) - 1
         # a component's sharing label at a node: the ancestor at its scope's tier (absent: not shared)
         self.shared: dict[str, tuple[str, ...]] = {}
@@ -143,12 +156,17 @@ class GossipTopology(Topology):
                     self.labels[c][n] = "/".join(path[: lvl + 1])
             self.shared[n] = tuple(c for c in self.holds[n] if n in self.labels.get(c, {}))
         self.graph_spec = mixing.GraphSpec(
-            kind=str(self.opts["graph"]), degree=int(self.opts["degree"]), p=float(self.opts["p"]),
-            k=int(self.opts["k"]), beta=float(self.opts["beta"]),
+            kind=str(self.opts["graph"]),
+            degree=int(self.opts["degree"]),
+            p=float(self.opts["p"]),
+            k=int(self.opts["k"]),
+            beta=float(self.opts["beta"]),
             edges=tuple((str(a), str(b)) for a, b in (tuple(e) for e in self.opts["edges"])),
         )
         # built (and checked: connected, no self-loops) before any work starts
-        self.graph = mixing.build_graph(self.graph_spec, self.nodes, np_rng(cfg.seed, "gossip-graph"))
+        self.graph = mixing.build_graph(
+            self.graph_spec, self.nodes, np_rng(cfg.seed, "gossip-graph")
+        )
         self.clock = Clock(cfg, federation)
         self.states: dict[str, State] = {}
         self.local: dict[str, State] = {}
@@ -180,7 +198,9 @@ class GossipTopology(Topology):
     def graph_of_round(self, rnd: int) -> frozenset[mixing.Edge]:
         if not self.opts["time_varying"]:
             return self.graph
-        return mixing.build_graph(self.graph_spec, self.nodes, np_rng(self.cfg.seed, "gossip-graph", rnd))
+        return mixing.build_graph(
+            self.graph_spec, self.nodes, np_rng(self.cfg.seed, "gossip-graph", rnd)
+        )
 
     def _draw(self, rnd: int) -> tuple[list[str], list[str]]:
         """(online nodes, nodes that train): dropouts and participation, keyed by seed and round."""
@@ -202,8 +222,15 @@ class GossipTopology(Topology):
         online, trainers = self._draw(rnd)
         starts = runtime.put(self.states)
         jobs = [
-            TrainJob(client_id=n, parent_id=n, tier=self.root_tier, round=rnd, key=(rnd, 0, n),
-                     trains=self.holds[n], sends=self.shared[n])
+            TrainJob(
+                client_id=n,
+                parent_id=n,
+                tier=self.root_tier,
+                round=rnd,
+                key=(rnd, 0, n),
+                trains=self.holds[n],
+                sends=self.shared[n],
+            )
             for n in trainers
         ]
         metas, updates = runtime.train(jobs, starts)
@@ -224,8 +251,11 @@ class GossipTopology(Topology):
         late = self.clock.late_gossip_nodes(rnd, compute, self.tier_cfg.deadline_s)
         stats.late += sorted(late)
         expectations = {
-            n: Expectation(n, frozenset(self.shared[n]), exact=True, max_weight=float(self.num_train[n]))
-            for n in sizes if n not in late
+            n: Expectation(
+                n, frozenset(self.shared[n]), exact=True, max_weight=float(self.num_train[n])
+            )
+            for n in sizes
+            if n not in late
         }
         tasks, step_edges = self._mix_tasks(rnd, online)
         # only expected updates are mixed: a late node's update is ignored by the workers
@@ -243,16 +273,26 @@ class GossipTopology(Topology):
         dist, mean = runtime.average(
             AverageTask(
                 labels={c: dict(v) for c, v in self.labels.items()},
-                weights={c: {n: self._weight(n, c) for n in v if self._weight(n, c) > 0} for c, v in self.labels.items()},
+                weights={
+                    c: {n: self._weight(n, c) for n in v if self._weight(n, c) > 0}
+                    for c, v in self.labels.items()
+                },
             ),
             runtime.put(self.states),
         )
         self.mean = mean
         stats.sim_time_s = self.clock.gossip_round_time(
-            rnd, compute={n: c for n, c in compute.items() if n not in late}, step_bytes=step_bytes,
-            deadline_s=self.tier_cfg.deadline_s, any_late=bool(late),
+            rnd,
+            compute={n: c for n, c in compute.items() if n not in late},
+            step_bytes=step_bytes,
+            deadline_s=self.tier_cfg.deadline_s,
+            any_late=bool(late),
         )
-        self._metrics = {"consensus_distance": dist, "gossip_exchanges": exchanges, "online_nodes": len(online)}
+        self._metrics = {
+            "consensus_distance": dist,
+            "gossip_exchanges": exchanges,
+            "online_nodes": len(online),
+        }
         if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.rounds:
             self._metrics.update(self._evaluate_nodes(rnd, runtime))
         return stats
@@ -264,38 +304,57 @@ class GossipTopology(Topology):
             return 1.0
         return float(self.num_train[n]) if c in self.holds[n] else 0.0
 
-    def _mix_tasks(self, rnd: int, online: list[str]) -> tuple[list[MixTask], list[frozenset[mixing.Edge]]]:
+    def _mix_tasks(
+        self, rnd: int, online: list[str]
+    ) -> tuple[list[MixTask], list[frozenset[mixing.Edge]]]:
         n = len(self.nodes)
         graph = self.graph_of_round(rnd)
         on = set(online)
         step_edges = []
         for s in range(int(self.opts["steps"])):
-            edges = mixing.drop_links(graph, float(self.opts["link_failure"]),
-                                      np_rng(self.cfg.seed, "gossip-links", rnd, s))
-            edges = frozenset((i, j) for i, j in edges if self.nodes[i] in on and self.nodes[j] in on)
+            edges = mixing.drop_links(
+                graph,
+                float(self.opts["link_failure"]),
+                np_rng(self.cfg.seed, "gossip-links", rnd, s),
+            )
+            edges = frozenset(
+                (i, j) for i, j in edges if self.nodes[i] in on and self.nodes[j] in on
+            )
             step_edges.append(edges)
         # components that mix alike (same labels and weights at every node) share one matrix
         by_labels: dict[tuple, list[str]] = defaultdict(list)
         for c, lab in sorted(self.labels.items()):
             labels = tuple(lab.get(x) if x in on else None for x in self.nodes)
             by_labels[(labels, tuple(self._weight(x, c) for x in self.nodes))].append(c)
-        rows: dict[str, list[tuple[tuple[str, ...], tuple[tuple[str, float], ...]]]] = defaultdict(list)
+        rows: dict[str, list[tuple[tuple[str, ...], tuple[tuple[str, float], ...]]]] = defaultdict(
+            list
+        )
         for (labels, weights), comps in sorted(by_labels.items(), key=lambda kv: kv[1]):
             # weights from the degrees in the subgraph of live links between nodes sharing these components
             rule = str(self.opts["weights"])
-            M = mixing.compose([mixing.mixing_matrix(n, mixing.induced(e, labels), rule) for e in step_edges])
+            M = mixing.compose(
+                [mixing.mixing_matrix(n, mixing.induced(e, labels), rule) for e in step_edges]
+            )
             A = mixing.coefficients(M, list(weights))
             for i, nid in enumerate(self.nodes):
                 if labels[i] is None:
                     continue
                 row = tuple((self.nodes[j], float(A[i, j])) for j in np.flatnonzero(A[i]))
                 rows[nid].append((tuple(comps), row))
-        tasks = [MixTask(node_id=nid, round=rnd, groups=tuple(rows[nid])) for nid in self.nodes if rows.get(nid)]
+        tasks = [
+            MixTask(node_id=nid, round=rnd, groups=tuple(rows[nid]))
+            for nid in self.nodes
+            if rows.get(nid)
+        ]
         return tasks, step_edges
 
     def _record(
-        self, rnd: int, ledger: CommLedger, step_edges: list[frozenset[mixing.Edge]],
-        sizes: dict[str, dict[str, int]], late: set[str],
+        self,
+        rnd: int,
+        ledger: CommLedger,
+        step_edges: list[frozenset[mixing.Edge]],
+        sizes: dict[str, dict[str, int]],
+        late: set[str],
     ) -> tuple[int, list[dict[tuple[str, str], int]]]:
         """One ledger record per direction of every live link in every step; returns the count
         and, per step, the bytes on each directed link (for the clock)."""
@@ -306,13 +365,19 @@ class GossipTopology(Topology):
             for i, j in sorted(edges):
                 a, b = self.nodes[i], self.nodes[j]
                 for src, dst in ((a, b), (b, a)):
-                    comps = [c for c in self.uses[src]
-                             if src in self.labels.get(c, {}) and self.labels[c].get(dst) == self.labels[c][src]]
+                    comps = [
+                        c
+                        for c in self.uses[src]
+                        if src in self.labels.get(c, {})
+                        and self.labels[c].get(dst) == self.labels[c][src]
+                    ]
                     if not comps:
                         continue
                     wire = sizes.get(src, {}) if s == 0 and src not in late else {}
                     sz = {c: int(wire.get(c, state_nbytes(self.states[src][c]))) for c in comps}
-                    ledger.record(round=rnd, src=src, dst=dst, edge=self.edge_name, direction="peer", sizes=sz)
+                    ledger.record(
+                        round=rnd, src=src, dst=dst, edge=self.edge_name, direction="peer", sizes=sz
+                    )
                     links[(src, dst)] = sum(sz.values())
                     count += 1
             per_step.append(links)
@@ -336,4 +401,3 @@ class GossipTopology(Topology):
             "node_metric_worst": {t: float(np.min(v)) for t, v in sorted(per_task.items())},
             "nodes_evaluated": len(nodes),
         }
-
