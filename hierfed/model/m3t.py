@@ -20,6 +20,7 @@ from hierfed.config import ModelConfig
 from hierfed.data.federation import Federation, ModalitySpec, TaskSpec
 from hierfed.errors import ConfigError
 from hierfed.model.backbone import Backbone
+from hierfed.model.hf_backbone import HASH_VOCAB
 from hierfed.model.init import init_module
 from hierfed.model.spec import ComponentSpec, ModelSpec, resolve_scope
 from hierfed.registry import BACKBONES
@@ -121,7 +122,9 @@ class M3TModel(nn.Module):
                 self.encoders[name] = ImageEncoder(spec.shape, d)
             else:
                 own = backbone.embed_text(torch.zeros(1, 1, dtype=torch.long)) is None
-                self.encoders[name] = TextEncoder(spec.vocab_size, d, own_embeddings=own)
+                # raw-string text (vocab_size 0) is tokenized by the backbone, else word-hashed
+                vocab = spec.vocab_size or backbone.text_vocab_size or HASH_VOCAB
+                self.encoders[name] = TextEncoder(vocab, d, own_embeddings=own)
         self.prompt_tokens = cfg.prompt_tokens
         self.prompts = nn.ParameterDict(
             {t: nn.Parameter(torch.zeros(cfg.prompt_tokens, d)) for t in tasks} if cfg.prompt_tokens else {}

@@ -21,6 +21,7 @@ from hierfed.data.federation import Federation
 from hierfed.attacks import attack_pool, build_attack, poisoned
 from hierfed.errors import UpdateRejected
 from hierfed.mixing import combine, consensus_distance, weighted_average
+from hierfed.model.hf_backbone import tokenize_federation
 from hierfed.model.m3t import M3TModel, build_model, model_spec
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.base import PostContext, apply_chain, build_chain
@@ -62,6 +63,8 @@ class WorkerCore:
         self.cfg = setup.cfg
         self.fed = setup.federation
         self.model: M3TModel = build_model(self.cfg.model, self.fed, self.cfg.seed)
+        # raw text -> ids with this worker's backbone tokenizer, once (hierfed/model/hf_backbone.py)
+        self.fed = tokenize_federation(self.fed, self.model.backbone, self.cfg.model.text_len)
         self.spec: ModelSpec = model_spec(self.model, self.fed, self.cfg.model)
         self.trainer = ClientTrainer(self.model, self.cfg.train, self.cfg.seed)
         self.profiles = self.fed.by_id

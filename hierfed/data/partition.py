@@ -1,0 +1,155 @@
+"""Partitioning real datasets with flwr-datasets, and what real-data builders share.
+
+Real hierarchies are split by *natural ids* (``NaturalIdPartitioner``: one partition per
+school, per authority, ...); label skew comes from ``DirichletPartitioner``. Both work on
+Hugging Face ``datasets.Dataset`` objects, so rows are wrapped in one with a ``_row``
+column and the partitions come back as row indices into the original table. Every seed a
+partitioner takes is derived from the run seed: same ``(cfg, seed)``, same partitions.
+
+Also here: dataset-option checking (``data.options``), resource-class assignment
+(``data.options.resource_mix``) and the per-client train/test split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from hierfed.data.federation import ClientData, ClientProfile
+from hierfed.errors import ConfigError, DataError
+from hierfed.seeding import derive_seed, np_rng
+
+
+def _dataset(columns: Mapping[str, Sequence[Any] | np.ndarray]):  # -> datasets.Dataset
+    try:
+        from datasets import Dataset
+    except ImportError:
+        raise DataError("real datasets need the 'datasets' package (pip install 'hierfed[data]')") from None
+    n = len(next(iter(columns.values())))
+    return Dataset.from_dict({"_row": np.arange(n), **{k: list(v) for k, v in columns.items()}})
+
+
+def natural_partitions(ids: Sequence[Any] | np.ndarray) -> dict[Any, np.ndarray]:
+    """Row indices per natural id (e.g. per school), via flwr's ``NaturalIdPartitioner``."""
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    part = NaturalIdPartitioner(partition_by="nid")
+    part.dataset = _dataset({"nid": np.asarray(ids).tolist()})
+    out: dict[Any, np.ndarray] = {}
+    with contextlib.redirect_stderr(io.StringIO()):  # flwr draws a tqdm bar; the library never prints
+        for pid in range(part.num_partitions):
+            nid = part.partition_id_to_natural_id[pid]
+            out[nid] = np.sort(np.asarray(part.load_partition(pid)["_row"], dtype=np.int64))
+    return dict(sorted(out.items()))
+
+
+def dirichlet_partitions(
+    labels: Sequence[Any] | np.ndarray, num: int, alpha: float, seed: int, *key: object, min_size: int = 1
+) -> list[np.ndarray]:
+    """``num`` label-skewed partitions (row indices) via flwr's ``DirichletPartitioner``.
+
+    Small ``alpha`` = strong skew. The partitioner's seed is derived from ``(seed, *key)``.
+    """
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    if num < 1:
+        raise DataError(f"cannot make {num} partitions")
+    labels = np.asarray(labels)
+    if num == 1:
+        return [np.arange(len(labels), dtype=np.int64)]
+    part = DirichletPartitioner(
+        num_partitions=num, partition_by="label", alpha=float(alpha), min_partition_size=min_size,
+        self_balancing=True, seed=derive_seed(seed, "dirichlet", *key) % (2**32),
+    )
+    part.dataset = _dataset({"label": labels.tolist()})
+    return [np.sort(np.asarray(part.load_partition(i)["_row"], dtype=np.int64)) for i in range(num)]
+
+
+def check_options(options: Mapping[str, Any], defaults: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """``defaults`` overlaid with ``options``; an unknown option name is a ConfigError."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(f"data.options.{unknown[0]}", options[unknown[0]],
+                          f"dataset '{dataset}' takes options {sorted(defaults)}")
+    return {**defaults, **dict(options)}
+
+
+def assign_resources(clients: Sequence[ClientProfile], mix: Mapping[str, float], seed: int) -> list[ClientProfile]:
+    """Give each client a resource class drawn from ``mix`` (class -> share), keyed by its id.
+
+    An empty ``mix`` leaves every client as it is (``full``). Shares need not sum to 1.
+    """
+    if not mix:
+        return list(clients)
+    names = sorted(mix)
+    shares = np.array([float(mix[n]) for n in names])
+    if (shares < 0).any() or not np.isfinite(shares).all() or shares.sum() <= 0:
+        raise ConfigError("data.options.resource_mix", dict(mix), "give non-negative shares per resource class, e.g. {light: 0.5, full: 0.5}")
+    p = shares / shares.sum()
+    out = []
+    from dataclasses import replace
+
+    for c in clients:
+        r = np_rng(seed, "resource", c.id).choice(len(names), p=p)
+        out.append(replace(c, resource=names[int(r)]))
+    return out
+
+
+def split_rows(n: int, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows) of ``n``; at least one training row, test rows only if n >= 2."""
+    perm = rng.permutation(n)
+    n_test = min(max(1, int(round(n * test_fraction))), n - 1) if n >= 2 else 0
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def take(data: ClientData, idx: np.ndarray) -> ClientData:
+    """Rows ``idx`` of every array of ``data``."""
+    return ClientData({m: a[idx] for m, a in data.inputs.items()}, {t: a[idx] for t, a in data.labels.items()})
+
+
+def concat(parts: Sequence[ClientData]) -> ClientData:
+    """Row-wise concatenation of ClientData with the same keys."""
+    first = parts[0]
+    return ClientData(
+        {m: np.concatenate([p.inputs[m] for p in parts]) for m in first.inputs},
+        {t: np.concatenate([p.labels[t] for p in parts]) for t in first.labels},
+    )
+
+
+def cap_rows(data: ClientData, size: int, seed: int, *key: object) -> ClientData:
+    """At most ``size`` rows of ``data``, a keyed sample (all rows if it has fewer)."""
+    n = len(data)
+    if n <= size:
+        return data
+    idx = np.sort(np_rng(seed, "cap", *key).choice(n, size=size, replace=False))
+    return take(data, idx)
+
+
+def skewed_grid(
+    table: ClientData, label: str, cfg: Any, seed: int, dataset: str
+) -> tuple[dict[str, ClientData], dict[str, ClientData], list[str]]:
+    """Split ``table`` into ``num_institutions x students_per_institution`` label-skewed
+    clients (Dirichlet over ``table.labels[label]`` with alpha ``cfg.label_skew``).
+
+    Returns (train, test, client ids ``global/inst-II/student-SSS``); ``cfg`` is a DataConfig.
+    """
+    n_inst, per = cfg.num_institutions, cfg.students_per_institution
+    num = n_inst * per
+    if len(table) < 2 * num:
+        raise ConfigError("data.students_per_institution", per,
+                          f"{dataset} has {len(table)} rows, too few for {num} clients; lower data.num_institutions "
+                          "or data.students_per_institution")
+    parts = dirichlet_partitions(table.labels[label], num, cfg.label_skew, seed, dataset, min_size=2)
+    train: dict[str, ClientData] = {}
+    test: dict[str, ClientData] = {}
+    ids = []
+    for k, rows in enumerate(parts):
+        cid = f"global/inst-{k // per:02d}/student-{k % per:03d}"
+        tr, te = split_rows(len(rows), cfg.test_fraction, np_rng(seed, dataset, cid))
+        train[cid], test[cid] = take(table, rows[tr]), take(table, rows[te])
+        ids.append(cid)
+    return train, test, ids
