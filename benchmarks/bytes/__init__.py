@@ -1,0 +1,1 @@
+"""Update sizes: what a client sends per round vs the size of the whole model."""
