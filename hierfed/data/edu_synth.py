@@ -14,6 +14,12 @@ network and no set-up, while having the structure real federations have:
   offset in dropout risk, and its students' sizes (lognormal ``size_skew``); some students
   have no scanner (no image modality), and ``essay_only_institutions`` institutions only
   grade essays (tabular + text, essay tasks only).
+
+Deeper trees (``data.options``): ``regions: R`` puts institution ``i`` in region ``i % R``
+(tier ``region`` between global and institution) and ``courses_per_institution: C`` puts
+student ``s`` in course ``s % C`` of its institution (tier ``course`` between institution and
+student), e.g. ``student -> course -> institution -> region -> global``. The rows are the same
+as in the flat tree (keyed by the flat student id): only the grouping changes.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 
 from hierfed.config import DataConfig
 from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec, subset
+from hierfed.errors import ConfigError, DataError
 from hierfed.registry import DATASETS
 from hierfed.seeding import np_rng
 
@@ -127,6 +134,28 @@ def generate(
     )
 
 
+OPTIONS = {"regions": 0, "courses_per_institution": 0}
+
+
+def tree_options(cfg: DataConfig) -> tuple[int, int]:
+    """(regions, courses per institution) from ``data.options``; 0 = no such tier."""
+    unknown = sorted(set(cfg.options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"data.options.{unknown[0]}", cfg.options[unknown[0]], f"edu-synth takes options {sorted(OPTIONS)}")
+    opts = {**OPTIONS, **dict(cfg.options)}
+    for k, v in opts.items():
+        if not isinstance(v, int) or v < 0:
+            raise ConfigError(f"data.options.{k}", v, "an integer >= 0 (0 = no such tier)")
+    regions, courses = opts["regions"], opts["courses_per_institution"]
+    if regions > cfg.num_institutions:
+        raise DataError(f"data.options.regions={regions} > data.num_institutions={cfg.num_institutions} would leave "
+                        "a region with no institution; lower regions or add institutions")
+    if courses > cfg.students_per_institution:
+        raise DataError(f"data.options.courses_per_institution={courses} > data.students_per_institution="
+                        f"{cfg.students_per_institution} would leave a course with no student; lower it or add students")
+    return regions, courses
+
+
 @DATASETS.register("edu-synth")
 def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
     """Generate the federation; same ``(cfg, seed)`` gives the same arrays, bit for bit."""
@@ -136,6 +165,7 @@ def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
     test: dict[str, ClientData] = {}
     n_inst = cfg.num_institutions
     essay_only = set(range(n_inst - cfg.essay_only_institutions, n_inst))
+    regions, courses = tree_options(cfg)
     for i in range(n_inst):
         inst = f"inst-{i:02d}"
         irng = np_rng(seed, "edu-synth", inst)
@@ -144,8 +174,11 @@ def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
         risk_offset = float(irng.normal(0, 0.7))
         inst_scale = float(np.exp(irng.normal(0, cfg.size_skew)))
         for s in range(cfg.students_per_institution):
-            sid = f"global/{inst}/student-{s:03d}"
-            srng = np_rng(seed, "edu-synth", sid)
+            flat = f"global/{inst}/student-{s:03d}"
+            srng = np_rng(seed, "edu-synth", flat)  # the flat id keys the rows: deeper trees hold the same data
+            region = [f"region-{i % regions}"] if regions else []
+            course = [f"course-{s % courses}"] if courses else []
+            sid = "/".join(["global", *region, inst, *course, f"student-{s:03d}"])
             n = max(12, int(round(cfg.samples_per_student * inst_scale * np.exp(srng.normal(0, cfg.size_skew)))))
             data = generate(n, srng, digit_prior=digit_prior, topic_prior=topic_prior, risk_offset=risk_offset, mix=mix)
             if i in essay_only:
@@ -181,7 +214,8 @@ def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
     )
     return Federation(
         name="edu-synth",
-        tier_names=("global", "institution", "student"),
+        tier_names=tuple(["global", *(["region"] if regions else []), "institution",
+                          *(["course"] if courses else []), "student"]),
         modalities=dict(MODALITIES),
         tasks=dict(TASKS),
         clients=clients,
