@@ -2,7 +2,8 @@
 
 from hierfed.aggregators.base import AggContext, Aggregator
 from hierfed.aggregators.mean import WeightedMean
+from hierfed.aggregators.noise_aware import NoiseAwareMean
 from hierfed.aggregators.robust import CoordinateMedian, Krum, NormBoundedMean, TrimmedMean
 from hierfed.aggregators.server_opt import FedAdam, FedAvgM, FedYogi, ServerOptimizer, ServerSGD
 
-__all__ = ["AggContext", "Aggregator", "CoordinateMedian", "Krum", "NormBoundedMean", "TrimmedMean", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer", "ServerSGD", "WeightedMean"]
+__all__ = ["AggContext", "Aggregator", "CoordinateMedian", "Krum", "NoiseAwareMean", "NormBoundedMean", "TrimmedMean", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer", "ServerSGD", "WeightedMean"]

@@ -72,12 +72,15 @@ def _is_number(v: Any) -> bool:
 class RobustAggregator(Aggregator):
     """Base of the per-component robust rules: ``estimate(X, w, ctx)`` on a [senders, d] matrix.
 
-    Rows of ``X`` are the senders' mean deltas in sorted sender order; ``w`` their weights.
+    Rows of ``X`` are the senders' mean deltas in sorted sender order; ``w`` their weights;
+    ``senders`` their ids (the first sender of each update).
     """
 
     associative = False
 
-    def estimate(self, x: torch.Tensor, w: torch.Tensor, c: str, ctx: AggContext) -> torch.Tensor:
+    def estimate(self, x: torch.Tensor, w: torch.Tensor, c: str, ctx: AggContext,
+                 senders: tuple[str, ...] = ()) -> torch.Tensor:
+        """The robust mean delta of component ``c`` from rows ``x`` (sent by ``senders``)."""
         raise NotImplementedError
 
     @classmethod
@@ -98,7 +101,8 @@ class RobustAggregator(Aggregator):
             names = sorted(holders[0].tensors[c])
             x = torch.stack([_flat(u, c, names) for u in holders])
             w = torch.tensor([float(u.weights[c]) for u in holders], dtype=torch.float64)
-            est = self.estimate(x, w, c, ctx)
+            senders = tuple(u.meta.senders[0] if u.meta.senders else "" for u in holders)
+            est = self.estimate(x, w, c, ctx, senders)
             total = float(w.sum())
             tensors[c] = _unflat(est, holders[0].tensors[c], names, total)
             weights[c] = total
@@ -122,7 +126,7 @@ class CoordinateMedian(RobustAggregator):
     result lies between the smallest and the largest honest value.
     """
 
-    def estimate(self, x, w, c, ctx):
+    def estimate(self, x, w, c, ctx, senders=()):
         return _median(x)
 
 
@@ -141,7 +145,7 @@ class TrimmedMean(RobustAggregator):
         if not _is_number(v) or not (0 <= v < 0.5):
             raise ConfigError(f"{key}.trim", v, "must be a fraction in [0, 0.5) of updates cut at each end")
 
-    def estimate(self, x, w, c, ctx):
+    def estimate(self, x, w, c, ctx, senders=()):
         n = x.shape[0]
         k = int(math.floor(float(self.options["trim"]) * n + 1e-9))
         if n - 2 * k <= 0:
@@ -184,7 +188,7 @@ class Krum(RobustAggregator):
         if m > n - f:
             raise ConfigError(f"{key}.m", m, f"multi-Krum keeps at most n - f = {n - f} updates here; lower m")
 
-    def estimate(self, x, w, c, ctx):
+    def estimate(self, x, w, c, ctx, senders=()):
         n = x.shape[0]
         f, m = int(self.options["f"]), int(self.options["m"])
         if n < 2 * f + 3:

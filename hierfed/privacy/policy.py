@@ -115,3 +115,15 @@ def check_privacy_config(cfg: Any) -> None:
             raise ConfigError(f"privacy.assign.{pattern}", name, f"no such policy; known: {known or '(none defined)'}")
     if pc.default and pc.default not in pc.policies:
         raise ConfigError("privacy.default", pc.default, f"no such policy; known: {known or '(none defined)'}")
+
+
+def update_noise_variance(plan: DPPlan, *, lr: float, num_rows: int) -> float:
+    """Per-coordinate variance of the DP-SGD noise in one participation's delta, for plain
+    SGD without momentum: each step adds ``N(0, (sigma C)^2) / B`` to the gradient (``B`` the
+    expected batch size) and moves the parameters by ``-lr`` times it, so over the steps
+
+        Var = steps x (lr x sigma x C / B)^2.
+
+    (Adam rescales the noise per coordinate; then estimate the variance instead.)"""
+    b = max(1, int(round(plan.sample_rate * num_rows)))
+    return plan.steps_per_round * (lr * plan.noise_multiplier * plan.clip_norm / b) ** 2
