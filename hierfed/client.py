@@ -29,9 +29,20 @@ class FitResult:
     steps: int
 
 
-def _batch(data: ClientData, idx: np.ndarray, modalities: Sequence[str], task: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _batch(
+    data: ClientData, idx: np.ndarray, modalities: Sequence[str], task: str, device: torch.device | None = None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     inputs = {m: torch.from_numpy(np.ascontiguousarray(data.inputs[m][idx])) for m in modalities}
-    return inputs, torch.from_numpy(np.ascontiguousarray(data.labels[task][idx]))
+    y = torch.from_numpy(np.ascontiguousarray(data.labels[task][idx]))
+    if device is not None and device.type != "cpu":  # the worker's accelerator (runtime.gpus_per_worker)
+        inputs = {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
+        y = y.to(device, non_blocking=True)
+    return inputs, y
+
+
+def to_cpu(state: State) -> State:
+    """``state`` with every tensor on the CPU (updates leave a worker on the CPU)."""
+    return {c: {p: t.cpu() for p, t in params.items()} for c, params in state.items()}
 
 
 def task_loss(spec: TaskSpec, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -43,10 +54,11 @@ def task_loss(spec: TaskSpec, out: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 class ClientTrainer:
     """Trains and evaluates clients on one model skeleton; holds no per-client state."""
 
-    def __init__(self, model: M3TModel, train_cfg: TrainConfig, seed: int) -> None:
+    def __init__(self, model: M3TModel, train_cfg: TrainConfig, seed: int, device: torch.device | None = None) -> None:
         self.model = model
         self.cfg = train_cfg
         self.seed = seed
+        self.device = device  # where the model lives; None or CPU = no moves
 
     def schedule(self, data: ClientData, tasks: Sequence[str], key: tuple) -> list[tuple[str, np.ndarray]]:
         """One epoch's (task, row indices) batches, interleaved across tasks in a keyed order."""
@@ -89,7 +101,7 @@ class ClientTrainer:
             loss_sum, count = 0.0, 0
             for i, (t, idx) in enumerate(self.schedule(data, tasks, (*key, epoch))):
                 spec = model.tasks[t]
-                inputs, y = _batch(data, idx, spec.modalities, t)
+                inputs, y = _batch(data, idx, spec.modalities, t, self.device)
                 with torch.random.fork_rng(devices=[], enabled=use_dropout):
                     if use_dropout:  # dropout draws from torch's RNG: key it, then restore it
                         torch.manual_seed(derive_seed(self.seed, *key, epoch, i, "dropout"))
@@ -106,7 +118,10 @@ class ClientTrainer:
                 loss_sum += float(loss.detach()) * len(idx)
                 count += len(idx)
         model.eval()
-        return FitResult(model.component_state(trainable), loss_sum / max(count, 1), steps)
+        state = model.component_state(trainable)
+        if self.device is not None and self.device.type != "cpu":
+            state = to_cpu(state)
+        return FitResult(state, loss_sum / max(count, 1), steps)
 
     @torch.no_grad()
     def evaluate(
@@ -129,7 +144,7 @@ class ClientTrainer:
             total, rows = 0.0, 0
             for i in range(0, n, batch_size):
                 idx = np.arange(i, min(n, i + batch_size))
-                inputs, y = _batch(data, idx, spec.modalities, t)
+                inputs, y = _batch(data, idx, spec.modalities, t, self.device)
                 pred = model(inputs, t)
                 if spec.kind == "classification":
                     total += float((pred.argmax(-1) == y).sum())

@@ -228,7 +228,7 @@ class M3TModel(nn.Module):
         batch = next(iter(inputs.values())).shape[0]
         if self.prompt_tokens:
             parts.append(self.prompts[task].unsqueeze(0).expand(batch, -1, -1))
-            masks.append(torch.ones(batch, self.prompt_tokens, dtype=torch.bool))
+            masks.append(torch.ones(batch, self.prompt_tokens, dtype=torch.bool, device=parts[-1].device))
         for m in spec.modalities:
             x = inputs[m]
             enc = self.encoders[m]
@@ -237,7 +237,7 @@ class M3TModel(nn.Module):
             if self.modalities[m].kind == "text":
                 masks.append(x != 0)
             else:
-                masks.append(torch.ones(batch, tok.shape[1], dtype=torch.bool))
+                masks.append(torch.ones(batch, tok.shape[1], dtype=torch.bool, device=tok.device))
         tokens = torch.cat(parts, dim=1)
         mask = torch.cat(masks, dim=1)
         mask[:, 0] = True  # never an all-masked row

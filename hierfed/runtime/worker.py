@@ -15,7 +15,7 @@ import torch
 
 from hierfed.aggregators.base import AggContext
 from hierfed.aggregators.lora import mask_rank, truncate_rank
-from hierfed.client import ClientTrainer
+from hierfed.client import ClientTrainer, to_cpu
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
 from hierfed.attacks import attack_pool, build_attack, poisoned
@@ -54,6 +54,23 @@ class WorkerSetup:
 
 
 class WorkerCore:
+def select_device(gpus_per_worker: float, *, cuda_available: bool | None = None) -> torch.device:
+    """The device a worker trains on: ``cuda`` when the config gives workers a GPU share
+    (``runtime.gpus_per_worker > 0``, fractional allowed) and CUDA is usable, else the CPU.
+
+    Under Ray the actor sees only the GPU Ray assigned it (CUDA_VISIBLE_DEVICES), so it is
+    always ``cuda:0`` from inside; the local runtime uses the first visible GPU. Asking for a
+    GPU where there is none falls back to the CPU (results are then the CPU's, bit for bit).
+    """
+    if gpus_per_worker <= 0:
+        return torch.device("cpu")
+    available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if not available:
+        log.warning("runtime.gpus_per_worker=%s but CUDA is not available here; training on the CPU", gpus_per_worker)
+        return torch.device("cpu")
+    return torch.device("cuda", 0)
+
+
     """Builds the skeleton once; trains slices of clients, merges tier nodes, evaluates."""
 
     def __init__(self, setup: WorkerSetup) -> None:
@@ -66,12 +83,15 @@ class WorkerCore:
         # raw text -> ids with this worker's backbone tokenizer, once (hierfed/model/hf_backbone.py)
         self.fed = tokenize_federation(self.fed, self.model.backbone, self.cfg.model.text_len)
         self.spec: ModelSpec = model_spec(self.model, self.fed, self.cfg.model)
-        self.trainer = ClientTrainer(self.model, self.cfg.train, self.cfg.seed)
+        self.device = select_device(self.cfg.runtime.gpus_per_worker)
+        if self.device.type != "cpu":  # states come and go on the CPU; the skeleton and batches live here
+            self.model.to(self.device)
+        self.trainer = ClientTrainer(self.model, self.cfg.train, self.cfg.seed, self.device)
         self.profiles = self.fed.by_id
         self.attack = build_attack(self.cfg, self.fed)  # None unless the config simulates attackers
 
     def initial_state(self) -> State:
-        return self.model.component_state()
+        return to_cpu(self.model.component_state())
 
     # ---------------------------------------------------------------- training
 
