@@ -53,7 +53,6 @@ class WorkerSetup:
     threads: int = 1  # torch intra-op threads; 1 keeps results identical across worker counts
 
 
-class WorkerCore:
 def select_device(gpus_per_worker: float, *, cuda_available: bool | None = None) -> torch.device:
     """The device a worker trains on: ``cuda`` when the config gives workers a GPU share
     (``runtime.gpus_per_worker > 0``, fractional allowed) and CUDA is usable, else the CPU.
@@ -71,6 +70,7 @@ def select_device(gpus_per_worker: float, *, cuda_available: bool | None = None)
     return torch.device("cuda", 0)
 
 
+class WorkerCore:
     """Builds the skeleton once; trains slices of clients, merges tier nodes, evaluates."""
 
     def __init__(self, setup: WorkerSetup) -> None:
