@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint typecheck bench-smoke clean
+.PHONY: help install example-plugin run test lint typecheck bench-smoke clean
 
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install hierfed with its dev extras
+
+example-plugin: $(STAMP) ## install the out-of-tree example plug-in (examples/hierfed-plugin-example)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e examples/hierfed-plugin-example
 
 run: $(STAMP) ## run the default hierarchical job (ARGS='key=value ...' to override)
 	$(PY) -m hierfed run --topology hierarchical $(ARGS)
