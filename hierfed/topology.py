@@ -1,27 +1,54 @@
 """Topology contract: who sends what to whom each round.
 
-A topology is registered by entry point (group ``hierfed.topologies``) or with
-``TOPOLOGIES.register``. It is built from the run config, the federation and the model spec,
-and runs one round at a time on a Runtime. It may call only the Runtime interface
-(``put``, ``train``, ``merge``, ``evaluate``) and record transfers in the CommLedger; it
-holds no tensor math and makes no ``ray.*`` calls.
+A topology is a class registered under a name, by entry point (group ``hierfed.topologies``,
+how a third-party package adds one; see examples/hierfed-plugin-example) or with
+``TOPOLOGIES.add`` / ``TOPOLOGIES.register``. ``simulation.run`` drives it::
 
-Contract::
-
-    topo = TopologyClass(cfg=cfg, federation=fed, spec=spec)
+    topo = TopologyClass(cfg=cfg, federation=fed, spec=spec)  # build the node graph; reject bad
+                                                              # config here (ConfigError), before work
     topo.init(initial_state)                       # every component's starting values
-    stats = topo.run_round(rnd, runtime, ledger)   # -> RoundStats (participants, failures, ...)
+    for rnd in 1..cfg.rounds:
+        stats = topo.run_round(rnd, runtime, ledger)   # -> hierfed.tree.RoundStats
+        topo.round_metrics()                       # extra per-round metrics for metrics.jsonl
     topo.global_state()                            # State evaluated as "the global model"
     topo.personalized_state(client_id)             # State a client would deploy
-    topo.edges()                                   # tier edges it moves bytes on
-    topo.round_metrics()                           # extra per-round metrics (may be empty)
 
-Example (a minimal third-party topology reusing the tree engine)::
+What a topology may do in ``run_round``:
 
-    from hierfed.topology import TreeTopology
-    class TwoLevel(TreeTopology):
-        def tree(self, federation):
-            return {c.id: ("global", c.id) for c in federation.clients}, ("global", "client")
+* call only the Runtime interface: ``put`` (share states once), ``train`` (TrainJobs: clients
+  train on the workers and return pre-weighted Updates), ``merge`` (MergeTasks: validate,
+  aggregate, server step on the workers), ``mix`` / ``average`` (gossip mixing on the
+  workers) and ``evaluate``; it holds no tensor math and makes no ``ray.*`` calls;
+* draw randomness only from ``hierfed.seeding`` keyed by (seed, round, node, purpose);
+* ask ``hierfed.clock.Clock`` how long transfers and training take (simulated time);
+* record every transfer in the CommLedger (``direction`` up, down or peer).
+
+What it returns: a ``RoundStats`` with ``participants``, ``failures`` (client, cause),
+``rejections``, the training loss sums, ``dropped`` and ``late`` clients and
+``sim_time_s`` (the round's simulated wall-clock time). ``round_metrics`` may add any
+JSON-able numbers (gossip adds ``consensus_distance`` and per-node quality).
+
+A tree topology only says which path each client takes to the root; ``TreeTopology``'s
+engine does the rest. A runnable example, registering and running a plug-in topology::
+
+    >>> from hierfed.config import load_config
+    >>> from hierfed.registry import TOPOLOGIES
+    >>> from hierfed.simulation import run
+    >>> class Flat(TreeTopology):
+    ...     name = "doc-flat"
+    ...     def tree(self, federation):
+    ...         root, leaf = federation.tier_names[0], federation.tier_names[-1]
+    ...         return {c.id: (root, c.id) for c in federation.clients}, (root, leaf)
+    >>> TOPOLOGIES.add("doc-flat", Flat)
+    >>> cfg = load_config(None, ["runtime.name=local", "rounds=1", "data.num_institutions=2",
+    ...     "data.students_per_institution=2", "data.essay_only_institutions=0", "model.d_model=16",
+    ...     "model.num_layers=1", "model.num_heads=2", "eval.personalized=false"], topology="doc-flat")
+    >>> result = run(cfg, write=False)
+    >>> sorted(result.ledger.by_edge()), result.metrics[-1]["participants"]
+    (['global->student', 'student->global'], 4)
+
+A topology that is not a tree (like ``gossip``) subclasses ``Topology`` and implements the
+four abstract methods itself.
 """
 
 from __future__ import annotations
