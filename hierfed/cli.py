@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="YAML config file")
     r.add_argument("--out", default=None, help="run folder (default runs/<timestamp>-<topology>)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a run from its newest checkpoint (uses RUN_DIR/config.yaml)")
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds=3 data.num_institutions=6")
     s = sub.add_parser("show-config", help="print the resolved config")
     s.add_argument("--topology", default=None)
@@ -92,7 +94,17 @@ def _run(console: Console, args: argparse.Namespace) -> int:
     from hierfed.config import load_config
     from hierfed.simulation import personalized_means, run
 
-    cfg = load_config(args.config, args.overrides, topology=args.topology, out=args.out)
+    resume = args.resume is not None
+    if resume:
+        run_dir = Path(args.resume)
+        if args.config or args.topology or args.out:
+            raise HierfedError("--resume takes the run folder's own config.yaml; drop --config/--topology/--out")
+        cfg_path = run_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise HierfedError(f"'{run_dir}' is not a run folder (no config.yaml); give the folder a run wrote")
+        cfg = load_config(cfg_path, args.overrides, out=str(run_dir))
+    else:
+        cfg = load_config(args.config, args.overrides, topology=args.topology, out=args.out)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
                         disable=args.quiet)
@@ -124,11 +136,15 @@ def _run(console: Console, args: argparse.Namespace) -> int:
             console.print(line, highlight=False, soft_wrap=True)
             assert task_id is not None
             progress.update(task_id, advance=1, info=info)
+        elif kind == "resume":
+            console.print(f"resuming after round {data['round']}", highlight=False)
+            assert task_id is not None
+            progress.update(task_id, completed=data["round"])
         elif kind == "end":
             progress.stop()
 
     try:
-        result = run(cfg, on_event=on_event)
+        result = run(cfg, on_event=on_event, resume=resume)
     finally:
         progress.stop()
     _print_tables(console, result.initial_metrics, result.final_metrics, personalized_means(result.personalized),

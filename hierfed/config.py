@@ -94,6 +94,7 @@ class TierConfig:
     dropout: float = 0.0  # probability that a sampled child of this node drops out of the round, [0, 1)
     deadline_s: float = 0.0  # simulated seconds this node waits for its children per node-round; 0 = all
     straggler: str = "discard"  # past the deadline: discard (sent late, bytes counted, not merged) | drop (told to stop, sends nothing)
+    quorum: float = 0.0  # fraction of the sampled children whose updates must arrive and pass, [0, 1]
 
 
 @dataclass
@@ -127,6 +128,15 @@ class RuntimeConfig:
     address: str | None = None  # an existing Ray cluster ("auto" or host:port); None = start locally
     gpus_per_worker: float = 0.0
     round_timeout_s: float = 600.0  # bound on every wait inside a round
+    # a worker actor that dies mid-round: "retry" its clients on a fresh worker (same result as
+    # if nothing happened) or "drop" them (counted as failed); the pool is restored either way
+    on_worker_failure: str = "retry"
+    # an exception in a client's code: "fail" the run with NodeFailure, or "drop" the client
+    # (the round completes if every node's quorum is met)
+    on_client_failure: str = "fail"
+    # fault injection, for tests and drills: "raise:<client id>", "sleep:<client id>:<seconds>",
+    # "kill-worker:<round>:<client id>" (the worker training that client exits; first attempt only)
+    faults: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -170,6 +180,12 @@ class PrivacyConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 1  # write a checkpoint every N rounds (and after the last); 0 = only after the last
+    keep: int = 2  # how many checkpoints to keep in <run>/checkpoints
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     rounds: int = 5  # rounds of the root tier
@@ -180,6 +196,7 @@ class RunConfig:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -356,6 +373,8 @@ def validate_config(cfg: RunConfig) -> None:
                 raise ConfigError(f"{key}.postprocess_options.{pp}", dict(tier.postprocess_options[pp]),
                                   f"'{pp}' is not in {key}.postprocess {list(tier.postprocess)}; add it there or drop its options")
         _fraction(f"{key}.participation", tier.participation)
+        if not isinstance(tier.quorum, (int, float)) or not (0 <= tier.quorum <= 1):
+            raise ConfigError(f"{key}.quorum", tier.quorum, "must be a fraction in [0, 1]")
         if not isinstance(tier.dropout, (int, float)) or not (0 <= tier.dropout < 1):
             raise ConfigError(f"{key}.dropout", tier.dropout, "a probability in [0, 1) (0 = nobody drops out)")
         _nonneg(f"{key}.deadline_s", tier.deadline_s)
@@ -379,6 +398,20 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("runtime.num_cpus", r.num_cpus, "must be >= 0 (0 = all)")
     _nonneg("runtime.gpus_per_worker", r.gpus_per_worker)
     _positive("runtime.round_timeout_s", r.round_timeout_s)
+    if r.on_worker_failure not in ("retry", "drop"):
+        raise ConfigError("runtime.on_worker_failure", r.on_worker_failure, "known: retry, drop")
+    if r.on_client_failure not in ("fail", "drop"):
+        raise ConfigError("runtime.on_client_failure", r.on_client_failure, "known: fail, drop")
+    for f in r.faults:
+        kind = f.split(":", 1)[0]
+        parts = f.split(":")
+        ok = (kind == "raise" and len(parts) == 2) or (kind == "sleep" and len(parts) == 3) or (
+            kind == "kill-worker" and len(parts) == 3)
+        if not ok:
+            raise ConfigError("runtime.faults", f, "use raise:<client>, sleep:<client>:<seconds> or kill-worker:<round>:<client>")
+    if cfg.checkpoint.every < 0:
+        raise ConfigError("checkpoint.every", cfg.checkpoint.every, "must be >= 0 (0 = only after the last round)")
+    _positive_int("checkpoint.keep", cfg.checkpoint.keep)
     _positive_int("eval.every", cfg.eval.every)
     _positive_int("eval.batch_size", cfg.eval.batch_size)
     ck = cfg.clock

@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from hierfed.checkpoint import atomic_write_text, save_state
+from hierfed.errors import CheckpointError
+from hierfed.resume import (
+    config_fingerprint,
+    fault_point,
+    ledger_columns,
+    ledger_from_columns,
+    read_latest,
+    write_checkpoint,
+)
 from hierfed.config import RunConfig, to_yaml, validate_config
 from hierfed.data.federation import Federation
 from hierfed.ledger import CommLedger
@@ -97,8 +106,12 @@ def run(
     runtime: Runtime | None = None,
     on_event: Event | None = None,
     write: bool = True,
+    resume: bool = False,
 ) -> RunResult:
-    """Run a whole federation. ``runtime`` may be passed in (e.g. a test's shared one)."""
+    """Run a whole federation. ``runtime`` may be passed in (e.g. a test's shared one).
+
+    With ``resume=True`` the run continues from the newest checkpoint in ``cfg.out`` and ends
+    bit-identical to an uninterrupted run with the same config (CPU)."""
     validate_config(cfg)
     emit = on_event or (lambda kind, data: None)
     t0 = time.perf_counter()
@@ -113,10 +126,20 @@ def run(
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
-    own_runtime = runtime is None
-    rt = runtime or make_runtime(cfg.runtime)
     ledger = CommLedger()
     metrics: list[dict[str, Any]] = []
+    start_round, sim_total = 1, 0.0
+    dp_seen: dict[str, dict[str, Any]] = {}  # latest DP report per client (cumulative epsilon)
+    if resume:
+        ck = read_latest(out_dir)
+        if ck.get("config") != _fingerprint(cfg):
+            raise CheckpointError(f"the checkpoint in '{out_dir}' was written with another config; resume with the "
+                                  "run folder's own config.yaml (python -m hierfed run --resume RUN_DIR)")
+        topo.load_state_dict(ck["topology"])
+        metrics, ledger = list(ck["metrics"]), ledger_from_columns(ck["ledger"])
+        start_round, sim_total, dp_seen = int(ck["round"]) + 1, float(ck["sim_total"]), dict(ck["dp_seen"])
+    own_runtime = runtime is None
+    rt = runtime or make_runtime(cfg.runtime)
     summary = fed.summary()
     emit("start", {"federation": summary, "trainable": spec.trainable_numel(), "backbone": spec.backbone_numel,
                    "tiers": list(topo.tier_names)})
@@ -124,15 +147,17 @@ def run(
         if own_runtime:
             rt.start(WorkerSetup(cfg, fed))
         startup_s = time.perf_counter() - t0
-        rec0 = {"round": 0, "global": evaluate_global(rt, topo.global_state(), fed), "bytes": {}, "wall_s": 0.0}
-        metrics.append(rec0)
-        emit("round", rec0)
-        sim_total = 0.0
-        dp_seen: dict[str, dict[str, Any]] = {}  # latest DP report per client (cumulative epsilon)
-        for rnd in range(1, cfg.rounds + 1):
+        if start_round == 1:
+            rec0 = {"round": 0, "global": evaluate_global(rt, topo.global_state(), fed), "bytes": {}, "wall_s": 0.0}
+            metrics.append(rec0)
+            emit("round", rec0)
+        else:
+            emit("resume", {"round": start_round - 1})
+        for rnd in range(start_round, cfg.rounds + 1):
             t_round = time.perf_counter()
             stats = topo.run_round(rnd, rt, ledger)
-            require_no_failures(stats, rnd)
+            # a failed client fails the run, unless failures are tolerated (then quorums decide)
+            require_no_failures(stats, rnd, tolerate=lambda _s: cfg.runtime.on_client_failure == "drop")
             rec: dict[str, Any] = {
                 "round": rnd,
                 "train_loss": stats.train_loss,
@@ -153,9 +178,21 @@ def run(
             if stats.rejections:
                 rec["rejections"] = [f"{s}: {r}" for s, r in stats.rejections[:20]]
             rec.update(privacy_metrics(cfg, topo.tier_names, rnd, getattr(stats, "privacy", {}), dp_seen))
+            if stats.failures:
+                rec["failures"] = [f"{c}: {why}" for c, why in stats.failures[:20]]
+            events = rt.drain_events()
+            if events:
+                rec["worker_failures"] = events
             metrics.append(rec)
             emit("round", rec)
             sim_total = rec["sim_time_total_s"]
+            every = cfg.checkpoint.every
+            if write and ((every and rnd % every == 0) or rnd == cfg.rounds):
+                write_checkpoint(out_dir, rnd, {
+                    "round": rnd, "config": _fingerprint(cfg), "topology": topo.state_dict(),
+                    "metrics": metrics, "ledger": ledger_columns(ledger), "sim_total": sim_total, "dp_seen": dp_seen,
+                }, cfg.checkpoint.keep)
+            fault_point("after-round", rnd)
         personalized = evaluate_personalized(rt, topo, fed) if cfg.eval.personalized else {}
     finally:
         if own_runtime:
@@ -166,6 +203,14 @@ def run(
         _write_outputs(result, startup_s=startup_s, total_s=time.perf_counter() - t0)
     emit("end", {"result": result})
     return result
+
+
+def _fingerprint(cfg: RunConfig) -> str:
+    """What a resumed run must share with the original: everything that affects results
+    (not the run folder, the runtime or the checkpoint cadence)."""
+    from hierfed.config import CheckpointConfig, RuntimeConfig
+
+    return config_fingerprint(to_yaml(replace(cfg, out=None, runtime=RuntimeConfig(), checkpoint=CheckpointConfig())))
 
 
 def personalized_means(personalized: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -86,6 +86,36 @@ class Topology(ABC):
     def round_metrics(self) -> dict[str, Any]:
         return {}
 
+    #: dotted attribute paths holding everything carried from one round to the next (node
+    #: states, optimizer and aggregator states, local components, accountants): what a
+    #: checkpoint saves and a resume restores. Keep them to tensors, numbers, strings,
+    #: containers and hierfed dataclasses (see hierfed.checkpoint.pack).
+    carried: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The carried state, by attribute path (not copied: pack it before mutating)."""
+        out = {}
+        for path in self.carried:
+            obj: Any = self
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            out[path] = obj
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned; every carried path must be present."""
+        missing = set(self.carried) - set(state)
+        if missing:
+            from hierfed.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint lacks topology state {sorted(missing)}; it was written by another topology or version")
+        for path in self.carried:
+            *parents, leaf = path.split(".")
+            obj: Any = self
+            for part in parents:
+                obj = getattr(obj, part)
+            setattr(obj, leaf, state[path])
+
     @property
     def tier_names(self) -> tuple[str, ...]:
         return self.federation.tier_names
@@ -108,6 +138,8 @@ class TreeTopology(Topology):
     @property
     def tier_names(self) -> tuple[str, ...]:
         return self._tiers
+
+    carried = ("engine.states", "engine.local", "engine.privacy", "engine.agg_states", "engine.opt_states")
 
     def init(self, initial: State) -> None:
         self.engine.init(initial)

@@ -279,6 +279,7 @@ class TreeEngine:
                     state=cur[n], agg_state=self.agg_states.get(n), opt_state=self.opt_states.get(n),
                 ))
             results = runtime.merge(tasks, sources)
+            self._check_quorum(tasks, results, tier, rnd, stats)
             for res in results:
                 n = res.node_id
                 cur[n] = res.state
@@ -314,6 +315,15 @@ class TreeEngine:
         for n in node_ids:
             self.states[n] = cur[n]
         return emitted
+
+    def _check_quorum(self, tasks: Sequence[MergeTask], results: Sequence[Any], tier: str, rnd: int,
+                      stats: RoundStats) -> None:
+        """Every node-round needs ``quorum`` of its expected children's updates, else NodeFailure."""
+        quorum = self.cfg.tier(tier).quorum
+        for task, res in zip(tasks, results):
+            why = _quorum_failure(task, len(res.accepted), quorum, stats)
+            if why is not None:
+                raise NodeFailure(task.node_id, rnd, why)
 
     def _train_leaves(
         self,
@@ -369,6 +379,17 @@ class TreeEngine:
                 node = self.nodes[m.client_id]
                 ledger.record(round=rnd, src=m.client_id, dst=m.parent_id, edge=self.edge(node), direction="up",
                               sizes=m.sizes)
+
+
+def _quorum_failure(task: MergeTask, accepted: int, quorum: float, stats: RoundStats) -> str | None:
+    expected = len(task.expectations)
+    if expected == 0 or accepted >= quorum * expected - 1e-9:
+        return None
+    senders = {e.sender for e in task.expectations}
+    why = [f"{c}: {r}" for c, r in stats.failures if c in senders][:3]
+    why += [f"{c}: rejected ({r})" for c, r in stats.rejections if c in senders][:3]
+    return f"quorum {quorum:g} not met: {accepted}/{expected} updates arrived and passed" + (
+        f" ({'; '.join(why)})" if why else "")
 
 
 def require_no_failures(stats: RoundStats, rnd: int, tolerate: Callable[[RoundStats], bool] | None = None) -> None:

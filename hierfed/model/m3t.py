@@ -46,21 +46,22 @@ class TabularEncoder(nn.Module):
 class ImageEncoder(nn.Module):
     """Image (C, H, W) -> one token per non-overlapping patch."""
 
-    def __init__(self, shape: tuple[int, ...], d: int, patch: int = 4) -> None:
+    def __init__(self, shape: tuple[int, ...], d: int, patch: int = 2) -> None:
         super().__init__()
         c, h, w = shape
         if h % patch or w % patch:
             patch = 1
         self.patch = patch
         self.proj = nn.Linear(c * patch * patch, d)
-        self.type_embed = nn.Parameter(torch.zeros(d))
+        # where a patch sits matters (a mean over patches would forget it)
+        self.pos_embed = nn.Parameter(torch.zeros((h // patch) * (w // patch), d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch
         b, c, h, w = x.shape
         patches = x.float().unfold(2, p, p).unfold(3, p, p)  # b c h/p w/p p p
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, (h // p) * (w // p), c * p * p)
-        return self.proj(patches) + self.type_embed
+        return self.proj(patches) + self.pos_embed
 
 
 class TextEncoder(nn.Module):

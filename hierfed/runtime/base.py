@@ -93,6 +93,10 @@ class Runtime(ABC):
         """Consensus distance and weighted mean of node states (a handle), on one worker."""
         raise NotImplementedError(f"the {self.name} runtime does not support gossip averaging")
 
+    def drain_events(self) -> list[str]:
+        """Failures the runtime recovered from since the last call (dead workers, retries)."""
+        return []
+
     def shutdown(self) -> None:
         """Release workers (a shared Ray session is left running)."""
 

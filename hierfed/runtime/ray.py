@@ -34,6 +34,10 @@ from hierfed.update import State
 log = logging.getLogger(__name__)
 
 
+class _WorkerDied(Exception):
+    """A worker actor died while holding a slice (internal to the Ray runtime)."""
+
+
 class _WorkerShell:
     """Ray actor body: builds the WorkerCore and forwards calls to it."""
 
@@ -46,8 +50,8 @@ class _WorkerShell:
     def initial_state(self) -> State:
         return self.core.initial_state()
 
-    def train(self, jobs, states):
-        return self.core.train(jobs, states)
+    def train(self, jobs, states, attempt=0):
+        return self.core.train(jobs, states, attempt)
 
     def merge(self, tasks, *sources):
         return self.core.merge(tasks, *sources)
@@ -69,6 +73,7 @@ class RayRuntime(Runtime):
         self.cfg = cfg
         self.actors: list[Any] = []
         self._round = -1
+        self._events: list[str] = []
 
     def start(self, setup: WorkerSetup) -> None:
         import ray
@@ -87,15 +92,31 @@ class RayRuntime(Runtime):
         remote = ray.remote(num_cpus=min(1, cpus / n) if n > cpus else 1, num_gpus=self.cfg.gpus_per_worker or 0)(
             _WorkerShell
         )
-        setup_ref = ray.put(setup)
-        self.actors = [remote.remote(setup_ref) for _ in range(n)]
+        self._remote, self._setup_ref = remote, ray.put(setup)
+        self.actors = [remote.remote(self._setup_ref) for _ in range(n)]
         self._get([a.ready.remote() for a in self.actors], "worker start")
+
+    def _replace(self, i: int) -> None:
+        """Restore the pool: a fresh actor (new skeleton) in place of a dead one."""
+        import ray
+
+        try:
+            ray.kill(self.actors[i])
+        except Exception:  # already gone
+            pass
+        self.actors[i] = self._remote.remote(self._setup_ref)
+        self._get(self.actors[i].ready.remote(), "worker restart")
+
+    def drain_events(self) -> list[str]:
+        out, self._events = self._events, []
+        return out
 
     @property
     def num_workers(self) -> int:
         return len(self.actors)
 
-    def _get(self, refs: Any, what: str) -> Any:
+    def _get(self, refs: Any, what: str, *, allow_death: bool = False) -> Any:
+        """ray.get bounded by runtime.round_timeout_s; errors become NodeFailure (or _WorkerDied)."""
         import ray
 
         try:
@@ -103,6 +124,8 @@ class RayRuntime(Runtime):
         except ray.exceptions.GetTimeoutError:
             raise NodeFailure("runtime", self._round, f"{what} exceeded runtime.round_timeout_s={self.cfg.round_timeout_s}") from None
         except ray.exceptions.RayActorError as exc:
+            if allow_death:
+                raise _WorkerDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
             raise NodeFailure("worker", self._round, f"{what}: a worker actor died ({exc.__class__.__name__})") from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
@@ -119,15 +142,32 @@ class RayRuntime(Runtime):
     def train(self, jobs: Sequence[TrainJob], states: Any) -> tuple[list[ClientMeta], Any]:
         if jobs:
             self._round = jobs[0].round
+        import ray
+
         parts = split_even(jobs, len(self.actors))
-        meta_refs, update_refs = [], []
-        for actor, part in zip(self.actors, parts):
-            m, u = actor.train.options(num_returns=2).remote(part, states)
-            meta_refs.append(m)
-            update_refs.append(u)
+        subs = [actor.train.options(num_returns=2).remote(part, states, 0) for actor, part in zip(self.actors, parts)]
         metas: list[ClientMeta] = []
-        for chunk in self._get(meta_refs, "training"):
+        update_refs = []
+        for i, part in enumerate(parts):
+            meta_ref, update_ref = subs[i]
+            try:
+                chunk = self._get(meta_ref, "training", allow_death=True)
+            except _WorkerDied as died:
+                # the pool is restored either way; the slice is re-run or its clients count as failed
+                self._replace(i)
+                policy = self.cfg.on_worker_failure
+                self._events.append(f"round {self._round}: worker {i} died training {len(part)} clients "
+                                    f"({part[0].client_id}..); {policy}")
+                log.warning("round %d: worker %d died (%s); %s its %d clients", self._round, i, died, policy, len(part))
+                if policy == "retry":
+                    meta_ref, update_ref = self.actors[i].train.options(num_returns=2).remote(part, states, 1)
+                    chunk = self._get(meta_ref, "training (retry on a fresh worker)")
+                else:
+                    chunk = [ClientMeta(j.client_id, j.parent_id, 0, float("nan"), 0, {}, error=f"WorkerDied: {died}")
+                             for j in part]
+                    update_ref = ray.put({})
             metas += chunk
+            update_refs.append(update_ref)
         return metas, update_refs
 
     def merge(self, tasks: Sequence[MergeTask], sources: Sequence[Any]) -> list[MergeResult]:

@@ -20,6 +20,7 @@ from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
 from hierfed.attacks import attack_pool, build_attack, poisoned
 from hierfed.errors import UpdateRejected
+from hierfed.faults import Faults
 from hierfed.mixing import combine, consensus_distance, weighted_average
 from hierfed.model.hf_backbone import tokenize_federation
 from hierfed.model.m3t import M3TModel, build_model, model_spec
@@ -89,18 +90,27 @@ class WorkerCore:
         self.trainer = ClientTrainer(self.model, self.cfg.train, self.cfg.seed, self.device)
         self.profiles = self.fed.by_id
         self.attack = build_attack(self.cfg, self.fed)  # None unless the config simulates attackers
+        self.faults = Faults(self.cfg.runtime.faults)
 
     def initial_state(self) -> State:
         return to_cpu(self.model.component_state())
 
     # ---------------------------------------------------------------- training
 
-    def train(self, jobs: Sequence[TrainJob], states: Mapping[str, State]) -> tuple[list[ClientMeta], dict[str, Update]]:
-        """Train each job's client in turn; returns metas and the updates by client id."""
+    def train(
+        self, jobs: Sequence[TrainJob], states: Mapping[str, State], attempt: int = 0
+    ) -> tuple[list[ClientMeta], dict[str, Update]]:
+        """Train each job's client in turn; returns metas and the updates by client id.
+
+        ``attempt`` > 0 when a runtime re-runs a slice whose worker died."""
         metas: list[ClientMeta] = []
         updates: dict[str, Update] = {}
+        if self.faults and jobs:
+            self.faults.before_slice(jobs[0].round, [j.client_id for j in jobs], attempt)
         for job in jobs:
             try:
+                if self.faults:
+                    self.faults.in_client(job.client_id)
                 meta, update = self._train_one(job, states[job.parent_id])
             except Exception as exc:  # a client's failure is reported, not fatal to the slice
                 log.warning("client %s failed in round %d: %s", job.client_id, job.round, exc)

@@ -1,0 +1,49 @@
+"""Fault injection for tests and drills (``runtime.faults``); inert unless configured.
+
+* ``raise:<client id>`` — the client's training raises (an exception in client code);
+* ``sleep:<client id>:<seconds>`` — the client hangs that long (a stuck client);
+* ``kill-worker:<round>:<client id>`` — the worker process about to train that client in that
+  round exits at once (a dead actor). Fires on the first attempt only, so a retried slice runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+
+class InjectedFault(RuntimeError):
+    """Raised in client code by a ``raise:`` fault."""
+
+
+class Faults:
+    def __init__(self, specs: Sequence[str]) -> None:
+        self.raise_for: set[str] = set()
+        self.sleep_for: dict[str, float] = {}
+        self.kill_at: set[tuple[int, str]] = set()
+        for spec in specs:
+            kind, _, rest = spec.partition(":")
+            if kind == "raise":
+                self.raise_for.add(rest)
+            elif kind == "sleep":
+                cid, _, secs = rest.rpartition(":")
+                self.sleep_for[cid] = float(secs)
+            elif kind == "kill-worker":
+                rnd, _, cid = rest.partition(":")
+                self.kill_at.add((int(rnd), cid))
+
+    def __bool__(self) -> bool:
+        return bool(self.raise_for or self.sleep_for or self.kill_at)
+
+    def before_slice(self, rnd: int, client_ids: Sequence[str], attempt: int) -> None:
+        """Called by a worker before a training slice; may end the process."""
+        if attempt == 0 and any((rnd, c) in self.kill_at for c in client_ids):
+            os._exit(17)
+
+    def in_client(self, client_id: str) -> None:
+        """Called inside a client's training."""
+        if client_id in self.sleep_for:
+            time.sleep(self.sleep_for[client_id])
+        if client_id in self.raise_for:
+            raise InjectedFault(f"injected fault in client {client_id}")
