@@ -20,8 +20,9 @@ delta ``d = tensors[c] / weights[c]`` of every component it sends:
 
 ==============  ==========================================================================
 sign_flip       ``-scale * d``                                   (option ``scale``, 1)
-scaling         ``scale * d``; ``scale = 0`` means n, the node's update count: a model
-                replacement boost (Bagdasaryan et al., 2020)     (option ``scale``, 0)
+scaling         ``scale * d``: a boosted update; ``scale = 0`` means n, the node's update
+                count, the model-replacement boost of Bagdasaryan et al. (2020), which is
+                harmless on its own when the boosted delta is benign (option ``scale``, 100)
 gaussian        ``N(0, std^2)`` per coordinate, keyed by (seed, round, sender)  (``std``, 1)
 alie            "A little is enough" (Baruch et al., 2019): ``mu - z * sigma`` per coordinate,
                 mu/sigma over the node's benign updates; ``z = 0`` derives z from n and the
@@ -112,7 +113,7 @@ class SignFlip(Attack):
 
 @ATTACKS.register("scaling")
 class Scaling(Attack):
-    option_defaults = {"scale": 0.0}
+    option_defaults = {"scale": 100.0}
 
     def corrupt(self, update, benign, ctx):
         s = float(self.options["scale"]) or float(ctx.num_updates)

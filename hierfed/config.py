@@ -94,6 +94,10 @@ class TierConfig:
     dropout: float = 0.0  # probability that a sampled child of this node drops out of the round, [0, 1)
     deadline_s: float = 0.0  # simulated seconds this node waits for its children per node-round; 0 = all
     straggler: str = "discard"  # past the deadline: discard (sent late, bytes counted, not merged) | drop (told to stop, sends nothing)
+    # semi-decentralized: after each of its node-rounds, this tier's nodes mix what their parent
+    # aggregates with their siblings (device to device), peer_steps times on peer_graph; 0 = off
+    peer_steps: int = 0
+    peer_graph: str = "ring"  # ring | torus | complete | random_regular | erdos_renyi | small_world
     quorum: float = 0.0  # fraction of the sampled children whose updates must arrive and pass, [0, 1]
 
 
@@ -380,6 +384,11 @@ def validate_config(cfg: RunConfig) -> None:
         _nonneg(f"{key}.deadline_s", tier.deadline_s)
         if tier.straggler not in ("discard", "drop"):
             raise ConfigError(f"{key}.straggler", tier.straggler, "known: discard, drop")
+        if not isinstance(tier.peer_steps, int) or tier.peer_steps < 0:
+            raise ConfigError(f"{key}.peer_steps", tier.peer_steps, "an integer >= 0 (0 = no peer mixing)")
+        peer_graphs = ("ring", "torus", "complete", "random_regular", "erdos_renyi", "small_world")
+        if tier.peer_graph not in peer_graphs:
+            raise ConfigError(f"{key}.peer_graph", tier.peer_graph, f"known: {', '.join(peer_graphs)}")
         _positive_int(f"{key}.local_rounds", tier.local_rounds)
         _positive(f"{key}.server_lr", tier.server_lr)
         for k in ("server_momentum", "beta1", "beta2"):

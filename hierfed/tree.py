@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hierfed import mixing
 from hierfed.aggregators.robust import check_fanouts
 from hierfed.clock import Clock
 from hierfed.config import RunConfig
@@ -37,7 +38,7 @@ from hierfed.ledger import CommLedger
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.validate import Expectation
 from hierfed.runtime.base import Runtime
-from hierfed.runtime.jobs import ClientMeta, MergeTask, TrainJob
+from hierfed.runtime.jobs import ClientMeta, MergeTask, MixTask, TrainJob
 from hierfed.seeding import np_rng
 from hierfed.update import State, Update, state_nbytes
 
@@ -290,6 +291,8 @@ class TreeEngine:
                 for c in cur[n]:
                     if c not in res.weights:
                         weight_hist[n][c].append(0.0)
+            if level > 0 and self.cfg.tier(tier).peer_steps > 0:
+                self._peer_mix(node_ids, cur, rnd, jkey, runtime, ledger)
         # emit each non-root node's update for its parent (on the workers: tensor math there);
         # its weight per component is the mean merged weight over the k node-rounds
         if level > 0:
@@ -324,6 +327,45 @@ class TreeEngine:
             why = _quorum_failure(task, len(res.accepted), quorum, stats)
             if why is not None:
                 raise NodeFailure(task.node_id, rnd, why)
+
+    def _peer_mix(
+        self, node_ids: list[str], cur: dict[str, State], rnd: int, key: tuple, runtime: Runtime, ledger: CommLedger
+    ) -> None:
+        """Semi-decentralized: after a node-round, siblings (same parent) of this tier mix the
+        components their parent aggregates, ``peer_steps`` times on a ``peer_graph`` (hierfed.mixing),
+        weighted by the training rows below them; every new state is computed before any is set."""
+        level = self.nodes[node_ids[0]].level
+        tier = self.nodes[node_ids[0]].tier
+        tcfg = self.cfg.tier(tier)
+        groups: dict[str, list[str]] = defaultdict(list)
+        for n in sorted(node_ids):
+            groups[self.nodes[n].parent or ""].append(n)
+        tasks = []
+        for parent, members in sorted(groups.items()):
+            if len(members) < 2:
+                continue
+            spec = mixing.GraphSpec(kind=tcfg.peer_graph)
+            edges = mixing.build_graph(spec, members, np_rng(self.cfg.seed, "peer-graph", rnd, *key, parent))
+            M = mixing.compose([mixing.mixing_matrix(len(members), edges)] * tcfg.peer_steps)
+            A = mixing.coefficients(M, [self.nodes[m].max_weight for m in members])
+            comps = self.sends_up(sorted(cur[members[0]]), level)
+            for i, m in enumerate(members):
+                row = tuple((members[j], float(A[i, j])) for j in range(len(members)) if A[i, j] != 0.0)
+                tasks.append(MixTask(node_id=m, round=rnd, groups=((comps, row),)))
+            step_s = 0.0
+            for i, j in sorted(edges):
+                a, b = members[i], members[j]
+                for src, dst in ((a, b), (b, a)):
+                    sizes = {c: state_nbytes(cur[src][c]) for c in comps}
+                    for _ in range(tcfg.peer_steps):
+                        ledger.record(round=rnd, src=src, dst=dst, edge=f"{tier}<->{tier}", direction="peer", sizes=sizes)
+                    step_s = max(step_s, self.clock.transfer_s(src, sum(sizes.values()), rnd=rnd, key=(*key, "peer")))
+            for m in members:
+                self.elapsed[m] = self.elapsed.get(m, 0.0) + tcfg.peer_steps * step_s
+        if not tasks:
+            return
+        for res in runtime.mix(tasks, runtime.put({n: cur[n] for n in node_ids}), {}, []):
+            cur[res.node_id] = {**cur[res.node_id], **res.state}
 
     def _train_leaves(
         self,

@@ -45,8 +45,9 @@ def test_model_update_attacks_hand_computed():
     benign = [u, _upd("a", [3.0, 0.0]), _upd("b", [5.0, 2.0]), _upd("c", [3.0, 4.0])]
     assert torch.allclose(_mean(ATTACKS.get("sign_flip")({}).corrupt(u, benign, CTX)), torch.tensor([-1.0, 2.0]))
     assert torch.allclose(_mean(ATTACKS.get("sign_flip")({"scale": 3}).corrupt(u, benign, CTX)), torch.tensor([-3.0, 6.0]))
-    # scaling with scale 0: boosted by n = 4 (model replacement)
-    assert torch.allclose(_mean(ATTACKS.get("scaling")({}).corrupt(u, benign, CTX)), torch.tensor([4.0, -8.0]))
+    # scaling: by 100 by default; scale 0 boosts by n = 4 (model replacement)
+    assert torch.allclose(_mean(ATTACKS.get("scaling")({"scale": 0}).corrupt(u, benign, CTX)), torch.tensor([4.0, -8.0]))
+    assert torch.allclose(_mean(ATTACKS.get("scaling")({}).corrupt(u, benign, CTX)), torch.tensor([100.0, -200.0]))
     # ALIE: mean - z * std (population std) over the node's benign updates
     x = torch.tensor([[1.0, -2.0], [3.0, 0.0], [5.0, 2.0], [3.0, 4.0]])
     n, f = 4, 1
