@@ -292,7 +292,8 @@ class TreeEngine:
                     if c not in res.weights:
                         weight_hist[n][c].append(0.0)
             if level > 0 and self.cfg.tier(tier).peer_steps > 0:
-                self._peer_mix(node_ids, cur, rnd, jkey, runtime, ledger)
+                last = {res.node_id: res.weights for res in results}
+                self._peer_mix(node_ids, cur, last, rnd, jkey, runtime, ledger)
         # emit each non-root node's update for its parent (on the workers: tensor math there);
         # its weight per component is the mean merged weight over the k node-rounds
         if level > 0:
@@ -329,11 +330,14 @@ class TreeEngine:
                 raise NodeFailure(task.node_id, rnd, why)
 
     def _peer_mix(
-        self, node_ids: list[str], cur: dict[str, State], rnd: int, key: tuple, runtime: Runtime, ledger: CommLedger
+        self, node_ids: list[str], cur: dict[str, State], weights: dict[str, dict[str, float]], rnd: int,
+        key: tuple, runtime: Runtime, ledger: CommLedger,
     ) -> None:
         """Semi-decentralized: after a node-round, siblings (same parent) of this tier mix the
         components their parent aggregates, ``peer_steps`` times on a ``peer_graph`` (hierfed.mixing),
-        weighted by the training rows below them; every new state is computed before any is set."""
+        each weighted by what the node merged of it this node-round (the ratio form, so the
+        parent's weighted mean is kept on the complete graph); every new state is computed
+        before any is set."""
         level = self.nodes[node_ids[0]].level
         tier = self.nodes[node_ids[0]].tier
         tcfg = self.cfg.tier(tier)
@@ -347,11 +351,17 @@ class TreeEngine:
             spec = mixing.GraphSpec(kind=tcfg.peer_graph)
             edges = mixing.build_graph(spec, members, np_rng(self.cfg.seed, "peer-graph", rnd, *key, parent))
             M = mixing.compose([mixing.mixing_matrix(len(members), edges)] * tcfg.peer_steps)
-            A = mixing.coefficients(M, [self.nodes[m].max_weight for m in members])
             comps = self.sends_up(sorted(cur[members[0]]), level)
-            for i, m in enumerate(members):
-                row = tuple((members[j], float(A[i, j])) for j in range(len(members)) if A[i, j] != 0.0)
-                tasks.append(MixTask(node_id=m, round=rnd, groups=((comps, row),)))
+            by_w: dict[tuple[float, ...], list[str]] = defaultdict(list)
+            for c in comps:
+                by_w[tuple(weights.get(m, {}).get(c, 0.0) for m in members)].append(c)
+            rows: dict[str, list] = defaultdict(list)
+            for ws, cs in sorted(by_w.items(), key=lambda kv: kv[1]):
+                A = mixing.coefficients(M, list(ws))
+                for i, m in enumerate(members):
+                    row = tuple((members[j], float(A[i, j])) for j in range(len(members)) if A[i, j] != 0.0)
+                    rows[m].append((tuple(cs), row))
+            tasks += [MixTask(node_id=m, round=rnd, groups=tuple(rows[m])) for m in members]
             step_s = 0.0
             for i, j in sorted(edges):
                 a, b = members[i], members[j]
