@@ -124,6 +124,7 @@ class GossipTopology(Topology):
     """Serverless consensus over a graph of clients; see the module docstring."""
 
     name = "gossip"
+    carried = ("states", "local", "mean")  # what a checkpoint saves between rounds
 
     def __init__(self, *, cfg: RunConfig, federation: Federation, spec: ModelSpec) -> None:
         super().__init__(cfg=cfg, federation=federation, spec=spec)
