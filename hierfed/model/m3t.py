@@ -250,7 +250,16 @@ class M3TModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig, federation: Federation, seed: int) -> M3TModel:
-    """Build the skeleton: the backbone from the registry, everything else keyed by ``seed``."""
+    """Build the skeleton: the backbone from the registry, everything else keyed by ``seed``.
+
+    Module constructors draw their default initial values from torch's global generator;
+    those values are all overwritten by keyed ones, and ``fork_rng`` puts the global
+    generator back as it was, so building a model neither depends on nor disturbs it."""
+    with torch.random.fork_rng(devices=[]):
+        return _build_model(cfg, federation, seed)
+
+
+def _build_model(cfg: ModelConfig, federation: Federation, seed: int) -> M3TModel:
     if cfg.backbone in BACKBONES:
         backbone = BACKBONES.get(cfg.backbone)(cfg, seed)
     else:
