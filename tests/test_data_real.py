@@ -101,11 +101,11 @@ def test_edu_m3t_gives_clients_three_modalities_and_several_tasks():
     assert all("image" not in c.modalities and "digit" not in c.tasks for c in without.clients)
 
 
-def test_resource_mix_assigns_classes_by_client_id():
-    fed = _fed("digits", "data.options={resource_mix: {light: 1.0, full: 1.0}}")
-    kinds = {c.resource for c in fed.clients}
-    assert kinds == {"light", "full"}
-    again = _fed("digits", "data.options={resource_mix: {light: 1.0, full: 1.0}}")
+def test_resource_mix_assigns_exact_quotas_deterministically():
+    fed = _fed("digits", "data.options={resource_mix: {light: 1.0, full: 2.0}}")
+    kinds = [c.resource for c in fed.clients]
+    assert sorted(kinds) == ["full"] * 4 + ["light"] * 2  # 6 clients, shares 1:2
+    again = _fed("digits", "data.options={resource_mix: {light: 1.0, full: 2.0}}")
     assert [c.resource for c in fed.clients] == [c.resource for c in again.clients]
 
 

@@ -13,6 +13,7 @@ Also here: dataset-option checking (``data.options``), resource-class assignment
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -79,24 +80,29 @@ def check_options(options: Mapping[str, Any], defaults: Mapping[str, Any], datas
 
 
 def assign_resources(clients: Sequence[ClientProfile], mix: Mapping[str, float], seed: int) -> list[ClientProfile]:
-    """Give each client a resource class drawn from ``mix`` (class -> share), keyed by its id.
+    """Give clients resource classes in the proportions of ``mix`` (class -> share).
 
-    An empty ``mix`` leaves every client as it is (``full``). Shares need not sum to 1.
+    Exact quotas (largest remainder: with 12 clients and ``{light: 0.25, full: 0.75}``,
+    3 light and 9 full), assigned over a keyed shuffle of the clients. An empty ``mix``
+    leaves every client as it is (``full``). Shares need not sum to 1.
     """
     if not mix:
         return list(clients)
     names = sorted(mix)
     shares = np.array([float(mix[n]) for n in names])
     if (shares < 0).any() or not np.isfinite(shares).all() or shares.sum() <= 0:
-        raise ConfigError("data.options.resource_mix", dict(mix), "give non-negative shares per resource class, e.g. {light: 0.5, full: 0.5}")
-    p = shares / shares.sum()
-    out = []
-    from dataclasses import replace
-
-    for c in clients:
-        r = np_rng(seed, "resource", c.id).choice(len(names), p=p)
-        out.append(replace(c, resource=names[int(r)]))
-    return out
+        raise ConfigError("data.options.resource_mix", dict(mix),
+                          "give non-negative shares per resource class, e.g. {light: 0.5, full: 0.5}")
+    n = len(clients)
+    exact = shares / shares.sum() * n
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: n - int(counts.sum())]:
+        counts[i] += 1
+    labels = np.repeat(np.arange(len(names)), counts)
+    order = np_rng(seed, "resource-mix").permutation(n)
+    ids = sorted(range(n), key=lambda i: clients[i].id)
+    kind = {ids[int(pos)]: names[int(lab)] for pos, lab in zip(order, labels)}
+    return [dataclasses.replace(c, resource=kind[i]) for i, c in enumerate(clients)]
 
 
 def split_rows(n: int, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
