@@ -136,6 +136,9 @@ def test_round_metrics_report_consensus_and_node_quality():
     for t, worst in m["node_metric_worst"].items():
         assert worst <= m["node_metric_mean"][t] + 1e-12
     assert m["nodes_evaluated"] == len(topo.nodes)
+    # on the complete graph one step reaches consensus: the distance discriminates
+    full, _, _ = _round(_cfg(**{"topology.options.graph": "complete"}))
+    assert full.round_metrics()["consensus_distance"] < 1e-5 < m["consensus_distance"]
     assert stats[0].sim_time_s > 0 and stats[0].participants == len(topo.nodes)
 
 
