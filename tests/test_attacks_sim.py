@@ -110,3 +110,20 @@ def test_attack_config_errors_name_the_key():
                                               "attack.tier": "institution"}))
     with pytest.raises(ConfigError, match="attack.tier"):
         build_attack(cfg, build_federation(cfg))
+
+
+def test_scaling_attack_moves_fedavg_far_but_not_the_median(tiny_cfg):
+    from hierfed.simulation import run
+    from hierfed.update import state_norm, state_sub
+
+    drift = {}
+    for agg in ("weighted_mean", "median"):
+        cfg = tiny_cfg(**{"runtime.name": "local", "rounds": 1, "attack.name": "scaling", "attack.fraction": 0.2,
+                          "topology.tiers.institution.aggregator": agg})
+        res = run(cfg, write=False)
+        start = run(tiny_cfg(**{"runtime.name": "local", "rounds": 1, "topology.tiers.institution.aggregator": agg}),
+                    write=False).final_state
+        drift[agg] = state_norm(state_sub(res.final_state, start))
+    # 2 of 9 students boost their delta 100x: FedAvg's global model lands far from the clean
+    # run's; the per-institution median ignores them
+    assert drift["weighted_mean"] > 20 * drift["median"], drift
