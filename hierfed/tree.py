@@ -238,7 +238,8 @@ class TreeEngine:
             # broadcast down: each child gets its parent's state (only what it uses)
             for n in node_ids:
                 for c in sampled[n]:
-                    comps = self.holds[c] if c in self.leaves else [x for x in cur[n] if self.level_of(x) < child_level]
+                    # a leaf's local components are never sent: it starts them from the seed-built skeleton
+                    comps = [x for x in (self.holds[c] if c in self.leaves else cur[n]) if self.level_of(x) < child_level]
                     sizes = {x: state_nbytes(cur[n][x]) for x in comps}
                     ledger.record(round=rnd, src=n, dst=c, edge=self.edge(self.nodes[c], "down"), direction="down",
                                   sizes=sizes)
