@@ -168,8 +168,11 @@ class M3TModel(nn.Module):
         names = self.component_names() if components is None else list(components)
         mods = self.component_modules()
         out: State = {}
+        live = self._live_tensors()
         for c in names:
-            if c == ADAPTER:
+            if c in live:  # fast path: the same tensors peft / state_dict would give, without rebuilding dicts
+                out[c] = {k: v.detach().clone() for k, v in live[c].items()}
+            elif c == ADAPTER:
                 sd = get_peft_model_state_dict(self.backbone)
                 out[c] = {k: v.detach().clone() for k, v in sd.items()}
             else:
@@ -184,8 +187,14 @@ class M3TModel(nn.Module):
     def load_components(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Copy tensors into the named components; every key must match exactly."""
         mods = self.component_modules()
+        live = self._live_tensors()
         for c, params in state.items():
-            if c == ADAPTER:
+            dst = live.get(c)
+            if dst is not None and dst.keys() == params.keys() and all(dst[k].shape == params[k].shape for k in dst):
+                for k, t in dst.items():  # what set_peft_model_state_dict / load_state_dict do: an in-place copy
+                    t.copy_(params[k])
+                continue
+            if c == ADAPTER:  # mismatching keys or shapes: the library paths raise the precise error
                 res = set_peft_model_state_dict(self.backbone, dict(params))
                 if res.unexpected_keys:
                     raise ValueError(f"{c}: unexpected keys {res.unexpected_keys[:3]}")
@@ -195,6 +204,26 @@ class M3TModel(nn.Module):
                     mod.copy_(params["weight"])
                 else:
                     mod.load_state_dict(dict(params), strict=True)
+
+    def _live_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Component -> state-dict key -> the live parameter, built once per skeleton.
+
+        The keys are exactly those of ``component_state`` (peft's adapter keys, matched to the
+        parameters they share storage with). Parameters are only ever updated in place, so
+        the index stays valid. A component whose keys cannot all be matched is left out
+        (it then takes the peft / state_dict path).
+        """
+        cache = self.__dict__.get("_live_cache")
+        if cache is None:
+            cache = {}
+            for c, mod in self.component_modules().items():
+                cache[c] = {"weight": mod} if isinstance(mod, nn.Parameter) else dict(mod.state_dict(keep_vars=True))
+            by_ptr = {p.data_ptr(): p for n, p in self.backbone.named_parameters() if "lora_" in n}
+            sd = get_peft_model_state_dict(self.backbone)
+            if sd and all(v.data_ptr() in by_ptr and by_ptr[v.data_ptr()].shape == v.shape for v in sd.values()):
+                cache[ADAPTER] = {k: by_ptr[v.data_ptr()] for k, v in sd.items()}
+            self.__dict__["_live_cache"] = cache
+        return cache
 
     def freeze_backbone(self) -> None:
         """Base weights frozen *and* in eval mode (no dropout, fixed norms); LoRA stays trainable."""
