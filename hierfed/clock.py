@@ -7,8 +7,8 @@ The cost model (``clock`` section of the config) is deliberately simple:
 * every node below the root has a link to its parent with a bandwidth and a latency; moving
   ``b`` bytes over it takes ``latency + b / bandwidth`` (both directions alike);
 * speeds, bandwidths and latencies are lognormal around the configured medians, with one
-  factor per *group* (the node's ancestor just below the root, e.g. its institution: some
-  institutions have slow labs and slow networks) and one per node; each round adds a small
+  factor per *group* (the node's institution — its ancestor at the ``institution`` tier, or
+  just below the root if there is none: some institutions have slow labs and slow networks) and one per node; each round adds a small
   per-round jitter. Every draw is keyed by ``(seed, "clock", ...)``, so times are a pure
   function of the seed.
 
@@ -47,14 +47,15 @@ class Clock:
         profiles = federation.by_id
         self.fed_ids = [c.id for c in federation.clients]
         self.rows = {cid: p.num_train * len(p.tasks) for cid, p in profiles.items()}
+        names = federation.tier_names
+        self.group_level = names.index("institution") if "institution" in names[1:-1] else 1
         self._speed: dict[str, float] = {}
         self._link: dict[str, tuple[float, float]] = {}
 
-    @staticmethod
-    def group_of(node_id: str) -> str:
-        """The node's ancestor just below the root ("global/inst-01" for a student of inst-01)."""
-        parts = node_id.split("/")
-        return "/".join(parts[:2])
+    def group_of(self, node_id: str) -> str:
+        """The node's institution ("global/inst-01" for a student of inst-01); nodes above that
+        tier (e.g. a region) are their own group."""
+        return "/".join(node_id.split("/")[: self.group_level + 1])
 
     def _lognormal(self, median: float, sigma: float, *key: object) -> float:
         if sigma <= 0:

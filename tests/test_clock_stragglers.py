@@ -67,11 +67,15 @@ def test_clock_is_keyed_and_heterogeneous_across_institutions():
     assert [a.speed(c) for c in ids] == [b.speed(c) for c in ids]
     by_inst: dict[str, set[float]] = {}
     for c in ids:
-        by_inst.setdefault(Clock.group_of(c), set()).add(round(a.speed(c), 9))
+        by_inst.setdefault(a.group_of(c), set()).add(round(a.speed(c), 9))
     assert all(
         len(v) == 1 for v in by_inst.values()
     )  # no per-client spread: one speed per institution
     assert len({next(iter(v)) for v in by_inst.values()}) == len(by_inst)  # institutions differ
+    deep = _cfg(**{"data.options.regions": 2, "data.options.courses_per_institution": 2})
+    dc = Clock(deep, build_federation(deep))
+    assert dc.group_of("global/region-1/inst-01/course-0/student-002") == "global/region-1/inst-01"
+    assert dc.group_of("global/region-1") == "global/region-1"
     other = Clock(_cfg(seed=1), build_federation(_cfg(seed=1)))
     assert other.speed(ids[0]) != a.speed(ids[0])
     # hand-computed: no spread at all -> rows / rows_per_s, and latency + bytes / bandwidth
