@@ -19,6 +19,7 @@ def test_gossip_on_ray_matches_local_bit_for_bit(ray_session):
         "topology.options.graph": "torus",
         "topology.options.steps": 2,
         "topology.default.dropout": 0.2,
+        "topology.options.eval_nodes": 3,
     }
     ray = run(
         load_config(None, tiny_overrides(**extra, **{"runtime.num_workers": 2}), topology="gossip"),
