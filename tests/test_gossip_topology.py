@@ -175,3 +175,17 @@ def test_bad_graphs_are_rejected_before_any_work(options, match):
     cfg = _cfg(**options)
     with pytest.raises(ConfigError, match=match):
         _topology(cfg)
+
+
+def test_late_gossip_nodes_mix_their_old_state_not_their_update():
+    """With a deadline nobody meets, every trained update is discarded: round 1 then only mixes
+    the (identical) starting states, so every node still holds the initial values."""
+    topo, ledger, stats = _round(_cfg(**{"topology.default.deadline_s": 1e-6}))
+    assert sorted(stats[0].late) == topo.nodes and stats[0].participants == len(topo.nodes)
+    assert stats[0].sim_time_s >= 1e-6
+    for n in topo.nodes:
+        for c in topo.shared[n]:
+            _close(topo.states[n][c], topo.initial[c], atol=1e-7, rtol=0)
+    # a generous deadline changes nothing compared with none
+    ok, _, ok_stats = _round(_cfg(**{"topology.default.deadline_s": 1e6}))
+    assert ok_stats[0].late == [] and ok.round_metrics()["consensus_distance"] > 0
