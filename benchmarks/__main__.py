@@ -15,15 +15,21 @@ from hierfed.errors import HierfedError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description="hierfed benchmark harness")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description="hierfed benchmark harness"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a suite (benchmarks/suites/*.yaml)")
     r.add_argument("suite")
-    r.add_argument("--out", default=None, help="results folder (default benchmarks/out/<suite>-<timestamp>)")
+    r.add_argument(
+        "--out", default=None, help="results folder (default benchmarks/out/<suite>-<timestamp>)"
+    )
     rep = sub.add_parser("report", help="rebuild tidy.csv, plots and REPORT.md of a results folder")
     rep.add_argument("results_dir")
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("HIERFED_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("HIERFED_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
+    )
     console = Console()
     try:
         if args.cmd == "report":
@@ -33,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from benchmarks.runner import run_suite
 
-            out_dir = args.out or f"benchmarks/out/{Path(args.suite).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+            out_dir = (
+                args.out or f"benchmarks/out/{Path(args.suite).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+            )
             out = run_suite(args.suite, out_dir, console=console)
     except HierfedError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)

@@ -33,10 +33,14 @@ TASK = "label"
 
 def _teacher(seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np_rng(seed, "mlp-bench", "teacher")
-    return rng.normal(0, 1, (N_FEATURES, 32)).astype(np.float32), rng.normal(0, 1, (32, N_CLASSES)).astype(np.float32)
+    return rng.normal(0, 1, (N_FEATURES, 32)).astype(np.float32), rng.normal(
+        0, 1, (32, N_CLASSES)
+    ).astype(np.float32)
 
 
-def _rows(rng: np.random.Generator, n: int, w1: np.ndarray, w2: np.ndarray, prior: np.ndarray | None) -> ClientData:
+def _rows(
+    rng: np.random.Generator, n: int, w1: np.ndarray, w2: np.ndarray, prior: np.ndarray | None
+) -> ClientData:
     """``n`` rows; with a class ``prior``, rows are drawn from a larger pool by class weight."""
     pool = n if prior is None else 4 * n
     x = rng.normal(0, 1, (pool, N_FEATURES)).astype(np.float32)
@@ -63,10 +67,20 @@ def build_mlp_bench(cfg: DataConfig, seed: int) -> Federation:
             rng = np_rng(seed, "mlp-bench", sid)
             data = _rows(rng, n_train + n_test, w1, w2, prior)
             idx = np.arange(n_train + n_test)
-            train[sid] = ClientData({"tabular": data.inputs["tabular"][idx[:n_train]]}, {TASK: data.labels[TASK][idx[:n_train]]})
-            test[sid] = ClientData({"tabular": data.inputs["tabular"][idx[n_train:]]}, {TASK: data.labels[TASK][idx[n_train:]]})
-            clients.append(ClientProfile(sid, ("tabular",), (TASK,), num_train=n_train, num_test=n_test))
-    global_test = _rows(np_rng(seed, "mlp-bench", "global-test"), cfg.global_test_size, w1, w2, None)
+            train[sid] = ClientData(
+                {"tabular": data.inputs["tabular"][idx[:n_train]]},
+                {TASK: data.labels[TASK][idx[:n_train]]},
+            )
+            test[sid] = ClientData(
+                {"tabular": data.inputs["tabular"][idx[n_train:]]},
+                {TASK: data.labels[TASK][idx[n_train:]]},
+            )
+            clients.append(
+                ClientProfile(sid, ("tabular",), (TASK,), num_train=n_train, num_test=n_test)
+            )
+    global_test = _rows(
+        np_rng(seed, "mlp-bench", "global-test"), cfg.global_test_size, w1, w2, None
+    )
     return Federation(
         name="mlp-bench",
         tier_names=("global", "institution", "student"),

@@ -33,7 +33,10 @@ def _num(x: Any) -> float:
 
 def tidy_rows(out: Path, metric: str) -> list[dict[str, Any]]:
     """One row per (configuration, seed, round) with cumulative bytes and simulated time."""
-    topo = {(s["config"], s["seed"]): s["topology"] for s in json.loads((out / "status.json").read_text())}
+    topo = {
+        (s["config"], s["seed"]): s["topology"]
+        for s in json.loads((out / "status.json").read_text())
+    }
     rows: list[dict[str, Any]] = []
     for path in sorted((out / "metrics").glob("*__seed*.jsonl")):
         config, _, seed_s = path.stem.rpartition("__seed")
@@ -50,11 +53,16 @@ def tidy_rows(out: Path, metric: str) -> list[dict[str, Any]]:
                 cum_sim += _num(rec["sim_time_s"])
             glob = rec.get("global") or {}
             row: dict[str, Any] = {
-                "config": config, "topology": topo.get((config, seed), ""), "seed": seed, "round": rec["round"],
+                "config": config,
+                "topology": topo.get((config, seed), ""),
+                "seed": seed,
+                "round": rec["round"],
                 "metric": _metric(glob, metric),
                 "bytes_top": sum(b for e, b in cum_edges.items() if ROOT_TIER in _tiers(e)),
                 "bytes_total": sum(cum_edges.values()),
-                "sim_time_s": cum_sim if ("sim_time_total_s" in rec or "sim_time_s" in rec or rec["round"] == 0) else float("nan"),
+                "sim_time_s": cum_sim
+                if ("sim_time_total_s" in rec or "sim_time_s" in rec or rec["round"] == 0)
+                else float("nan"),
                 "wall_s": _num(rec.get("wall_s")),
                 "train_loss": _num(rec.get("train_loss")),
             }
@@ -93,7 +101,9 @@ def write_tidy(rows: list[dict[str, Any]], path: Path) -> None:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+            w.writerow(
+                {k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+            )
 
 
 def read_tidy(path: Path) -> list[dict[str, Any]]:
@@ -150,10 +160,12 @@ def plot(rows: list[dict[str, Any]], out: Path, metric_label: str, target: float
     import matplotlib.pyplot as plt
 
     runs = _by_run(rows)
-    axes = [("round", "round", "metric_vs_round.png"),
-            ("bytes_top", "bytes on the top (global) link, cumulative", "metric_vs_top_bytes.png"),
-            ("bytes_total", "bytes on all links, cumulative", "metric_vs_total_bytes.png"),
-            ("sim_time_s", "simulated time (s), cumulative", "metric_vs_sim_time.png")]
+    axes = [
+        ("round", "round", "metric_vs_round.png"),
+        ("bytes_top", "bytes on the top (global) link, cumulative", "metric_vs_top_bytes.png"),
+        ("bytes_total", "bytes on all links, cumulative", "metric_vs_total_bytes.png"),
+        ("sim_time_s", "simulated time (s), cumulative", "metric_vs_sim_time.png"),
+    ]
     written = []
     for x_key, x_label, fname in axes:
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
@@ -166,16 +178,23 @@ def plot(rows: list[dict[str, Any]], out: Path, metric_label: str, target: float
                 py = [seeds[s][i]["metric"] for s in seeds]
                 if any(math.isnan(v) for v in px) or any(math.isnan(v) for v in py):
                     continue
-                if x_key.startswith("bytes") and statistics.fmean(px) <= 0:  # round 0 has no bytes: off a log axis
+                if (
+                    x_key.startswith("bytes") and statistics.fmean(px) <= 0
+                ):  # round 0 has no bytes: off a log axis
                     continue
                 xs.append(statistics.fmean(px))
                 ys.append(statistics.fmean(py))
                 sd.append(statistics.pstdev(py) if len(py) > 1 else 0.0)
             if len(xs) < 2 or (x_key != "round" and max(xs) <= 0):
                 continue
-            line, = ax.plot(xs, ys, marker="o", ms=3, label=config)
-            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
-                            color=line.get_color(), alpha=0.15)
+            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=config)
+            ax.fill_between(
+                xs,
+                [y - s for y, s in zip(ys, sd)],
+                [y + s for y, s in zip(ys, sd)],
+                color=line.get_color(),
+                alpha=0.15,
+            )
             drawn += 1
         ax.axhline(target, color="grey", ls="--", lw=0.8, label=f"target {target:g}")
         if x_key.startswith("bytes"):
@@ -204,68 +223,136 @@ def build(out: str | Path) -> Path:
     else:
         rows = read_tidy(out / "tidy.csv")
     status = json.loads((out / "status.json").read_text())
-    machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").is_file() else None
-    metric_label = "mean held-out metric over tasks" if suite.target_metric == "mean" else f"held-out {suite.target_metric}"
+    machine = (
+        json.loads((out / "machine.json").read_text()) if (out / "machine.json").is_file() else None
+    )
+    metric_label = (
+        "mean held-out metric over tasks"
+        if suite.target_metric == "mean"
+        else f"held-out {suite.target_metric}"
+    )
     plots = plot(rows, out, metric_label, suite.target_value)
     (out / "REPORT.md").write_text(_report(suite, rows, status, machine, plots))
     return out
 
 
-def _report(suite: Any, rows: list[dict[str, Any]], status: list[dict[str, Any]], machine: dict | None,
-            plots: list[str]) -> str:
+def _report(
+    suite: Any,
+    rows: list[dict[str, Any]],
+    status: list[dict[str, Any]],
+    machine: dict | None,
+    plots: list[str],
+) -> str:
     runs = _by_run(rows)
     edges = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("bytes_edge:")})
-    lines = [f"# Suite `{suite.name}`", "", suite.description, "",
-             f"Seeds {list(suite.seeds)}; runtime `{suite.runtime}`; target: {suite.target_metric} >= {suite.target_value:g} "
-             f"on the global held-out set. Values are mean ± std over the seeds that reached the target.", ""]
+    lines = [
+        f"# Suite `{suite.name}`",
+        "",
+        suite.description,
+        "",
+        f"Seeds {list(suite.seeds)}; runtime `{suite.runtime}`; target: {suite.target_metric} >= {suite.target_value:g} "
+        f"on the global held-out set. Values are mean ± std over the seeds that reached the target.",
+        "",
+    ]
     if machine:
         b, a = machine["before"], machine["after"]
-        lines += [f"Machine: {b['cpu_count_logical']} logical CPUs, {b['memory_total_gib']} GiB; commit `{b['git_commit']}`; "
-                  f"{b['time_utc']} -> {a['time_utc']}; suite wall time {machine.get('suite_wall_s', float('nan')):.0f} s.",
-                  "", shared_cpu_note(b, a), ""]
-    lines += ["## Time to target", "",
-              "| configuration | reached | rounds | top-link bytes | total bytes | simulated time s |",
-              "|---|---|---|---|---|---|"]
+        lines += [
+            f"Machine: {b['cpu_count_logical']} logical CPUs, {b['memory_total_gib']} GiB; commit `{b['git_commit']}`; "
+            f"{b['time_utc']} -> {a['time_utc']}; suite wall time {machine.get('suite_wall_s', float('nan')):.0f} s.",
+            "",
+            shared_cpu_note(b, a),
+            "",
+        ]
+    lines += [
+        "## Time to target",
+        "",
+        "| configuration | reached | rounds | top-link bytes | total bytes | simulated time s |",
+        "|---|---|---|---|---|---|",
+    ]
     per_edge: list[str] = []
     for config, seeds in sorted(runs.items()):
         hits = {}
         for s, seq in seeds.items():
-            hit = next((r for r in seq if r["round"] > 0 and not math.isnan(r["metric"]) and r["metric"] >= suite.target_value), None)
+            hit = next(
+                (
+                    r
+                    for r in seq
+                    if r["round"] > 0
+                    and not math.isnan(r["metric"])
+                    and r["metric"] >= suite.target_value
+                ),
+                None,
+            )
             if hit is not None:
                 hits[s] = hit
-        col = lambda k: [h[k] for h in hits.values()]  # noqa: E731
-        lines.append(f"| {config} | {len(hits)}/{len(seeds)} | {_ms(col('round'))} | {_ms(col('bytes_top'))} | "
-                     f"{_ms(col('bytes_total'))} | {_ms(col('sim_time_s'))} |")
+        hit_rows = list(hits.values())
+        lines.append(
+            f"| {config} | {len(hits)}/{len(seeds)} | {_ms([h['round'] for h in hit_rows])} | {_ms([h['bytes_top'] for h in hit_rows])} | "
+            f"{_ms([h['bytes_total'] for h in hit_rows])} | {_ms([h['sim_time_s'] for h in hit_rows])} |"
+        )
         if hits:
-            per_edge.append(f"| {config} | " + " | ".join(_ms([h.get(f'bytes_edge:{e}', float('nan')) for h in hits.values()])
-                                                        for e in edges) + " |")
+            per_edge.append(
+                f"| {config} | "
+                + " | ".join(
+                    _ms([h.get(f"bytes_edge:{e}", float("nan")) for h in hits.values()])
+                    for e in edges
+                )
+                + " |"
+            )
     if edges:
-        lines += ["", "### Bytes per tier edge to reach the target", "",
-                  "| configuration | " + " | ".join(edges) + " |", "|---|" + "---|" * len(edges)] + per_edge
-    lines += ["", "## Final round", "",
-              "| configuration | rounds | metric | top-link bytes | total bytes | simulated time s | wall s/run |",
-              "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### Bytes per tier edge to reach the target",
+            "",
+            "| configuration | " + " | ".join(edges) + " |",
+            "|---|" + "---|" * len(edges),
+        ] + per_edge
+    lines += [
+        "",
+        "## Final round",
+        "",
+        "| configuration | rounds | metric | top-link bytes | total bytes | simulated time s | wall s/run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     wall = defaultdict(list)
     for s in status:
         if s.get("status") == "ok":
             wall[s["config"]].append(s["wall_s"])
     for config, seeds in sorted(runs.items()):
         last = [seq[-1] for seq in seeds.values()]
-        lines.append(f"| {config} | {last[0]['round']} | {_ms([r['metric'] for r in last])} | {_ms([r['bytes_top'] for r in last])} | "
-                     f"{_ms([r['bytes_total'] for r in last])} | {_ms([r['sim_time_s'] for r in last])} | {_ms(wall[config])} |")
-    tasks = sorted({k[len('metric_'):] for r in rows for k in r if k.startswith("metric_")})
+        lines.append(
+            f"| {config} | {last[0]['round']} | {_ms([r['metric'] for r in last])} | {_ms([r['bytes_top'] for r in last])} | "
+            f"{_ms([r['bytes_total'] for r in last])} | {_ms([r['sim_time_s'] for r in last])} | {_ms(wall[config])} |"
+        )
+    tasks = sorted({k[len("metric_") :] for r in rows for k in r if k.startswith("metric_")})
     if tasks:
-        lines += ["", "### Final held-out metric per task", "", "| configuration | " + " | ".join(tasks) + " |",
-                  "|---|" + "---|" * len(tasks)]
+        lines += [
+            "",
+            "### Final held-out metric per task",
+            "",
+            "| configuration | " + " | ".join(tasks) + " |",
+            "|---|" + "---|" * len(tasks),
+        ]
         for config, seeds in sorted(runs.items()):
             last = [seq[-1] for seq in seeds.values()]
-            lines.append(f"| {config} | " + " | ".join(_ms([r.get(f"metric_{t}", float("nan")) for r in last]) for t in tasks) + " |")
+            lines.append(
+                f"| {config} | "
+                + " | ".join(_ms([r.get(f"metric_{t}", float("nan")) for r in last]) for t in tasks)
+                + " |"
+            )
     other = [s for s in status if s.get("status") != "ok"]
     if other:
         lines += ["", "## Skipped or failed", ""]
-        lines += [f"- {s['config']} (seed {s['seed']}, topology `{s['topology']}`): **{s['status']}** — {s.get('reason')}" for s in other]
+        lines += [
+            f"- {s['config']} (seed {s['seed']}, topology `{s['topology']}`): **{s['status']}** — {s.get('reason')}"
+            for s in other
+        ]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "Files: `tidy.csv` (one row per configuration, seed and round; bytes cumulative), `metrics/` "
-              "(hierfed's per-round metrics of every run), `status.json`, `machine.json`. Rebuild with "
-              "`python -m benchmarks report <this folder>`.", ""]
+    lines += [
+        "",
+        "Files: `tidy.csv` (one row per configuration, seed and round; bytes cumulative), `metrics/` "
+        "(hierfed's per-round metrics of every run), `status.json`, `machine.json`. Rebuild with "
+        "`python -m benchmarks report <this folder>`.",
+        "",
+    ]
     return "\n".join(lines)

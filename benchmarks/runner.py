@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from benchmarks.machine import machine_info
 from benchmarks.suite import Entry, Suite, load_suite
@@ -69,8 +76,12 @@ def run_suite(path: str | Path, out: str | Path, *, console: Console | None = No
             cfg = None
             if reason is None:
                 try:
-                    cfg = load_config(None, suite.overrides(entry, seed), topology=entry.topology,
-                                      out=str(out / "runs" / entry.name / f"seed-{seed}"))
+                    cfg = load_config(
+                        None,
+                        suite.overrides(entry, seed),
+                        topology=entry.topology,
+                        out=str(out / "runs" / entry.name / f"seed-{seed}"),
+                    )
                 except HierfedError as exc:
                     reason = f"config does not validate: {exc}"
             plans.append((entry, seed, cfg, reason))
@@ -80,11 +91,22 @@ def run_suite(path: str | Path, out: str | Path, *, console: Console | None = No
     t_suite = time.perf_counter()
     try:
         started_ray = _start_ray(suite) if total_rounds else False
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=console) as prog:
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rounds"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        ) as prog:
             bar = prog.add_task(suite.name, total=total_rounds or 1)
             for entry, seed, cfg, reason in plans:
-                rec: dict[str, Any] = {"config": entry.name, "topology": entry.topology, "seed": seed}
+                rec: dict[str, Any] = {
+                    "config": entry.name,
+                    "topology": entry.topology,
+                    "seed": seed,
+                }
                 if reason is not None or cfg is None:
                     rec.update(status="skipped", reason=reason)
                     status.append(rec)
@@ -102,11 +124,21 @@ def run_suite(path: str | Path, out: str | Path, *, console: Console | None = No
                     res = run(cfg, on_event=on_event)
                     rec.update(status="ok", wall_s=time.perf_counter() - t0, rounds=cfg.rounds)
                     run_dir = Path(cfg.out or "")
-                    shutil.copyfile(run_dir / "metrics.jsonl", out / "metrics" / f"{entry.name}__seed{seed}.jsonl")
-                    shutil.copyfile(run_dir / "summary.json", out / "metrics" / f"{entry.name}__seed{seed}.summary.json")
+                    shutil.copyfile(
+                        run_dir / "metrics.jsonl",
+                        out / "metrics" / f"{entry.name}__seed{seed}.jsonl",
+                    )
+                    shutil.copyfile(
+                        run_dir / "summary.json",
+                        out / "metrics" / f"{entry.name}__seed{seed}.summary.json",
+                    )
                     rec["final"] = res.final_metrics
                 except Exception as exc:  # a failed run is a result, not the end of the suite
-                    rec.update(status="failed", reason=f"{type(exc).__name__}: {exc}", wall_s=time.perf_counter() - t0)
+                    rec.update(
+                        status="failed",
+                        reason=f"{type(exc).__name__}: {exc}",
+                        wall_s=time.perf_counter() - t0,
+                    )
                     log.debug("run failed: %s", traceback.format_exc())
                     prog.console.print(f"[red]failed[/] {entry.name} seed {seed}: {rec['reason']}")
                     prog.update(bar, completed=done_before + cfg.rounds)
@@ -118,7 +150,11 @@ def run_suite(path: str | Path, out: str | Path, *, console: Console | None = No
             ray.shutdown()
     after = machine_info()
     (out / "status.json").write_text(json.dumps(status, indent=1))
-    (out / "machine.json").write_text(json.dumps({"before": before, "after": after,
-                                                  "suite_wall_s": time.perf_counter() - t_suite}, indent=1))
+    (out / "machine.json").write_text(
+        json.dumps(
+            {"before": before, "after": after, "suite_wall_s": time.perf_counter() - t_suite},
+            indent=1,
+        )
+    )
     build(out)
     return out

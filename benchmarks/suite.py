@@ -81,14 +81,22 @@ def load_suite(path: str | Path) -> Suite:
     """Parse and check a suite file; raises ConfigError naming the key."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError("suite", str(path), "no such file; give a YAML suite such as benchmarks/suites/smoke.yaml")
+        raise ConfigError(
+            "suite",
+            str(path),
+            "no such file; give a YAML suite such as benchmarks/suites/smoke.yaml",
+        )
     raw = yaml.safe_load(p.read_text()) or {}
     known = {"name", "description", "seeds", "target", "runtime", "base", "configurations"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"suite.{unknown[0]}", raw[unknown[0]], f"known keys: {sorted(known)}")
     seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and s >= 0 for s in seeds)
+    ):
         raise ConfigError("suite.seeds", seeds, "a non-empty list of integers >= 0, e.g. [0, 1, 2]")
     target = raw.get("target", {}) or {}
     if not isinstance(target.get("value", 0.0), (int, float)):
@@ -100,13 +108,21 @@ def load_suite(path: str | Path) -> Suite:
     names = set()
     for i, e in enumerate(raw.get("configurations") or []):
         if not isinstance(e, dict) or "name" not in e or "topology" not in e:
-            raise ConfigError(f"suite.configurations[{i}]", e, "each configuration needs `name` and `topology`")
+            raise ConfigError(
+                f"suite.configurations[{i}]", e, "each configuration needs `name` and `topology`"
+            )
         if e["name"] in names:
-            raise ConfigError(f"suite.configurations[{i}].name", e["name"], "configuration names must be unique")
+            raise ConfigError(
+                f"suite.configurations[{i}].name", e["name"], "configuration names must be unique"
+            )
         names.add(e["name"])
         extra = sorted(set(e) - {"name", "topology", "overrides"})
         if extra:
-            raise ConfigError(f"suite.configurations[{i}].{extra[0]}", e[extra[0]], "known keys: name, topology, overrides")
+            raise ConfigError(
+                f"suite.configurations[{i}].{extra[0]}",
+                e[extra[0]],
+                "known keys: name, topology, overrides",
+            )
         entries.append(Entry(str(e["name"]), str(e["topology"]), _flat(e.get("overrides") or {})))
     if not entries:
         raise ConfigError("suite.configurations", None, "list at least one configuration")

@@ -46,27 +46,45 @@ def from_hierfed(config: str, overrides: list[str]) -> dict[str, Any]:
     spec = model_spec(model, fed, cfg.model)
     state = model.component_state()
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    backbone_bytes = sum(p.numel() * p.element_size() for n, p in model.backbone.named_parameters() if "lora_" not in n)
+    backbone_bytes = sum(
+        p.numel() * p.element_size()
+        for n, p in model.backbone.named_parameters()
+        if "lora_" not in n
+    )
     fp16 = build_chain(["fp16"], {})
     per_client = []
     for prof in fed.clients:
         holds = spec.holds(prof)
         sends = [c for c in holds if spec.scope_level(c) < len(fed.tier_names) - 1]
-        upd = Update.from_delta({c: state[c] for c in sends}, float(prof.num_train), sender=prof.id, round=1)
+        upd = Update.from_delta(
+            {c: state[c] for c in sends}, float(prof.num_train), sender=prof.id, round=1
+        )
         raw = upd.nbytes()
         _, enc = apply_chain(fp16, upd, PostContext(prof.id, "parent", "tier", 1, cfg.seed))
         ah = [c for c in sends if c.startswith(("adapter.", "head."))]
-        per_client.append({
-            "client": prof.id, "resource": prof.resource, "components": sends,
-            "raw_bytes": sum(raw.values()), "fp16_bytes": sum(enc.values()),
-            "adapter_head_raw_bytes": sum(raw[c] for c in ah), "adapter_head_fp16_bytes": sum(enc[c] for c in ah),
-            "by_component_raw": raw,
-        })
-    return {"source": f"hierfed model built from {config} (backbone {cfg.model.backbone}, LoRA r={cfg.model.lora_rank} "
-                      f"on {list(cfg.model.lora_targets)})",
-            "fallback": False, "full_model_bytes": full_bytes, "backbone_bytes": backbone_bytes,
-            "component_bytes": {c: sum(t.numel() * t.element_size() for t in p.values()) for c, p in state.items()},
-            "clients": per_client}
+        per_client.append(
+            {
+                "client": prof.id,
+                "resource": prof.resource,
+                "components": sends,
+                "raw_bytes": sum(raw.values()),
+                "fp16_bytes": sum(enc.values()),
+                "adapter_head_raw_bytes": sum(raw[c] for c in ah),
+                "adapter_head_fp16_bytes": sum(enc[c] for c in ah),
+                "by_component_raw": raw,
+            }
+        )
+    return {
+        "source": f"hierfed model built from {config} (backbone {cfg.model.backbone}, LoRA r={cfg.model.lora_rank} "
+        f"on {list(cfg.model.lora_targets)})",
+        "fallback": False,
+        "full_model_bytes": full_bytes,
+        "backbone_bytes": backbone_bytes,
+        "component_bytes": {
+            c: sum(t.numel() * t.element_size() for t in p.values()) for c, p in state.items()
+        },
+        "clients": per_client,
+    }
 
 
 def from_bert_config(rank: int, targets: list[str]) -> dict[str, Any]:
@@ -82,13 +100,26 @@ def from_bert_config(rank: int, targets: list[str]) -> dict[str, Any]:
     lora = get_peft_model_state_dict(bert)
     lora_bytes = sum(t.numel() * t.element_size() for t in lora.values())
     lora_fp16 = sum(t.numel() * 2 for t in lora.values()) + 4
-    return {"source": f"transformers BertConfig from {path} (random weights), peft LoRA r={rank} on {targets}; "
-                      "adapter only (no hierfed encoders/heads)",
-            "fallback": True, "full_model_bytes": full, "backbone_bytes": full,
-            "component_bytes": {"adapter.backbone": lora_bytes},
-            "clients": [{"client": "any", "resource": "full", "components": ["adapter.backbone"], "raw_bytes": lora_bytes,
-                         "fp16_bytes": lora_fp16, "adapter_head_raw_bytes": lora_bytes,
-                         "adapter_head_fp16_bytes": lora_fp16, "by_component_raw": {"adapter.backbone": lora_bytes}}]}
+    return {
+        "source": f"transformers BertConfig from {path} (random weights), peft LoRA r={rank} on {targets}; "
+        "adapter only (no hierfed encoders/heads)",
+        "fallback": True,
+        "full_model_bytes": full,
+        "backbone_bytes": full,
+        "component_bytes": {"adapter.backbone": lora_bytes},
+        "clients": [
+            {
+                "client": "any",
+                "resource": "full",
+                "components": ["adapter.backbone"],
+                "raw_bytes": lora_bytes,
+                "fp16_bytes": lora_fp16,
+                "adapter_head_raw_bytes": lora_bytes,
+                "adapter_head_fp16_bytes": lora_fp16,
+                "by_component_raw": {"adapter.backbone": lora_bytes},
+            }
+        ],
+    }
 
 
 def write(res: dict[str, Any], out: Path, machine: dict[str, Any]) -> None:
@@ -97,29 +128,49 @@ def write(res: dict[str, Any], out: Path, machine: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(res, indent=1))
     full = res["full_model_bytes"]
     clients = res["clients"]
-    lines = ["# Update size: minilm LoRA configuration vs the full model", "",
-             f"Source: {res['source']}." + (" **Fallback: the minilm backbone could not be built through hierfed here.**"
-                                             if res["fallback"] else ""), "",
-             f"Commit `{machine['git_commit']}`, {machine['time_utc']}. Sizes are exact (parameter counts x bytes); "
-             "fp16 sizes are the `fp16` postprocessor's wire bytes (2 bytes per value + one fp32 weight per component), "
-             "what the CommLedger records.", "",
-             f"Full model (frozen backbone + every component, fp32): **{_mb(full)}**; backbone alone {_mb(res['backbone_bytes'])}.",
-             "", "| per-client update | raw (fp32) | ratio full/update | fp16 | ratio full/update |", "|---|---|---|---|---|"]
-    for label, key_raw, key_enc in (("adapters + heads", "adapter_head_raw_bytes", "adapter_head_fp16_bytes"),
-                                    ("everything the client sends", "raw_bytes", "fp16_bytes")):
+    lines = [
+        "# Update size: minilm LoRA configuration vs the full model",
+        "",
+        f"Source: {res['source']}."
+        + (
+            " **Fallback: the minilm backbone could not be built through hierfed here.**"
+            if res["fallback"]
+            else ""
+        ),
+        "",
+        f"Commit `{machine['git_commit']}`, {machine['time_utc']}. Sizes are exact (parameter counts x bytes); "
+        "fp16 sizes are the `fp16` postprocessor's wire bytes (2 bytes per value + one fp32 weight per component), "
+        "what the CommLedger records.",
+        "",
+        f"Full model (frozen backbone + every component, fp32): **{_mb(full)}**; backbone alone {_mb(res['backbone_bytes'])}.",
+        "",
+        "| per-client update | raw (fp32) | ratio full/update | fp16 | ratio full/update |",
+        "|---|---|---|---|---|",
+    ]
+    for label, key_raw, key_enc in (
+        ("adapters + heads", "adapter_head_raw_bytes", "adapter_head_fp16_bytes"),
+        ("everything the client sends", "raw_bytes", "fp16_bytes"),
+    ):
         raws = [c[key_raw] for c in clients if c[key_raw] > 0]
         encs = [c[key_enc] for c in clients if c[key_enc] > 0]
         if not raws:
             continue
         r_med, e_med = statistics.median(raws), statistics.median(encs)
-        lines.append(f"| {label}, median client (min–max) | {_mb(r_med)} ({_mb(min(raws))}–{_mb(max(raws))}) | "
-                     f"**{full / r_med:.0f}x** ({full / max(raws):.0f}–{full / min(raws):.0f}x) | {_mb(e_med)} | "
-                     f"**{full / e_med:.0f}x** ({full / max(encs):.0f}–{full / min(encs):.0f}x) |")
+        lines.append(
+            f"| {label}, median client (min–max) | {_mb(r_med)} ({_mb(min(raws))}–{_mb(max(raws))}) | "
+            f"**{full / r_med:.0f}x** ({full / max(raws):.0f}–{full / min(raws):.0f}x) | {_mb(e_med)} | "
+            f"**{full / e_med:.0f}x** ({full / max(encs):.0f}–{full / min(encs):.0f}x) |"
+        )
     ah = [c["adapter_head_raw_bytes"] for c in clients if c["adapter_head_raw_bytes"] > 0]
     worst = full / max(ah) if ah else float("nan")
-    lines += ["", f"Target: adapters + heads at least {TARGET_RATIO:g}x smaller than the full model — worst client "
-                  f"{worst:.0f}x raw: **{'met' if worst >= TARGET_RATIO else 'NOT met'}**.", "",
-              "Per resource class (clients, median raw update):", ""]
+    lines += [
+        "",
+        f"Target: adapters + heads at least {TARGET_RATIO:g}x smaller than the full model — worst client "
+        f"{worst:.0f}x raw: **{'met' if worst >= TARGET_RATIO else 'NOT met'}**.",
+        "",
+        "Per resource class (clients, median raw update):",
+        "",
+    ]
     by_res: dict[str, list[int]] = {}
     for c in clients:
         by_res.setdefault(c["resource"], []).append(c["raw_bytes"])
@@ -135,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bytes")
     p.add_argument("--config", default="configs/edu-m3t-minilm.yaml")
     p.add_argument("--out", default="benchmarks/out/bytes")
-    p.add_argument("--force-fallback", action="store_true", help="use the BertConfig sizes even if minilm builds")
+    p.add_argument(
+        "--force-fallback",
+        action="store_true",
+        help="use the BertConfig sizes even if minilm builds",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -146,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             res = from_hierfed(args.config, args.overrides)
         except Exception as exc:  # the report says why it fell back
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            print(f"minilm through hierfed failed ({reason}); using the BertConfig sizes", file=sys.stderr)
+            print(
+                f"minilm through hierfed failed ({reason}); using the BertConfig sizes",
+                file=sys.stderr,
+            )
     if res is None:
         res = from_bert_config(8, ["query", "value"])
     write(res, Path(args.out), machine)

@@ -42,28 +42,59 @@ def _run(args: argparse.Namespace) -> int:
     before = machine_info()
     cases = [(impl, n, p) for n in args.clients for p in args.participation for impl in args.impls]
     records = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as prog:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as prog:
         task = prog.add_task("overhead", total=len(cases))
         for impl, n, p in cases:
             w = Workload(n, p, args.rounds, args.seed)
             prog.update(task, description=f"{impl} {w.tag}")
             case_dir = out / "runs" / f"{impl}-{w.tag}"
-            cmd = [sys.executable, "-m", "benchmarks.overhead", "one", "--impl", impl, "--clients", str(n),
-                   "--participation", str(p), "--rounds", str(args.rounds), "--seed", str(args.seed),
-                   "--out", str(case_dir)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.overhead",
+                "one",
+                "--impl",
+                impl,
+                "--clients",
+                str(n),
+                "--participation",
+                str(p),
+                "--rounds",
+                str(args.rounds),
+                "--seed",
+                str(args.seed),
+                "--out",
+                str(case_dir),
+            ]
             load0 = machine_info()["load_avg_1_5_15"]
             t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             with PeakTreeMemory(proc.pid) as mem:
                 log, _ = proc.communicate(timeout=args.timeout)
             wall = time.perf_counter() - t0
             (case_dir).mkdir(parents=True, exist_ok=True)
             (case_dir / "log.txt").write_text(log)
-            rec = {"impl": impl, "clients": n, "participation": p, "rounds": args.rounds, "seed": args.seed,
-                   "wall_s": wall, "peak_rss_gib": mem.peak_gib, "peak_procs": mem.peak_procs,
-                   "load_avg_before": load0, "load_avg_after": machine_info()["load_avg_1_5_15"],
-                   "returncode": proc.returncode}
+            rec = {
+                "impl": impl,
+                "clients": n,
+                "participation": p,
+                "rounds": args.rounds,
+                "seed": args.seed,
+                "wall_s": wall,
+                "peak_rss_gib": mem.peak_gib,
+                "peak_procs": mem.peak_procs,
+                "load_avg_before": load0,
+                "load_avg_after": machine_info()["load_avg_1_5_15"],
+                "returncode": proc.returncode,
+            }
             if proc.returncode == 0:
                 rec.update(json.loads((case_dir / "record.json").read_text()))
             else:
@@ -72,7 +103,12 @@ def _run(args: argparse.Namespace) -> int:
             records.append(rec)
             prog.advance(task)
     after = machine_info()
-    results = {"benchmark": "overhead", "machine_before": before, "machine_after": after, "records": records}
+    results = {
+        "benchmark": "overhead",
+        "machine_before": before,
+        "machine_after": after,
+        "records": records,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(out)
     console.print(f"results: {out}/REPORT.md")
@@ -85,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run the workload with every implementation")
     r.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     r.add_argument("--participation", type=float, nargs="+", default=[1.0, 0.1])
-    r.add_argument("--impls", nargs="+", default=["floor", "hierfed", "flower"], choices=["floor", "hierfed", "flower"])
+    r.add_argument(
+        "--impls",
+        nargs="+",
+        default=["floor", "hierfed", "flower"],
+        choices=["floor", "hierfed", "flower"],
+    )
     r.add_argument("--rounds", type=int, default=5)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--timeout", type=float, default=1800)

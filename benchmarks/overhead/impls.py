@@ -18,7 +18,15 @@ import numpy as np
 import psutil
 import torch
 
-from benchmarks.overhead.workload import Workload, accuracy, build, cohort, local_train, trainable_params, workload_config
+from benchmarks.overhead.workload import (
+    Workload,
+    accuracy,
+    build,
+    cohort,
+    local_train,
+    trainable_params,
+    workload_config,
+)
 from hierfed.update import flat_state
 
 
@@ -75,8 +83,12 @@ def run_hierfed(w: Workload, out: Path) -> dict[str, Any]:
     res = run(cfg, on_event=on_event, write=False)
     round_s = [float(r["wall_s"]) for r in res.metrics[1:]]
     _save_final(out, res.final_state)
-    return {"startup_s": marks["startup"], "round_s": round_s, "accuracy": res.final_metrics["label"],
-            "workers": int(os.environ.get("BENCH_WORKERS", "0")) or None}
+    return {
+        "startup_s": marks["startup"],
+        "round_s": round_s,
+        "accuracy": res.final_metrics["label"],
+        "workers": int(os.environ.get("BENCH_WORKERS", "0")) or None,
+    }
 
 
 # ------------------------------------------------------------------------ Flower
@@ -127,8 +139,12 @@ def run_flower(w: Workload, out: Path) -> dict[str, Any]:
         start = _from_record(msg.content["arrays"])
         data = wfed.train[cid]
         new, loss = local_train(wmodel, wparams, start, data, cfg=wcfg, key=(rnd, 0, cid))
-        content = RecordDict({"arrays": _to_record(new),
-                              "metrics": MetricRecord({"train_loss": loss, "num-examples": len(data)})})
+        content = RecordDict(
+            {
+                "arrays": _to_record(new),
+                "metrics": MetricRecord({"train_loss": loss, "num-examples": len(data)}),
+            }
+        )
         return Message(content=content, reply_to=msg)
 
     server_app = ServerApp()
@@ -146,18 +162,29 @@ def run_flower(w: Workload, out: Path) -> dict[str, Any]:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         frac = w.participation
-        strategy = FedAvg(fraction_train=frac, fraction_evaluate=0.0, min_train_nodes=max(1, int(frac * w.clients)),
-                          min_available_nodes=w.clients)
-        strategy.start(grid=grid, initial_arrays=_to_record([p.detach() for p in params]), num_rounds=w.rounds,
-                       train_config=ConfigRecord({}), evaluate_fn=evaluate_fn)
+        strategy = FedAvg(
+            fraction_train=frac,
+            fraction_evaluate=0.0,
+            min_train_nodes=max(1, int(frac * w.clients)),
+            min_available_nodes=w.clients,
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=_to_record([p.detach() for p in params]),
+            num_rounds=w.rounds,
+            train_config=ConfigRecord({}),
+            evaluate_fn=evaluate_fn,
+        )
 
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=w.clients,
         backend_name="ray",
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+        },
     )
     ev = marks["evals"]
     round_s = [b - a for a, b in zip(ev[:-1], ev[1:])]

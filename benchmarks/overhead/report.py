@@ -39,14 +39,20 @@ def write_report(out: Path) -> None:
     for rec in data["records"]:
         ok = rec.get("returncode") == 0
         row = {
-            "impl": rec["impl"], "clients": rec["clients"], "participation": rec["participation"],
-            "ok": ok, "wall_s": rec["wall_s"], "startup_s": rec.get("startup_s"),
+            "impl": rec["impl"],
+            "clients": rec["clients"],
+            "participation": rec["participation"],
+            "ok": ok,
+            "wall_s": rec["wall_s"],
+            "startup_s": rec.get("startup_s"),
             "steady_round_s": steady_round_s(rec["round_s"]) if ok else None,
             "round_s": " ".join(f"{x:.3f}" for x in rec.get("round_s", [])),
-            "peak_rss_gib": rec["peak_rss_gib"], "peak_procs": rec["peak_procs"],
+            "peak_rss_gib": rec["peak_rss_gib"],
+            "peak_procs": rec["peak_procs"],
             "accuracy": rec.get("accuracy"),
             "max_abs_diff_vs_floor": _max_diff(out, rec) if ok else None,
-            "load_avg_before": rec["load_avg_before"][0], "load_avg_after": rec["load_avg_after"][0],
+            "load_avg_before": rec["load_avg_before"][0],
+            "load_avg_after": rec["load_avg_after"][0],
         }
         rec["max_abs_diff_vs_floor"] = row["max_abs_diff_vs_floor"]
         rows.append(row)
@@ -83,11 +89,15 @@ def write_report(out: Path) -> None:
             f"{f(r['steady_round_s'], '.3f')} | {f(r['peak_rss_gib'])} ({r['peak_procs']}) | {f(r['accuracy'], '.4f')} | "
             f"{f(r['max_abs_diff_vs_floor'], '.2e')} | {r['load_avg_before']:.2f}/{r['load_avg_after']:.2f} |"
         )
-    lines += ["", "Start-up: process creation until the first round may start (imports, data, model, Ray, workers).",
-              "Steady round: median wall time of rounds 2..R. Peak RSS: summed RSS of the process tree (incl. Ray",
-              "workers) sampled every 0.1 s — an upper bound, shared pages count once per process.",
-              "Flower at partial participation samples clients with its own RNG, so its final model differs from",
-              "the floor's (different cohorts); at full participation only float summation order differs.", ""]
+    lines += [
+        "",
+        "Start-up: process creation until the first round may start (imports, data, model, Ray, workers).",
+        "Steady round: median wall time of rounds 2..R. Peak RSS: summed RSS of the process tree (incl. Ray",
+        "workers) sampled every 0.1 s — an upper bound, shared pages count once per process.",
+        "Flower at partial participation samples clients with its own RNG, so its final model differs from",
+        "the floor's (different cohorts); at full participation only float summation order differs.",
+        "",
+    ]
     lines += _targets(rows)
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
 
@@ -105,14 +115,20 @@ def _targets(rows: list[dict[str, Any]]) -> list[str]:
         return [*out, "Not measured in this run (no successful hierfed N=1000, p=1 case).", ""]
     if fw is not None:
         s = fw["wall_s"] / h["wall_s"]
-        out.append(f"- hierfed vs Flower, wall time: {fw['wall_s']:.1f} s / {h['wall_s']:.1f} s = **{s:.1f}x** "
-                   f"(target >= {SPEEDUP_VS_FLOWER:g}x: {'met' if s >= SPEEDUP_VS_FLOWER else 'NOT met'}); "
-                   f"steady round {fw['steady_round_s']:.3f} s vs {h['steady_round_s']:.3f} s = "
-                   f"{fw['steady_round_s'] / h['steady_round_s']:.1f}x")
+        out.append(
+            f"- hierfed vs Flower, wall time: {fw['wall_s']:.1f} s / {h['wall_s']:.1f} s = **{s:.1f}x** "
+            f"(target >= {SPEEDUP_VS_FLOWER:g}x: {'met' if s >= SPEEDUP_VS_FLOWER else 'NOT met'}); "
+            f"steady round {fw['steady_round_s']:.3f} s vs {h['steady_round_s']:.3f} s = "
+            f"{fw['steady_round_s'] / h['steady_round_s']:.1f}x"
+        )
     if fl is not None:
         q = h["steady_round_s"] / fl["steady_round_s"]
-        out.append(f"- hierfed steady round / floor steady round: {h['steady_round_s']:.3f} / {fl['steady_round_s']:.3f} = "
-                   f"**{q:.2f}** (target <= {ROUND_VS_FLOOR}: {'met' if q <= ROUND_VS_FLOOR else 'NOT met'})")
-    out.append(f"- hierfed start-up: **{h['startup_s']:.2f} s** (target < {STARTUP_S:g} s: "
-               f"{'met' if h['startup_s'] < STARTUP_S else 'NOT met'})")
+        out.append(
+            f"- hierfed steady round / floor steady round: {h['steady_round_s']:.3f} / {fl['steady_round_s']:.3f} = "
+            f"**{q:.2f}** (target <= {ROUND_VS_FLOOR}: {'met' if q <= ROUND_VS_FLOOR else 'NOT met'})"
+        )
+    out.append(
+        f"- hierfed start-up: **{h['startup_s']:.2f} s** (target < {STARTUP_S:g} s: "
+        f"{'met' if h['startup_s'] < STARTUP_S else 'NOT met'})"
+    )
     return [*out, ""]

@@ -39,18 +39,24 @@ class Workload:
         return f"n{self.clients}-p{int(round(self.participation * 100))}"
 
 
-def workload_config(w: Workload, *, runtime: str = "ray", out: str | None = None, extra: Sequence[str] = ()) -> RunConfig:
+def workload_config(
+    w: Workload, *, runtime: str = "ray", out: str | None = None, extra: Sequence[str] = ()
+) -> RunConfig:
     """N clients = 10 institutions x N/10 students (the star ignores institutions)."""
     inst = 10 if w.clients >= 10 else 1
-    ov = {**MLP_OVERRIDES,
-          "data.num_institutions": inst,
-          "data.students_per_institution": w.clients // inst,
-          "rounds": w.rounds,
-          "seed": w.seed,
-          "eval.every": w.rounds,
-          "topology.default.participation": w.participation,
-          "runtime.name": runtime}
-    return load_config(None, [f"{k}={v}" for k, v in ov.items()] + list(extra), topology="star", out=out)
+    ov = {
+        **MLP_OVERRIDES,
+        "data.num_institutions": inst,
+        "data.students_per_institution": w.clients // inst,
+        "rounds": w.rounds,
+        "seed": w.seed,
+        "eval.every": w.rounds,
+        "topology.default.participation": w.participation,
+        "runtime.name": runtime,
+    }
+    return load_config(
+        None, [f"{k}={v}" for k, v in ov.items()] + list(extra), topology="star", out=out
+    )
 
 
 def build(cfg: RunConfig) -> tuple[Federation, M3TModel, list[str]]:
@@ -115,7 +121,12 @@ def local_train(
 
 
 @torch.no_grad()
-def accuracy(model: M3TModel, params: Sequence[nn.Parameter], values: Sequence[torch.Tensor], data: ClientData) -> float:
+def accuracy(
+    model: M3TModel,
+    params: Sequence[nn.Parameter],
+    values: Sequence[torch.Tensor],
+    data: ClientData,
+) -> float:
     for p, v in zip(params, values):
         p.copy_(v)
     model.eval()
@@ -123,5 +134,7 @@ def accuracy(model: M3TModel, params: Sequence[nn.Parameter], values: Sequence[t
     y = torch.from_numpy(data.labels[TASK])
     correct = 0
     for i in range(0, len(y), 256):
-        correct += int((model({"tabular": x[i : i + 256]}, TASK).argmax(-1) == y[i : i + 256]).sum())
+        correct += int(
+            (model({"tabular": x[i : i + 256]}, TASK).argmax(-1) == y[i : i + 256]).sum()
+        )
     return correct / len(y)

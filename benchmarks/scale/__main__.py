@@ -32,9 +32,16 @@ def _one(args: argparse.Namespace) -> int:
     from hierfed.simulation import run
 
     inst = max(1, args.students // PER_INSTITUTION)
-    ov = {**MLP_OVERRIDES, "data.num_institutions": inst, "data.students_per_institution": args.students // inst,
-          "data.global_test_size": 1000, "rounds": args.rounds, "eval.every": args.rounds,
-          "topology.tiers.institution.participation": args.participation, "runtime.name": "ray"}
+    ov = {
+        **MLP_OVERRIDES,
+        "data.num_institutions": inst,
+        "data.students_per_institution": args.students // inst,
+        "data.global_test_size": 1000,
+        "rounds": args.rounds,
+        "eval.every": args.rounds,
+        "topology.tiers.institution.participation": args.participation,
+        "runtime.name": "ray",
+    }
     cfg = load_config(None, [f"{k}={v}" for k, v in ov.items()], topology="hierarchical")
     marks: dict[str, float] = {}
 
@@ -43,11 +50,15 @@ def _one(args: argparse.Namespace) -> int:
             marks["startup"] = time.time() - psutil.Process().create_time()
 
     res = run(cfg, on_event=on_event, write=False)
-    rec = {"students": args.students, "institutions": inst, "startup_s": marks["startup"],
-           "round_s": [r["wall_s"] for r in res.metrics[1:]],
-           "participants": [r["participants"] for r in res.metrics[1:]],
-           "bytes_per_round": [r["bytes_total"] for r in res.metrics[1:]],
-           "accuracy": res.final_metrics.get("label")}
+    rec = {
+        "students": args.students,
+        "institutions": inst,
+        "startup_s": marks["startup"],
+        "round_s": [r["wall_s"] for r in res.metrics[1:]],
+        "participants": [r["participants"] for r in res.metrics[1:]],
+        "bytes_per_round": [r["bytes_total"] for r in res.metrics[1:]],
+        "accuracy": res.final_metrics.get("label"),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "record.json").write_text(json.dumps(rec, indent=1))
@@ -74,26 +85,52 @@ def write_report(out: Path) -> None:
         r["steady_round_s"] = statistics.median(r["round_s"][1:] or r["round_s"])
         r["participants_per_round"] = statistics.median(r["participants"])
     with (out / "results.csv").open("w", newline="") as fh:
-        cols = ["students", "institutions", "participants_per_round", "steady_round_s", "startup_s", "wall_s",
-                "peak_rss_gib", "peak_procs", "accuracy", "load_avg_before", "load_avg_after"]
+        cols = [
+            "students",
+            "institutions",
+            "participants_per_round",
+            "steady_round_s",
+            "startup_s",
+            "wall_s",
+            "peak_rss_gib",
+            "peak_procs",
+            "accuracy",
+            "load_avg_before",
+            "load_avg_after",
+        ]
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in ok:
-            w.writerow({**r, "load_avg_before": r["load_avg_before"][0], "load_avg_after": r["load_avg_after"][0]})
+            w.writerow(
+                {
+                    **r,
+                    "load_avg_before": r["load_avg_before"][0],
+                    "load_avg_after": r["load_avg_after"][0],
+                }
+            )
     m0, m1 = data["machine_before"], data["machine_after"]
-    lines = ["# Scale: hierarchical, 1,000 -> 10,000 students", "",
-             f"{PER_INSTITUTION} students per institution, 10% of each institution's students sampled per round, all "
-             f"institutions every round, {data['rounds']} rounds; the benchmark MLP on `mlp-bench` (100 rows per student); "
-             "Ray runtime, one worker per CPU. Each point is a fresh process; peak memory is the summed RSS of the "
-             "whole process tree (driver, Ray daemons, workers), sampled every 0.1 s.", "",
-             f"Machine: {m0['cpu_count_logical']} logical CPUs, {m0['memory_total_gib']} GiB; commit `{m0['git_commit']}`; "
-             f"{m0['time_utc']} -> {m1['time_utc']}.", "", shared_cpu_note(m0, m1), "",
-             "| students | institutions | clients/round | steady round s | start-up s | peak RSS GiB (procs) | accuracy | load before/after |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Scale: hierarchical, 1,000 -> 10,000 students",
+        "",
+        f"{PER_INSTITUTION} students per institution, 10% of each institution's students sampled per round, all "
+        f"institutions every round, {data['rounds']} rounds; the benchmark MLP on `mlp-bench` (100 rows per student); "
+        "Ray runtime, one worker per CPU. Each point is a fresh process; peak memory is the summed RSS of the "
+        "whole process tree (driver, Ray daemons, workers), sampled every 0.1 s.",
+        "",
+        f"Machine: {m0['cpu_count_logical']} logical CPUs, {m0['memory_total_gib']} GiB; commit `{m0['git_commit']}`; "
+        f"{m0['time_utc']} -> {m1['time_utc']}.",
+        "",
+        shared_cpu_note(m0, m1),
+        "",
+        "| students | institutions | clients/round | steady round s | start-up s | peak RSS GiB (procs) | accuracy | load before/after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in ok:
-        lines.append(f"| {r['students']} | {r['institutions']} | {r['participants_per_round']:.0f} | {r['steady_round_s']:.2f} | "
-                     f"{r['startup_s']:.1f} | {r['peak_rss_gib']:.2f} ({r['peak_procs']}) | {r['accuracy']:.4f} | "
-                     f"{r['load_avg_before'][0]:.2f}/{r['load_avg_after'][0]:.2f} |")
+        lines.append(
+            f"| {r['students']} | {r['institutions']} | {r['participants_per_round']:.0f} | {r['steady_round_s']:.2f} | "
+            f"{r['startup_s']:.1f} | {r['peak_rss_gib']:.2f} ({r['peak_procs']}) | {r['accuracy']:.4f} | "
+            f"{r['load_avg_before'][0]:.2f}/{r['load_avg_after'][0]:.2f} |"
+        )
     for r in data["records"]:
         if r.get("returncode") != 0:
             lines.append(f"| {r['students']} | failed: {r.get('error')} | | | | | | |")
@@ -101,15 +138,21 @@ def write_report(out: Path) -> None:
         xs = [r["participants_per_round"] for r in ok]
         ys = [r["steady_round_s"] for r in ok]
         a, b, r2 = _fit(xs, ys)
-        lines += ["", f"Linear fit of steady round time on participating clients: t = {a:.2f} s + {b * 1000:.2f} ms x clients "
-                      f"(R^2 = {r2:.3f}).", ""]
+        lines += [
+            "",
+            f"Linear fit of steady round time on participating clients: t = {a:.2f} s + {b * 1000:.2f} ms x clients "
+            f"(R^2 = {r2:.3f}).",
+            "",
+        ]
         _plot(ok, out, a, b)
         lines += ["![scale](scale.png)", ""]
     big = [r for r in ok if r["students"] >= 10000]
     if big:
         g = big[-1]["peak_rss_gib"]
-        lines.append(f"Target: 10,000 students under {TARGET_GIB:g} GiB peak process-tree memory — measured {g:.2f} GiB: "
-                     f"**{'met' if g < TARGET_GIB else 'NOT met'}**.")
+        lines.append(
+            f"Target: 10,000 students under {TARGET_GIB:g} GiB peak process-tree memory — measured {g:.2f} GiB: "
+            f"**{'met' if g < TARGET_GIB else 'NOT met'}**."
+        )
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
 
 
@@ -149,22 +192,47 @@ def _run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     before = machine_info()
     records = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console()) as prog:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(),
+    ) as prog:
         task = prog.add_task("scale", total=len(args.students))
         for s in args.students:
             prog.update(task, description=f"scale: {s} students")
             case = out / "runs" / f"s{s}"
-            cmd = [sys.executable, "-m", "benchmarks.scale", "one", "--students", str(s), "--rounds", str(args.rounds),
-                   "--participation", str(args.participation), "--out", str(case)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.scale",
+                "one",
+                "--students",
+                str(s),
+                "--rounds",
+                str(args.rounds),
+                "--participation",
+                str(args.participation),
+                "--out",
+                str(case),
+            ]
             load0 = machine_info()["load_avg_1_5_15"]
             t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             with PeakTreeMemory(proc.pid) as mem:
                 log, _ = proc.communicate(timeout=args.timeout)
-            rec = {"students": s, "wall_s": time.perf_counter() - t0, "peak_rss_gib": mem.peak_gib,
-                   "peak_procs": mem.peak_procs, "load_avg_before": load0,
-                   "load_avg_after": machine_info()["load_avg_1_5_15"], "returncode": proc.returncode}
+            rec = {
+                "students": s,
+                "wall_s": time.perf_counter() - t0,
+                "peak_rss_gib": mem.peak_gib,
+                "peak_procs": mem.peak_procs,
+                "load_avg_before": load0,
+                "load_avg_after": machine_info()["load_avg_1_5_15"],
+                "returncode": proc.returncode,
+            }
             case.mkdir(parents=True, exist_ok=True)
             (case / "log.txt").write_text(log)
             if proc.returncode == 0:
@@ -173,9 +241,19 @@ def _run(args: argparse.Namespace) -> int:
                 rec["error"] = log.strip().splitlines()[-1] if log.strip() else "failed"
             records.append(rec)
             prog.advance(task)
-    (out / "results.json").write_text(json.dumps({"benchmark": "scale", "rounds": args.rounds,
-                                                  "participation": args.participation, "machine_before": before,
-                                                  "machine_after": machine_info(), "records": records}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "benchmark": "scale",
+                "rounds": args.rounds,
+                "participation": args.participation,
+                "machine_before": before,
+                "machine_after": machine_info(),
+                "records": records,
+            },
+            indent=1,
+        )
+    )
     write_report(out)
     print((out / "REPORT.md").read_text())
     return 0 if all(r["returncode"] == 0 for r in records) else 1
