@@ -378,6 +378,16 @@ class TreeEngine:
         for res in runtime.mix(tasks, runtime.put({n: cur[n] for n in node_ids}), {}, []):
             cur[res.node_id] = {**cur[res.node_id], **res.state}
 
+    def _ordinal(self, key: tuple) -> int:
+        """Which of its training passes in round ``rnd`` a leaf is on, from the local-round
+        indices of the tiers above it. Keys training by this rather than by the tree path,
+        so trees that differ only by tiers with one local round train identically."""
+        o = 0
+        for level, j in enumerate(key):
+            k = self.cfg.tier(self.tier_names[level]).local_rounds if level > 0 else 1
+            o = o * k + int(j)
+        return o
+
     def _train_leaves(
         self,
         node_ids: list[str],
@@ -396,7 +406,7 @@ class TreeEngine:
             for c in sampled[n]:
                 sends = self.sends_up(self.holds[c], level)
                 jobs.append(TrainJob(
-                    client_id=c, parent_id=n, tier=self.nodes[n].tier, round=rnd, key=(rnd, *key, c),
+                    client_id=c, parent_id=n, tier=self.nodes[n].tier, round=rnd, key=(rnd, self._ordinal(key), c),
                     trains=self.holds[c], sends=sends, local=self.local.get(c), privacy=self.privacy.get(c),
                 ))
                 expectations[c] = Expectation(c, frozenset(sends), exact=True, max_weight=self.nodes[c].max_weight)
