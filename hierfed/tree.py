@@ -311,11 +311,11 @@ class TreeEngine:
             for res in runtime.merge(emit_tasks, []):
                 node = self.nodes[res.node_id]
                 up = sum(res.emitted_sizes.values()) if res.emitted is not None else 0
-                on_time = self.arrive(res.node_id, self.elapsed[res.node_id], up, rnd, key, stats)
-                if res.emitted is not None and (on_time or self.sends_late(res.node_id)):
+                in_time = self.arrive(res.node_id, self.elapsed[res.node_id], up, rnd, key, stats)
+                if res.emitted is not None and (in_time or self.sends_late(res.node_id)):
                     ledger.record(round=rnd, src=res.node_id, dst=node.parent or "", edge=self.edge(node),
                                   direction="up", sizes=res.emitted_sizes)
-                if res.emitted is not None and on_time:
+                if res.emitted is not None and in_time:
                     emitted[res.node_id] = res.emitted
         for n in node_ids:
             self.states[n] = cur[n]
