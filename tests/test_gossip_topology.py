@@ -189,3 +189,12 @@ def test_late_gossip_nodes_mix_their_old_state_not_their_update():
     # a generous deadline changes nothing compared with none
     ok, _, ok_stats = _round(_cfg(**{"topology.default.deadline_s": 1e6}))
     assert ok_stats[0].late == [] and ok.round_metrics()["consensus_distance"] > 0
+
+
+def test_time_varying_graphs_are_redrawn_per_round_and_keyed():
+    fixed, _ = _topology(_cfg(**{"topology.options.graph": "erdos_renyi"}))
+    tv, _ = _topology(_cfg(**{"topology.options.graph": "erdos_renyi", "topology.options.time_varying": True}))
+    tv2, _ = _topology(_cfg(**{"topology.options.graph": "erdos_renyi", "topology.options.time_varying": True}))
+    assert fixed.graph_of_round(1) == fixed.graph_of_round(2) == fixed.graph
+    assert tv.graph_of_round(1) != tv.graph_of_round(2)
+    assert [tv.graph_of_round(r) for r in (1, 2, 3)] == [tv2.graph_of_round(r) for r in (1, 2, 3)]
