@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from hierfed.attacks import ATTACKS, AttackContext, attack_pool, build_attack, malicious_ids, poisoned
+from hierfed.attacks import (
+    ATTACKS,
+    AttackContext,
+    attack_pool,
+    build_attack,
+    malicious_ids,
+    poisoned,
+)
 from hierfed.config import load_config
 from hierfed.data.federation import ClientData, TaskSpec
 from hierfed.errors import ConfigError

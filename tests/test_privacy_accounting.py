@@ -12,6 +12,7 @@ from hierfed.privacy.accountant import PrivacyState, client_level_report, epsilo
 from hierfed.privacy.policy import plan_for, policy_name
 from tests.conftest import tiny_overrides
 
+
 def test_epsilon_matches_opacus_on_pinned_case():
     # sigma = 1.5, q = 0.04, 2,250 steps, delta = 1e-5: Opacus RDP gives epsilon ~= 7.3291
     s = PrivacyState.empty("p", 1e-5).after(((1.5, 0.04, 2250),))

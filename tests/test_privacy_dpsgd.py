@@ -86,7 +86,7 @@ def test_opacus_hook_grad_samples_of_peft_lora_match(setup):
     finally:
         gsm._close()
         bb.eval()
-    for n, p in named.items():
+    for p in named.values():
         p.grad = None
         for attr in ("grad_sample", "summed_grad"):
             if hasattr(p, attr):

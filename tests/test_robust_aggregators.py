@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hierfed.aggregators.base import AggContext
-from hierfed.aggregators.robust import CoordinateMedian, Krum, NormBoundedMean, TrimmedMean, check_fanouts
+from hierfed.aggregators.robust import (
+    CoordinateMedian,
+    Krum,
+    NormBoundedMean,
+    TrimmedMean,
+    check_fanouts,
+)
 from hierfed.errors import ConfigError
 from hierfed.registry import AGGREGATORS
 from hierfed.update import Update

@@ -55,7 +55,9 @@ BASE = {
 }
 
 
-def overrides(attack: str | None, fraction: float, agg: str, rounds: int | None = None) -> list[str]:
+def overrides(
+    attack: str | None, fraction: float, agg: str, rounds: int | None = None
+) -> list[str]:
     ov = dict(BASE)
     if rounds:
         ov["rounds"] = rounds
@@ -81,9 +83,13 @@ def run_cell(args: tuple[str | None, float, str, int | None]) -> dict[str, Any]:
     res = run(cfg, write=False)
     final = res.final_metrics
     return {
-        "attack": attack or "none", "fraction": fraction if attack else 0.0, "aggregator": agg,
-        "accuracy": sum(final.values()) / len(final), "per_task": final,
-        "wall_s": time.perf_counter() - t0, "overrides": ov,
+        "attack": attack or "none",
+        "fraction": fraction if attack else 0.0,
+        "aggregator": agg,
+        "accuracy": sum(final.values()) / len(final),
+        "per_task": final,
+        "wall_s": time.perf_counter() - t0,
+        "overrides": ov,
     }
 
 
@@ -107,7 +113,11 @@ def report(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for agg in AGGREGATORS:
         row = [agg, f"{clean.get(agg, float('nan')):.3f}"]
         for f in FRACTIONS:
-            cs = [c for c in cells if c["aggregator"] == agg and c["fraction"] == f and c["attack"] != "none"]
+            cs = [
+                c
+                for c in cells
+                if c["aggregator"] == agg and c["fraction"] == f and c["attack"] != "none"
+            ]
             if not cs:
                 row.append("—")
                 continue
@@ -116,12 +126,20 @@ def report(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Every cell (accuracy)", ""]
     for f in FRACTIONS:
-        lines += [f"### {int(f * 100)}% attackers", "", "| attack | " + " | ".join(AGGREGATORS) + " |",
-                  "|---|" + "---|" * len(AGGREGATORS)]
+        lines += [
+            f"### {int(f * 100)}% attackers",
+            "",
+            "| attack | " + " | ".join(AGGREGATORS) + " |",
+            "|---|" + "---|" * len(AGGREGATORS),
+        ]
         for a in ATTACKS:
             row = [a]
             for agg in AGGREGATORS:
-                cs = [c for c in cells if c["aggregator"] == agg and c["fraction"] == f and c["attack"] == a]
+                cs = [
+                    c
+                    for c in cells
+                    if c["aggregator"] == agg and c["fraction"] == f and c["attack"] == a
+                ]
                 row.append(f"{cs[0]['accuracy']:.3f}" if cs else "—")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
@@ -129,16 +147,25 @@ def report(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for agg in AGGREGATORS:
         if agg == "weighted_mean":
             continue
-        cs = [c for c in cells if c["aggregator"] == agg and c["fraction"] == 0.2 and c["attack"] != "none"]
+        cs = [
+            c
+            for c in cells
+            if c["aggregator"] == agg and c["fraction"] == 0.2 and c["attack"] != "none"
+        ]
         if cs and len(cs) == len(ATTACKS) and min(c["accuracy"] for c in cs) >= ref - 0.10:
             ok.append(agg)
     fedavg = [c for c in cells if c["aggregator"] == "weighted_mean" and c["attack"] != "none"]
     if fedavg:
         w = min(fedavg, key=lambda c: c["accuracy"])
-        lines.append(f"Positive control: FedAvg's worst cell is {w['attack']} at {int(w['fraction'] * 100)}% "
-                     f"-> {w['accuracy']:.3f} ({100 * (w['accuracy'] - ref):+.1f} points).  ")
-    lines.append("Robust aggregators within 10 points of clean FedAvg under every attack at 20%: "
-                 + (", ".join(ok) if ok else "none") + ".")
+        lines.append(
+            f"Positive control: FedAvg's worst cell is {w['attack']} at {int(w['fraction'] * 100)}% "
+            f"-> {w['accuracy']:.3f} ({100 * (w['accuracy'] - ref):+.1f} points).  "
+        )
+    lines.append(
+        "Robust aggregators within 10 points of clean FedAvg under every attack at 20%: "
+        + (", ".join(ok) if ok else "none")
+        + "."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -154,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     fractions = [float(x) for x in args.fractions.split(",")]
     aggs = args.aggregators.split(",")
     attacks = args.attacks.split(",")
-    cells_in: list[tuple[str | None, float, str, int | None]] = [(None, 0.0, a, args.rounds) for a in aggs]
+    cells_in: list[tuple[str | None, float, str, int | None]] = [
+        (None, 0.0, a, args.rounds) for a in aggs
+    ]
     cells_in += [(at, f, a, args.rounds) for f in fractions for at in attacks for a in aggs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,11 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as ex:
         for cell in ex.map(run_cell, cells_in):
             cells.append(cell)
-            print(f"{cell['aggregator']:>14} {cell['attack']:>10} {cell['fraction']:.1f} acc={cell['accuracy']:.3f} "
-                  f"({cell['wall_s']:.0f}s)", flush=True)
+            print(
+                f"{cell['aggregator']:>14} {cell['attack']:>10} {cell['fraction']:.1f} acc={cell['accuracy']:.3f} "
+                f"({cell['wall_s']:.0f}s)",
+                flush=True,
+            )
             (out / "matrix.json").write_text(json.dumps({"cells": cells}, indent=1))
-    meta = {"command": "python -m benchmarks.robustness " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "rounds": args.rounds or BASE["rounds"], "wall_s": time.perf_counter() - t0, "machine": machine_info()}
+    meta = {
+        "command": "python -m benchmarks.robustness "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rounds": args.rounds or BASE["rounds"],
+        "wall_s": time.perf_counter() - t0,
+        "machine": machine_info(),
+    }
     (out / "matrix.json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=1))
     (out / "report.md").write_text(report(cells, meta))
     print((out / "report.md").read_text())

@@ -30,6 +30,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping
+
 import torch
 
 from hierfed.aggregators.robust import RobustAggregator, _median
