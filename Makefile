@@ -39,6 +39,9 @@ lint: $(STAMP) ## ruff lint + format check, mypy
 typecheck: $(STAMP) ## mypy over hierfed/ and topologies/
 	$(PY) -m mypy
 
+bench-smoke: $(STAMP) ## tiny benchmark suite + overhead benchmark at N=100; checks the outputs (not timings)
+	$(PY) -m benchmarks.smoke --out benchmarks/out/smoke
+
 clean: ## remove the virtualenv, caches and run outputs
 	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
