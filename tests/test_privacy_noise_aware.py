@@ -65,3 +65,21 @@ def test_policy_noise_variance_formula():
     plan = DPPlan("p", 1.0, 1e-5, clip_norm=0.5, noise_multiplier=2.0, sample_rate=0.25, steps_per_round=8, planned_rounds=3)
     # B = 0.25 x 40 = 10; steps x (lr sigma C / B)^2 = 8 x (0.1 x 2 x 0.5 / 10)^2
     assert update_noise_variance(plan, lr=0.1, num_rows=40) == pytest.approx(8 * (0.01) ** 2)
+
+
+def test_auto_tau2_estimates_the_true_spread():
+    # 4 senders, true deltas spread with variance 1 per coordinate, noise variance 0.01 known:
+    # the moment estimate recovers tau2 ~ 1, so weights become near-equal (weighted mean)
+    g = torch.Generator().manual_seed(1)
+    d = 4000
+    truth = [torch.randn(d, generator=g) for _ in range(4)]
+    us = [_upd(f"s{i}", t + 0.1 * torch.randn(d, generator=g), 1.0) for i, t in enumerate(truth)]
+    x = torch.stack([u.mean()["head.t"]["w"].double() for u in us])
+    tau2 = NoiseAwareMean.between_variance(x, torch.full((4,), 0.01, dtype=torch.float64))
+    assert tau2 == pytest.approx(1.0, rel=0.1)
+    var = {"s0": 0.01, "s1": 0.01, "s2": 0.01, "s3": 1.0}
+    _, plain = _est(WeightedMean({}), us)
+    _, auto = _est(NoiseAwareMean({"variances": var, "auto_tau2": True}), us)
+    _, fixed = _est(NoiseAwareMean({"variances": var}), us)
+    # with tau2 estimated, s3's extra noise matters less: closer to the plain mean than tau2 = 0
+    assert float((auto - plain).abs().mean()) < float((fixed - plain).abs().mean())

@@ -10,7 +10,8 @@ its policy: steps x (lr sigma C / B)^2 (``update_noise_variance``); an instituti
 Variants, all with the weighted mean inside each institution (one policy per institution):
 
 * ``weighted_mean`` at the global tier (FedAvg);
-* ``noise_aware`` with the variances known from the policies;
+* ``noise_aware`` with the variances known from the policies (``tau2 = 0``: noise only);
+* the same with ``auto_tau2`` (the true between-institution spread estimated each round);
 * ``noise_aware`` with variances estimated from the updates themselves;
 * ``no_dp``: no privacy at all (the ceiling).
 
@@ -94,10 +95,12 @@ def run_variant(name: str, seed: int, rounds: int) -> dict[str, Any]:
         ov.update(privacy_overrides())
     base_list = [f"{k}={v}" for k, v in ov.items()]
     extra: list[str] = []
-    if name == "noise_aware_known":
+    if name.startswith("noise_aware_known"):
         extra.append("topology.tiers.global.aggregator=noise_aware")
         for inst, v in known_variances(base_list).items():
             extra.append(f"topology.tiers.global.options.variances.{inst}={v!r}")
+        if name == "noise_aware_known_auto":
+            extra.append("topology.tiers.global.options.auto_tau2=true")
     elif name == "noise_aware_estimated":
         extra.append("topology.tiers.global.aggregator=noise_aware")
     cfg = load_config(None, base_list + extra, topology="hierarchical")
@@ -123,7 +126,7 @@ def run_variant(name: str, seed: int, rounds: int) -> dict[str, Any]:
     }
 
 
-VARIANTS = ["weighted_mean", "noise_aware_known", "noise_aware_estimated", "no_dp"]
+VARIANTS = ["weighted_mean", "noise_aware_known", "noise_aware_known_auto", "noise_aware_estimated", "no_dp"]
 
 
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -192,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             (out / "noise_aware.json").write_text(json.dumps({"rows": rows}, indent=1))
+            partial = {"command": "(partial) python -m benchmarks.privacy " + " ".join(argv if argv is not None else sys.argv[1:]),
+                       "seeds": args.seeds, "rounds": args.rounds, "wall_s": time.perf_counter() - t0}
+            (out / "report.md").write_text(report(rows, partial))
     meta = {
         "command": "python -m benchmarks.privacy "
         + " ".join(argv if argv is not None else sys.argv[1:]),

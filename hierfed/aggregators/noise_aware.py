@@ -9,7 +9,9 @@ combination weights it by ``1 / v_i``; with the sample weight ``w_i`` kept as a 
 
 ``tau2`` (option, >= 0) is the spread of the senders' *true* deltas: with ``tau2 = 0`` only
 noise counts; a large ``tau2`` turns the rule back into the plain weighted mean, which it also
-is whenever all ``v_i`` are equal. The result is pre-weighted with the senders' total sample
+is whenever all ``v_i`` are equal. With ``auto_tau2: true`` it is estimated each node-round
+(DerSimonian-Laird, as in random-effects meta-analysis): non-IID senders differ in more than
+their noise, and ignoring that (``tau2 = 0``) drops the noisiest senders' data almost entirely. The result is pre-weighted with the senders' total sample
 weight, so parents keep summing.
 
 Where ``v_i`` comes from (option ``variances``):
@@ -42,7 +44,7 @@ from hierfed.registry import AGGREGATORS
 class NoiseAwareMean(RobustAggregator):
     """Inverse-noise-variance weighted mean, per component, among the holders."""
 
-    option_defaults = {"variances": {}, "tau2": 0.0, "floor": 1e-12}
+    option_defaults = {"variances": {}, "tau2": 0.0, "auto_tau2": False, "floor": 1e-12}
 
     @classmethod
     def check_options(cls, options, key="options"):
@@ -53,6 +55,8 @@ class NoiseAwareMean(RobustAggregator):
         for pat, v in var.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{key}.variances.{pat}", v, "must be a finite variance >= 0")
+        if not isinstance(options.get("auto_tau2", False), bool):
+            raise ConfigError(f"{key}.auto_tau2", options["auto_tau2"], "must be true or false")
         for k in ("tau2", "floor"):
             v = options.get(k, cls.option_defaults[k])
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
@@ -75,6 +79,22 @@ class NoiseAwareMean(RobustAggregator):
                 others = x[torch.arange(n) != i] if n > 1 else x
                 known = float((x[i] - _median(others)).pow(2).mean())
             v.append(known)
-        var = torch.tensor(v, dtype=torch.float64) + float(self.options["tau2"]) + float(self.options["floor"])
+        noise = torch.tensor(v, dtype=torch.float64) + float(self.options["floor"])
+        tau2 = float(self.options["tau2"])
+        if self.options["auto_tau2"] and n > 1:
+            tau2 = max(tau2, self.between_variance(x, noise))
+        var = noise + tau2
         eff = w / var
         return (eff.unsqueeze(1) * x).sum(0) / eff.sum()
+
+    @staticmethod
+    def between_variance(x: torch.Tensor, noise: torch.Tensor) -> float:
+        """DerSimonian-Laird moment estimate of the per-coordinate spread of the true deltas:
+        with ``a_i = 1 / v_i``, ``Q = sum_i a_i |x_i - xbar_a|^2 / d`` and
+        ``tau2 = max(0, (Q - (k - 1)) / (sum a - sum a^2 / sum a))``."""
+        a = 1.0 / noise
+        xbar = (a.unsqueeze(1) * x).sum(0) / a.sum()
+        q = float((a * (x - xbar).pow(2).mean(1)).sum())
+        denom = float(a.sum() - a.pow(2).sum() / a.sum())
+        k = x.shape[0]
+        return max(0.0, (q - (k - 1)) / denom) if denom > 0 else 0.0
