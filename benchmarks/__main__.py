@@ -24,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--out", default=None, help="results folder (default benchmarks/out/<suite>-<timestamp>)"
     )
+    r.add_argument(
+        "--runtime",
+        choices=["ray", "local"],
+        default=None,
+        help="override the suite's runtime (results do not depend on it; wall times do)",
+    )
     rep = sub.add_parser("report", help="rebuild tidy.csv, plots and REPORT.md of a results folder")
     rep.add_argument("results_dir")
     args = p.parse_args(argv)
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = (
                 args.out or f"benchmarks/out/{Path(args.suite).stem}-{datetime.now():%Y%m%d-%H%M%S}"
             )
-            out = run_suite(args.suite, out_dir, console=console)
+            out = run_suite(args.suite, out_dir, console=console, runtime=args.runtime)
     except HierfedError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2

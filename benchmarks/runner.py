@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ def _start_ray(suite: Suite) -> bool:
     return True
 
 
-def run_suite(path: str | Path, out: str | Path, *, console: Console | None = None) -> Path:
+def run_suite(
+    path: str | Path, out: str | Path, *, console: Console | None = None, runtime: str | None = None
+) -> Path:
     """Run the suite in ``path`` into folder ``out``; returns ``out``. Writes status.json,
     machine.json, per-run metrics under metrics/, and (through report.build) tidy.csv,
     the plots and REPORT.md."""
@@ -64,6 +67,10 @@ def run_suite(path: str | Path, out: str | Path, *, console: Console | None = No
     from hierfed.simulation import run
 
     suite = load_suite(path)
+    if (
+        runtime is not None
+    ):  # e.g. --runtime local on a busy laptop: same results, no actor start-up per run
+        suite = replace(suite, runtime=runtime)
     out = Path(out)
     (out / "metrics").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, out / "suite.yaml")
