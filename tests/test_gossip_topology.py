@@ -193,8 +193,12 @@ def test_late_gossip_nodes_mix_their_old_state_not_their_update():
 
 def test_time_varying_graphs_are_redrawn_per_round_and_keyed():
     fixed, _ = _topology(_cfg(**{"topology.options.graph": "erdos_renyi"}))
-    tv, _ = _topology(_cfg(**{"topology.options.graph": "erdos_renyi", "topology.options.time_varying": True}))
-    tv2, _ = _topology(_cfg(**{"topology.options.graph": "erdos_renyi", "topology.options.time_varying": True}))
+    tv, _ = _topology(
+        _cfg(**{"topology.options.graph": "erdos_renyi", "topology.options.time_varying": True})
+    )
+    tv2, _ = _topology(
+        _cfg(**{"topology.options.graph": "erdos_renyi", "topology.options.time_varying": True})
+    )
     assert fixed.graph_of_round(1) == fixed.graph_of_round(2) == fixed.graph
     assert tv.graph_of_round(1) != tv.graph_of_round(2)
     assert [tv.graph_of_round(r) for r in (1, 2, 3)] == [tv2.graph_of_round(r) for r in (1, 2, 3)]
