@@ -202,3 +202,16 @@ def test_time_varying_graphs_are_redrawn_per_round_and_keyed():
     assert fixed.graph_of_round(1) == fixed.graph_of_round(2) == fixed.graph
     assert tv.graph_of_round(1) != tv.graph_of_round(2)
     assert [tv.graph_of_round(r) for r in (1, 2, 3)] == [tv2.graph_of_round(r) for r in (1, 2, 3)]
+
+
+def test_scoped_components_mix_only_within_their_scope():
+    topo, ledger, _ = _round(_cfg(**{"model.scopes": '{"head.*": institution, "prompt.*": local}'}))
+    peer = [r for r in ledger.records if r.direction == "peer"]
+
+    def inst(node_id):
+        return node_id.split("/")[1]
+
+    heads = [r for r in peer if r.component.startswith("head.")]
+    assert heads and all(inst(r.src) == inst(r.dst) for r in heads)
+    assert any(inst(r.src) != inst(r.dst) for r in peer if r.component == "adapter.backbone")
+    assert not [r for r in peer if r.component.startswith("prompt.")]  # local: never leaves a node
