@@ -166,10 +166,11 @@ def run(
                 "failed": len(stats.failures),
                 "bytes": ledger.by_edge(rnd),
                 "bytes_total": sum(ledger.by_edge(rnd).values()),
-                "sim_time_s": stats.sim_time_s,  # simulated wall clock (hierfed/clock.py)
-                "sim_time_total_s": sim_total + stats.sim_time_s,
-                "dropped": len(stats.dropped),
-                "late": len(stats.late),
+                # simulated wall clock (hierfed/clock.py); a third-party RoundStats may lack these
+                "sim_time_s": getattr(stats, "sim_time_s", 0.0),
+                "sim_time_total_s": sim_total + getattr(stats, "sim_time_s", 0.0),
+                "dropped": len(getattr(stats, "dropped", ())),
+                "late": len(getattr(stats, "late", ())),
                 **topo.round_metrics(),
             }
             if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
