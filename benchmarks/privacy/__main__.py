@@ -157,14 +157,21 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             + " | ".join(f"{avg(v, 'per_institution', i):.3f}" for i in insts)
             + " |"
         )
-    d_known = avg("noise_aware_known", "global") - avg("weighted_mean", "global")
-    d_est = avg("noise_aware_estimated", "global") - avg("weighted_mean", "global")
-    lines += [
-        "",
-        f"Global accuracy, noise-aware minus weighted mean: known variances {100 * d_known:+.1f} points, "
-        f"estimated {100 * d_est:+.1f} points.",
-        "",
-    ]
+    seeds = sorted({r["seed"] for r in rows})
+    lines += ["", "Global accuracy per seed:", "", "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---|" + "---|" * len(seeds)]
+    for v in VARIANTS:
+        per = {r["seed"]: r["global"] for r in rows if r["variant"] == v}
+        if per:
+            lines.append(f"| {v} | " + " | ".join(f"{per[s]:.3f}" if s in per else "—" for s in seeds) + " |")
+    lines.append("")
+    for v in ("noise_aware_known", "noise_aware_known_auto", "noise_aware_estimated"):
+        diffs = [r["global"] - m["global"] for r in rows if r["variant"] == v
+                 for m in rows if m["variant"] == "weighted_mean" and m["seed"] == r["seed"]]
+        if diffs:
+            lines.append(f"- {v} minus weighted_mean, global accuracy: mean {100 * sum(diffs) / len(diffs):+.1f} points "
+                         f"(per seed: {', '.join(f'{100 * d:+.1f}' for d in diffs)}).")
+    lines.append("")
     spent = [r for r in rows if r["variant"] == "weighted_mean"]
     if spent:
         lines.append(
@@ -210,6 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.md").write_text(report(rows, meta))
     print((out / "report.md").read_text())
     return 0
+
+
+
+
+def rewrite_report(out: str = "benchmarks/results/privacy") -> None:
+    """Rebuild report.md from noise_aware.json (no reruns)."""
+    data = json.loads((Path(out) / "noise_aware.json").read_text())
+    (Path(out) / "report.md").write_text(report(data["rows"], data["meta"]))
 
 
 if __name__ == "__main__":
