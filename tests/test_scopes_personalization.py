@@ -17,8 +17,12 @@ from tests.conftest import tiny_overrides
 
 
 def _cfg(tmp_path, **extra):
-    return load_config(None, tiny_overrides(**{"runtime.name": "local", **extra}), topology="hierarchical",
-                       out=str(tmp_path / "run"))
+    return load_config(
+        None,
+        tiny_overrides(**{"runtime.name": "local", **extra}),
+        topology="hierarchical",
+        out=str(tmp_path / "run"),
+    )
 
 
 def _rounds(cfg, rounds: int):
@@ -69,7 +73,9 @@ def test_institution_scoped_head_is_merged_only_among_its_students(tmp_path):
 
 
 def test_local_components_never_appear_in_the_ledger(tmp_path):
-    topo, ledger, initial, fed = _rounds(_cfg(tmp_path, **{"model.scopes": '{"prompt.*": local}'}), 2)
+    topo, ledger, initial, fed = _rounds(
+        _cfg(tmp_path, **{"model.scopes": '{"prompt.*": local}'}), 2
+    )
     assert not any(r.component.startswith("prompt.") for r in ledger.records)
     assert any(r.component.startswith("head.") for r in ledger.records)
     for c in fed.clients:
@@ -82,7 +88,13 @@ def test_local_components_never_appear_in_the_ledger(tmp_path):
 
 
 def test_personalized_evaluation_is_reported_per_client(tmp_path):
-    cfg = _cfg(tmp_path, **{"model.scopes": '{"head.*": institution, "prompt.*": local}', "eval.personalized": "true"})
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "model.scopes": '{"head.*": institution, "prompt.*": local}',
+            "eval.personalized": "true",
+        },
+    )
     res = run(cfg, write=False)
     fed = build_federation(cfg)
     assert set(res.personalized) == {c.id for c in fed.clients if c.num_test > 0}

@@ -106,7 +106,9 @@ def lowrank_svd(
     return u, s, vh
 
 
-def refactor(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, *, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def refactor(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, *, keep: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors ``(B, A)`` of rank ``rank`` from a thin SVD: ``B = U_k S_k``, ``A = V_k^T``.
 
     ``keep`` (default ``rank``) singular triplets are kept; slots ``keep..rank-1`` get
@@ -174,7 +176,9 @@ class LoraNaive(Aggregator):
 
     associative = True
 
-    def aggregate(self, updates: Sequence[Update], state: Any, ctx: AggContext) -> tuple[Update | None, Any]:
+    def aggregate(
+        self, updates: Sequence[Update], state: Any, ctx: AggContext
+    ) -> tuple[Update | None, Any]:
         return Update.sum(updates), state
 
 
@@ -195,9 +199,13 @@ class LoraExact(Aggregator):
         super().check_options(options, key)
         pat = options.get("components", "adapter.*")
         if not isinstance(pat, str) or not pat:
-            raise ConfigError(f"{key}.components", pat, "give a glob over component names, e.g. 'adapter.*'")
+            raise ConfigError(
+                f"{key}.components", pat, "give a glob over component names, e.g. 'adapter.*'"
+            )
 
-    def aggregate(self, updates: Sequence[Update], state: Any, ctx: AggContext) -> tuple[Update | None, Any]:
+    def aggregate(
+        self, updates: Sequence[Update], state: Any, ctx: AggContext
+    ) -> tuple[Update | None, Any]:
         total = Update.sum(updates)
         if total is None:
             return None, state

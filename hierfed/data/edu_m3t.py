@@ -21,8 +21,9 @@ and scan from its LEA's pools (with replacement: pools are smaller than the scho
   classes), ``is_<flag>`` per ``options.flags`` (text, 2 classes), ``digit`` (image, 10);
 * a school lacks the image modality (and the ``digit`` task) with probability
   ``data.missing_modality``, keyed by its id;
-* ``data.options``: ``leas`` (default 6), ``schools_per_lea`` (default 5), ``subjects``
-  (8), ``flags`` ([special_topic]), ``resource_mix`` ({}: all ``full``).
+* ``data.options``: ``leas`` (default 6: the first 6 LEAs, or a list of LEA ids),
+  ``schools_per_lea`` (default 5), ``subjects`` (8), ``flags`` ([special_topic]),
+  ``resource_mix`` ({}: all ``full``).
 
 The global test set pairs the kept schools' test rows with every modality, capped at
 ``data.global_test_size`` rows (keyed sample).
@@ -39,15 +40,34 @@ from hierfed.data.chem97 import TASKS as CHEM_TASKS
 from hierfed.data.chem97 import kept_schools, student_arrays
 from hierfed.data.chem97 import load_table as chem97_table
 from hierfed.data.courses import TEXT, course_table
-from hierfed.data.digits import IMAGE
+from hierfed.data.digits import IMAGE, digit_table
 from hierfed.data.digits import TASK as DIGIT_TASK
-from hierfed.data.digits import digit_table
-from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec, subset
-from hierfed.data.partition import assign_resources, cap_rows, check_options, dirichlet_partitions, split_rows, take
+from hierfed.data.federation import (
+    ClientData,
+    ClientProfile,
+    Federation,
+    ModalitySpec,
+    TaskSpec,
+    subset,
+)
+from hierfed.data.partition import (
+    assign_resources,
+    cap_rows,
+    check_options,
+    dirichlet_partitions,
+    split_rows,
+    take,
+)
 from hierfed.registry import DATASETS
 from hierfed.seeding import np_rng
 
-OPTIONS: dict[str, Any] = {"leas": 6, "schools_per_lea": 5, "subjects": 8, "flags": ["special_topic"], "resource_mix": {}}
+OPTIONS: dict[str, Any] = {
+    "leas": 6,
+    "schools_per_lea": 5,
+    "subjects": 8,
+    "flags": ["special_topic"],
+    "resource_mix": {},
+}
 MODALITIES: dict[str, ModalitySpec] = {
     "tabular": ModalitySpec("tabular", "tabular", (4,)),
     "text": TEXT,
@@ -55,9 +75,13 @@ MODALITIES: dict[str, ModalitySpec] = {
 }
 
 
-def _pools(table: ClientData, label: str, leas: list[int], cfg: DataConfig, seed: int, name: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _pools(
+    table: ClientData, label: str, leas: list[int], cfg: DataConfig, seed: int, name: str
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per LEA: (train rows, test rows) of a Dirichlet label-skewed share of ``table``."""
-    parts = dirichlet_partitions(table.labels[label], len(leas), cfg.label_skew, seed, "edu-m3t", name, min_size=4)
+    parts = dirichlet_partitions(
+        table.labels[label], len(leas), cfg.label_skew, seed, "edu-m3t", name, min_size=4
+    )
     out = {}
     for lea, rows in zip(leas, parts):
         tr, te = split_rows(len(rows), cfg.test_fraction, np_rng(seed, "edu-m3t", name, lea))
@@ -73,21 +97,35 @@ def build_edu_m3t(cfg: DataConfig, seed: int) -> Federation:
     students = student_arrays(df)
     sub, schools, lea_of = kept_schools(df, opts)
     rows_all = np.flatnonzero(df["lea"].isin(sub["lea"].unique()).to_numpy())
-    courses, course_tasks, subjects = course_table({"subjects": opts["subjects"], "flags": opts["flags"]})
+    courses, course_tasks, subjects = course_table(
+        {"subjects": opts["subjects"], "flags": opts["flags"]}
+    )
     digits = digit_table()
     leas = sorted(set(lea_of[s] for s in schools))
     cpool = _pools(courses, "subject", leas, cfg, seed, "courses")
     dpool = _pools(digits, "digit", leas, cfg, seed, "digits")
-    tasks: dict[str, TaskSpec] = {"alevel_grade": CHEM_TASKS["alevel_grade"], **course_tasks, "digit": DIGIT_TASK}
+    tasks: dict[str, TaskSpec] = {
+        "alevel_grade": CHEM_TASKS["alevel_grade"],
+        **course_tasks,
+        "digit": DIGIT_TASK,
+    }
 
     def paired(rows: np.ndarray, lea: int, half: int, rng: np.random.Generator) -> ClientData:
         chem = take(students, rows)
         n = len(rows)
-        crow = rng.choice(cpool[lea][half], size=n, replace=True) if n else np.zeros(0, dtype=np.int64)
-        drow = rng.choice(dpool[lea][half], size=n, replace=True) if n else np.zeros(0, dtype=np.int64)
+        crow = (
+            rng.choice(cpool[lea][half], size=n, replace=True) if n else np.zeros(0, dtype=np.int64)
+        )
+        drow = (
+            rng.choice(dpool[lea][half], size=n, replace=True) if n else np.zeros(0, dtype=np.int64)
+        )
         c, d = take(courses, crow), take(digits, drow)
         return ClientData(
-            {"tabular": chem.inputs["tabular"], "text": c.inputs["text"], "image": d.inputs["image"]},
+            {
+                "tabular": chem.inputs["tabular"],
+                "text": c.inputs["text"],
+                "image": d.inputs["image"],
+            },
             {"alevel_grade": chem.labels["alevel_grade"], **c.labels, "digit": d.labels["digit"]},
         )
 
@@ -100,7 +138,10 @@ def build_edu_m3t(cfg: DataConfig, seed: int) -> Federation:
         cid = f"global/lea-{lea:03d}/school-{school:04d}"
         rng = np_rng(seed, "edu-m3t", cid)
         tr, te = split_rows(len(rows), cfg.test_fraction, rng)
-        full_tr, full_te = paired(rows_all[rows[tr]], lea, 0, rng), paired(rows_all[rows[te]], lea, 1, rng)
+        full_tr, full_te = (
+            paired(rows_all[rows[tr]], lea, 0, rng),
+            paired(rows_all[rows[te]], lea, 1, rng),
+        )
         if rng.random() < cfg.missing_modality:
             mods = ("tabular", "text")
         else:

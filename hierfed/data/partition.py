@@ -29,7 +29,9 @@ def _dataset(columns: Mapping[str, Sequence[Any] | np.ndarray]):  # -> datasets.
     try:
         from datasets import Dataset
     except ImportError:
-        raise DataError("real datasets need the 'datasets' package (pip install 'hierfed[data]')") from None
+        raise DataError(
+            "real datasets need the 'datasets' package (pip install 'hierfed[data]')"
+        ) from None
     n = len(next(iter(columns.values())))
     return Dataset.from_dict({"_row": np.arange(n), **{k: list(v) for k, v in columns.items()}})
 
@@ -41,7 +43,9 @@ def natural_partitions(ids: Sequence[Any] | np.ndarray) -> dict[Any, np.ndarray]
     part = NaturalIdPartitioner(partition_by="nid")
     part.dataset = _dataset({"nid": np.asarray(ids).tolist()})
     out: dict[Any, np.ndarray] = {}
-    with contextlib.redirect_stderr(io.StringIO()):  # flwr draws a tqdm bar; the library never prints
+    with contextlib.redirect_stderr(
+        io.StringIO()
+    ):  # flwr draws a tqdm bar; the library never prints
         for pid in range(part.num_partitions):
             nid = part.partition_id_to_natural_id[pid]
             out[nid] = np.sort(np.asarray(part.load_partition(pid)["_row"], dtype=np.int64))
@@ -49,7 +53,12 @@ def natural_partitions(ids: Sequence[Any] | np.ndarray) -> dict[Any, np.ndarray]
 
 
 def dirichlet_partitions(
-    labels: Sequence[Any] | np.ndarray, num: int, alpha: float, seed: int, *key: object, min_size: int = 1
+    labels: Sequence[Any] | np.ndarray,
+    num: int,
+    alpha: float,
+    seed: int,
+    *key: object,
+    min_size: int = 1,
 ) -> list[np.ndarray]:
     """``num`` label-skewed partitions (row indices) via flwr's ``DirichletPartitioner``.
 
@@ -63,23 +72,34 @@ def dirichlet_partitions(
     if num == 1:
         return [np.arange(len(labels), dtype=np.int64)]
     part = DirichletPartitioner(
-        num_partitions=num, partition_by="label", alpha=float(alpha), min_partition_size=min_size,
-        self_balancing=True, seed=derive_seed(seed, "dirichlet", *key) % (2**32),
+        num_partitions=num,
+        partition_by="label",
+        alpha=float(alpha),
+        min_partition_size=min_size,
+        self_balancing=True,
+        seed=derive_seed(seed, "dirichlet", *key) % (2**32),
     )
     part.dataset = _dataset({"label": labels.tolist()})
     return [np.sort(np.asarray(part.load_partition(i)["_row"], dtype=np.int64)) for i in range(num)]
 
 
-def check_options(options: Mapping[str, Any], defaults: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+def check_options(
+    options: Mapping[str, Any], defaults: Mapping[str, Any], dataset: str
+) -> dict[str, Any]:
     """``defaults`` overlaid with ``options``; an unknown option name is a ConfigError."""
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise ConfigError(f"data.options.{unknown[0]}", options[unknown[0]],
-                          f"dataset '{dataset}' takes options {sorted(defaults)}")
+        raise ConfigError(
+            f"data.options.{unknown[0]}",
+            options[unknown[0]],
+            f"dataset '{dataset}' takes options {sorted(defaults)}",
+        )
     return {**defaults, **dict(options)}
 
 
-def assign_resources(clients: Sequence[ClientProfile], mix: Mapping[str, float], seed: int) -> list[ClientProfile]:
+def assign_resources(
+    clients: Sequence[ClientProfile], mix: Mapping[str, float], seed: int
+) -> list[ClientProfile]:
     """Give clients resource classes in the proportions of ``mix`` (class -> share).
 
     Exact quotas (largest remainder: with 12 clients and ``{light: 0.25, full: 0.75}``,
@@ -91,8 +111,11 @@ def assign_resources(clients: Sequence[ClientProfile], mix: Mapping[str, float],
     names = sorted(mix)
     shares = np.array([float(mix[n]) for n in names])
     if (shares < 0).any() or not np.isfinite(shares).all() or shares.sum() <= 0:
-        raise ConfigError("data.options.resource_mix", dict(mix),
-                          "give non-negative shares per resource class, e.g. {light: 0.5, full: 0.5}")
+        raise ConfigError(
+            "data.options.resource_mix",
+            dict(mix),
+            "give non-negative shares per resource class, e.g. {light: 0.5, full: 0.5}",
+        )
     n = len(clients)
     exact = shares / shares.sum() * n
     counts = np.floor(exact).astype(int)
@@ -105,7 +128,9 @@ def assign_resources(clients: Sequence[ClientProfile], mix: Mapping[str, float],
     return [dataclasses.replace(c, resource=kind[i]) for i, c in enumerate(clients)]
 
 
-def split_rows(n: int, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(
+    n: int, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, test rows) of ``n``; at least one training row, test rows only if n >= 2."""
     perm = rng.permutation(n)
     n_test = min(max(1, int(round(n * test_fraction))), n - 1) if n >= 2 else 0
@@ -114,7 +139,9 @@ def split_rows(n: int, test_fraction: float, rng: np.random.Generator) -> tuple[
 
 def take(data: ClientData, idx: np.ndarray) -> ClientData:
     """Rows ``idx`` of every array of ``data``."""
-    return ClientData({m: a[idx] for m, a in data.inputs.items()}, {t: a[idx] for t, a in data.labels.items()})
+    return ClientData(
+        {m: a[idx] for m, a in data.inputs.items()}, {t: a[idx] for t, a in data.labels.items()}
+    )
 
 
 def concat(parts: Sequence[ClientData]) -> ClientData:
@@ -146,10 +173,15 @@ def skewed_grid(
     n_inst, per = cfg.num_institutions, cfg.students_per_institution
     num = n_inst * per
     if len(table) < 2 * num:
-        raise ConfigError("data.students_per_institution", per,
-                          f"{dataset} has {len(table)} rows, too few for {num} clients; lower data.num_institutions "
-                          "or data.students_per_institution")
-    parts = dirichlet_partitions(table.labels[label], num, cfg.label_skew, seed, dataset, min_size=2)
+        raise ConfigError(
+            "data.students_per_institution",
+            per,
+            f"{dataset} has {len(table)} rows, too few for {num} clients; lower data.num_institutions "
+            "or data.students_per_institution",
+        )
+    parts = dirichlet_partitions(
+        table.labels[label], num, cfg.label_skew, seed, dataset, min_size=2
+    )
     train: dict[str, ClientData] = {}
     test: dict[str, ClientData] = {}
     ids = []

