@@ -194,6 +194,7 @@ def test_spent_budget_stops_the_client(setup):
 def test_three_institutions_three_budgets_in_a_run(tmp_path):
     cfg = load_config(None, tiny_overrides(**{
         "runtime.name": "local", "rounds": 2, "data.samples_per_student": 16, "train.batch_size": 8,
+        "data.students_per_institution": 2,
         "privacy.policies.strict.epsilon": 1.0, "privacy.policies.strict.rounds": 1,
         "privacy.policies.mid.epsilon": 4.0,
         "privacy.policies.loose.epsilon": 16.0,
@@ -204,7 +205,7 @@ def test_three_institutions_three_budgets_in_a_run(tmp_path):
     r1, r2 = res.metrics[1], res.metrics[2]
     d1, d2 = r1["dp_sample"], r2["dp_sample"]
     assert d1["unit"] == d2["unit"] == "sample"
-    assert len(d2["clients"]) == 9 and d1["sat_out"] == []
+    assert len(d2["clients"]) == 6 and d1["sat_out"] == []
     strict = sorted(c for c in d2["clients"] if "/inst-00/" in c)
     assert d2["sat_out"] == strict and d2["spent"] == strict  # strict's budget fit one round
     assert r2["participants"] == r1["participants"] - len(strict)
