@@ -215,3 +215,34 @@ def test_scoped_components_mix_only_within_their_scope():
     assert heads and all(inst(r.src) == inst(r.dst) for r in heads)
     assert any(inst(r.src) != inst(r.dst) for r in peer if r.component == "adapter.backbone")
     assert not [r for r in peer if r.component.startswith("prompt.")]  # local: never leaves a node
+
+
+def test_light_clients_receive_the_encoders_they_use_but_do_not_train():
+    pytest.importorskip("sklearn")
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{
+                "runtime.name": "local",
+                "data.name": "digits",
+                "data.options.resource_mix": "{light: 0.5, full: 0.5}",
+            }
+        ),
+        topology="gossip",
+    )
+    topo, _, stats = _round(cfg)
+    light = [n for n in topo.nodes if topo.federation.by_id[n].resource == "light"]
+    assert light and stats[0].participants == len(topo.nodes)
+    moved = 0.0
+    for n in light:
+        assert "encoder.image" in topo.uses[n] and "encoder.image" not in topo.holds[n]
+        w = "encoder.image"
+        moved = max(
+            moved,
+            max(
+                float((topo.states[n][w][p] - topo.initial[w][p]).abs().max())
+                for p in topo.initial[w]
+            ),
+        )
+        assert topo._weight(n, w) == 0.0  # its untrained copy carries no weight in the mix
+    assert moved > 1e-4
