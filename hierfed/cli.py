@@ -131,9 +131,25 @@ def _run(console: Console, args: argparse.Namespace) -> int:
             loss = data.get("train_loss")
             line = (f"round {data['round']}: loss={loss:.3f} {info}  bytes={_fmt_bytes(data.get('bytes_total', 0))}"
                     f"  clients={data.get('participants')}")
-            if data.get("rejected"):
-                line += f"  rejected={data['rejected']}"
+            if data.get("sim_time_s"):
+                line += f"  sim={data['sim_time_s']:.2f}s"
+            for key in ("rejected", "failed", "dropped", "late"):
+                if data.get(key):
+                    line += f"  {key}={data[key]}"
+            if "consensus_distance" in data:
+                line += f"  consensus={data['consensus_distance']:.3g}"
+            dp = data.get("dp_sample")
+            if dp:
+                line += f"  max-eps={dp['max_epsilon']:.2f} (sample-level)"
+                if dp.get("sat_out"):
+                    line += f" budget-spent={len(dp['sat_out'])}"
+            worst = data.get("node_metric_worst")
+            if worst:
+                line += "  worst-node " + " ".join(f"{t}={v:.3f}" for t, v in sorted(worst.items()))
             console.print(line, highlight=False, soft_wrap=True)
+            if data.get("worker_failures"):
+                for ev in data["worker_failures"]:
+                    console.print(f"  [yellow]recovered:[/] {ev}", highlight=False, soft_wrap=True)
             assert task_id is not None
             progress.update(task_id, advance=1, info=info)
         elif kind == "resume":
