@@ -143,7 +143,7 @@ def report(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "| attack | " + " | ".join(AGGREGATORS) + " |",
             "|---|" + "---|" * len(AGGREGATORS),
         ]
-        for a in ATTACKS:
+        for a in [x for x in ATTACKS if any(c["attack"] == x for c in cells)]:
             row = [a]
             for agg in AGGREGATORS:
                 cs = [
@@ -191,7 +191,10 @@ def report(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "One malicious institution of three (its emitted update is replaced); Krum is absent:",
             "it needs n >= 2f + 3 = 5 updates per node-round and the global node receives 3",
             "(the fan-out check rejects it at start-up). `label_flip` poisons data, so it exists",
-            "only at the student tier. One seed.",
+            "only at the student tier. One seed. The third institution is essay-only (edu-synth's",
+            "`essay_only_institutions: 1`), so image components (encoder.image, head.digit, ...) reach",
+            "the global node from two institutions only (inst-00, the attacker, and inst-01): a median of two is their mean, and one",
+            "attacker of two is beyond any rule's breakdown point for those components.",
         ]
     return "\n".join(lines) + "\n"
 
