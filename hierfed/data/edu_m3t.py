@@ -142,6 +142,7 @@ def build_edu_m3t(cfg: DataConfig, seed: int) -> Federation:
             paired(rows_all[rows[tr]], lea, 0, rng),
             paired(rows_all[rows[te]], lea, 1, rng),
         )
+        mods: tuple[str, ...]
         if rng.random() < cfg.missing_modality:
             mods = ("tabular", "text")
         else:

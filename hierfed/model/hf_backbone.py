@@ -57,9 +57,9 @@ class HFBackbone(Backbone):
     frozen word-embedding table; ``tokenize`` applies the model's own tokenizer.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, name: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, name: str) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a transformers PreTrainedModel
         self.tokenizer = tokenizer
         self.name = name
         conf = model.config
