@@ -179,6 +179,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             + ", ".join(f"{i}: {e:.2f}" for i, e in spent[0]["epsilon_max_per_institution"].items())
             + "."
         )
+    if meta.get("notes"):
+        lines += ["", *meta["notes"]]
     return "\n".join(lines) + "\n"
 
 
