@@ -103,3 +103,16 @@ def test_client_level_report_states_unit_and_rate():
     assert (r["unit"], r["level"], r["steps"], r["sample_rate"]) == ("student", "client", 2250, 0.04)
     assert r["epsilon"] == pytest.approx(7.3291, abs=5e-5)
     assert client_level_report(cfg, ("global", "institution", "student"), 0)["institution"]["epsilon"] == 0.0
+
+
+def test_accountant_state_survives_a_checkpoint_round_trip():
+    # the state is carried in run checkpoints (engine.privacy): no pickle, exact values back
+    import json
+
+    from hierfed.checkpoint import pack, unpack
+
+    s = PrivacyState.empty("p", 1e-5, 3.0).after(((1.2, 0.5, 8),)).spent()
+    tensors: dict = {}
+    back = unpack(json.loads(json.dumps(pack({"global/inst-00/student-000": s}, tensors))), tensors)
+    assert back["global/inst-00/student-000"] == s
+    assert back["global/inst-00/student-000"].after(((1.2, 0.5, 8),)).epsilon == s.after(((1.2, 0.5, 8),)).epsilon
