@@ -15,10 +15,10 @@ import torch
 
 from hierfed.aggregators.base import AggContext
 from hierfed.aggregators.lora import mask_rank, truncate_rank
+from hierfed.attacks import attack_pool, build_attack, poisoned
 from hierfed.client import ClientTrainer, to_cpu
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
-from hierfed.attacks import attack_pool, build_attack, poisoned
 from hierfed.errors import UpdateRejected
 from hierfed.faults import Faults
 from hierfed.mixing import combine, consensus_distance, weighted_average
@@ -26,9 +26,9 @@ from hierfed.model.hf_backbone import tokenize_federation
 from hierfed.model.m3t import M3TModel, build_model, model_spec
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.base import PostContext, apply_chain, build_chain
+from hierfed.postprocess.validate import Expectation, validate_update
 from hierfed.privacy.dpsgd import train_client
 from hierfed.privacy.policy import plan_for
-from hierfed.postprocess.validate import Expectation, validate_update
 from hierfed.registry import AGGREGATORS, SERVER_OPTIMIZERS
 from hierfed.runtime.jobs import (
     AverageTask,
