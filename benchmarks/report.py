@@ -158,6 +158,7 @@ def plot(rows: list[dict[str, Any]], out: Path, metric_label: str, target: float
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     runs = _by_run(rows)
     axes = [
@@ -198,7 +199,8 @@ def plot(rows: list[dict[str, Any]], out: Path, metric_label: str, target: float
             drawn += 1
         ax.axhline(target, color="grey", ls="--", lw=0.8, label=f"target {target:g}")
         if x_key.startswith("bytes"):
-            ax.set_xscale("symlog" if x_key == "bytes_top" else "log")
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(x_label)
         ax.set_ylabel(metric_label)
         ax.grid(alpha=0.3)
@@ -250,7 +252,7 @@ def _report(
         "",
         suite.description,
         "",
-        f"Seeds {list(suite.seeds)}; runtime `{suite.runtime}`; target: {suite.target_metric} >= {suite.target_value:g} "
+        f"Seeds {list(suite.seeds)}; runtime `{(machine or {}).get('runtime', suite.runtime)}`; target: {suite.target_metric} >= {suite.target_value:g} "
         f"on the global held-out set. Values are mean ± std over the seeds that reached the target.",
         "",
     ]

@@ -159,7 +159,12 @@ def run_suite(
     (out / "status.json").write_text(json.dumps(status, indent=1))
     (out / "machine.json").write_text(
         json.dumps(
-            {"before": before, "after": after, "suite_wall_s": time.perf_counter() - t_suite},
+            {
+                "before": before,
+                "after": after,
+                "suite_wall_s": time.perf_counter() - t_suite,
+                "runtime": suite.runtime,
+            },
             indent=1,
         )
     )
