@@ -315,7 +315,7 @@ def validate_config(cfg: RunConfig) -> None:
     _nonneg("data.size_skew", d.size_skew)
     if not (0 <= d.missing_modality < 1) or math.isnan(d.missing_modality):
         raise ConfigError("data.missing_modality", d.missing_modality, "must lie in [0, 1)")
-    if d.essay_only_institutions < 0 or d.essay_only_institutions >= d.num_institutions:
+    if d.name == "edu-synth" and (d.essay_only_institutions < 0 or d.essay_only_institutions >= d.num_institutions):
         raise ConfigError(
             "data.essay_only_institutions", d.essay_only_institutions,
             f"must lie in [0, data.num_institutions={d.num_institutions})",

@@ -80,3 +80,22 @@ def test_light_clients_train_heads_and_prompts_only():
 
     light = replace(fed.clients[0], resource="light")
     assert all(c.startswith(("head.", "prompt.")) for c in spec.holds(light))
+
+
+def test_lora_dropout_is_live_in_training_and_keyed(tmp_path):
+    from hierfed.simulation import run
+
+    def final(p: float):
+        cfg = load_config(None, tiny_overrides(**{"runtime.name": "local", "model.lora_dropout": p, "rounds": 1}),
+                          out=str(tmp_path / str(p)))
+        return run(cfg, write=False).final_state["adapter.backbone"]
+
+    a, b, off = final(0.3), final(0.3), final(0.0)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same seed, same dropout masks
+    assert any(not torch.equal(a[k], off[k]) for k in a)  # and the dropout really acts
+    cfg = load_config(None, tiny_overrides(**{"model.lora_dropout": 0.3}))
+    model = build_model(cfg.model, build_federation(cfg), cfg.seed)
+    model.train()
+    drops = [m for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(m.training for m in drops)
+    assert not model.backbone.training

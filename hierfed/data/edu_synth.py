@@ -20,6 +20,7 @@ Deeper trees (``data.options``): ``regions: R`` puts institution ``i`` in region
 student ``s`` in course ``s % C`` of its institution (tier ``course`` between institution and
 student), e.g. ``student -> course -> institution -> region -> global``. The rows are the same
 as in the flat tree (keyed by the flat student id): only the grouping changes.
+``resource_mix: {light: 0.25, full: 0.75}`` gives students resource classes (exact quotas).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from hierfed.config import DataConfig
 from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec, subset
+from hierfed.data.partition import assign_resources
 from hierfed.errors import ConfigError, DataError
 from hierfed.registry import DATASETS
 from hierfed.seeding import np_rng
@@ -134,7 +136,7 @@ def generate(
     )
 
 
-OPTIONS = {"regions": 0, "courses_per_institution": 0}
+OPTIONS: dict[str, object] = {"regions": 0, "courses_per_institution": 0, "resource_mix": {}}
 
 
 def tree_options(cfg: DataConfig) -> tuple[int, int]:
@@ -144,9 +146,11 @@ def tree_options(cfg: DataConfig) -> tuple[int, int]:
         raise ConfigError(f"data.options.{unknown[0]}", cfg.options[unknown[0]], f"edu-synth takes options {sorted(OPTIONS)}")
     opts = {**OPTIONS, **dict(cfg.options)}
     for k, v in opts.items():
+        if k == "resource_mix":
+            continue
         if not isinstance(v, int) or v < 0:
             raise ConfigError(f"data.options.{k}", v, "an integer >= 0 (0 = no such tier)")
-    regions, courses = opts["regions"], opts["courses_per_institution"]
+    regions, courses = int(opts["regions"]), int(opts["courses_per_institution"])  # type: ignore[call-overload]
     if regions > cfg.num_institutions:
         raise DataError(f"data.options.regions={regions} > data.num_institutions={cfg.num_institutions} would leave "
                         "a region with no institution; lower regions or add institutions")
@@ -212,6 +216,8 @@ def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
         {m: np.concatenate([p.inputs[m] for p in parts]) for m in MODALITIES},
         {t: np.concatenate([p.labels[t] for p in parts]) for t in TASKS},
     )
+    # resource classes (e.g. {light: 0.5, full: 0.5}): light students train heads and prompts only
+    clients = assign_resources(clients, dict(cfg.options.get("resource_mix", {})), seed)
     return Federation(
         name="edu-synth",
         tier_names=tuple(["global", *(["region"] if regions else []), "institution",

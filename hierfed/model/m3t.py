@@ -246,7 +246,10 @@ class M3TModel(nn.Module):
 
     def train(self, mode: bool = True) -> M3TModel:
         super().train(mode)
-        self.backbone.eval()  # the frozen backbone never leaves eval mode
+        self.backbone.eval()  # the frozen backbone never leaves eval mode ...
+        for name, module in self.backbone.named_modules():
+            if "lora_dropout" in name:  # ... but LoRA's own dropout (model.lora_dropout) is trained with
+                module.train(mode)
         return self
 
     # ---------------------------------------------------------------- forward
