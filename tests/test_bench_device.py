@@ -23,9 +23,12 @@ def test_select_device_falls_back_to_cpu_when_cuda_is_missing():
 
 
 def test_batch_moves_inputs_and_labels_to_the_worker_device():
-    data = ClientData({"tabular": np.arange(12, dtype=np.float32).reshape(4, 3)}, {"t": np.array([0, 1, 0, 1])})
+    data = ClientData(
+        {"tabular": np.arange(12, dtype=np.float32).reshape(4, 3)}, {"t": np.array([0, 1, 0, 1])}
+    )
     idx = np.array([3, 1])
-    x, y = _batch(data, idx, ("tabular",), "t", torch.device("meta"))  # meta: a device move without a GPU
+    # the meta device: a real device move, without a GPU
+    x, y = _batch(data, idx, ("tabular",), "t", torch.device("meta"))
     assert x["tabular"].device.type == "meta" and y.device.type == "meta"
     x, y = _batch(data, idx, ("tabular",), "t", torch.device("cpu"))
     assert x["tabular"].tolist() == [[9.0, 10.0, 11.0], [3.0, 4.0, 5.0]] and y.tolist() == [1, 1]

@@ -27,7 +27,9 @@ def test_component_state_matches_peft_and_is_a_copy(model_and_fed):
     for k, v in peft_sd.items():
         assert torch.equal(state[ADAPTER][k], v)
     state[ADAPTER][next(iter(peft_sd))].add_(1.0)  # mutating the copy leaves the model alone
-    assert torch.equal(model.component_state()[ADAPTER][next(iter(peft_sd))], peft_sd[next(iter(peft_sd))])
+    assert torch.equal(
+        model.component_state()[ADAPTER][next(iter(peft_sd))], peft_sd[next(iter(peft_sd))]
+    )
 
 
 def test_load_components_round_trips_every_component(model_and_fed):
@@ -39,7 +41,9 @@ def test_load_components_round_trips_every_component(model_and_fed):
     for c in before:
         for k in before[c]:
             assert torch.equal(after[c][k], shifted[c][k])
-    peft_sd = get_peft_model_state_dict(model.backbone)  # the adapter really changed inside peft's layers
+    peft_sd = get_peft_model_state_dict(
+        model.backbone
+    )  # the adapter really changed inside peft's layers
     for k, v in peft_sd.items():
         assert torch.equal(v, shifted[ADAPTER][k])
     model.load_components(before)
