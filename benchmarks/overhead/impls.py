@@ -176,7 +176,9 @@ def run_flower(w: Workload, out: Path) -> dict[str, Any]:
             evaluate_fn=evaluate_fn,
         )
 
-    os.environ.setdefault("RAY_worker_niceness", "0")  # the same worker priority hierfed's Ray runtime uses
+    os.environ.setdefault(
+        "RAY_worker_niceness", "0"
+    )  # the same worker priority hierfed's Ray runtime uses
     run_simulation(
         server_app=server_app,
         client_app=client_app,
