@@ -19,15 +19,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opacus.accountants import RDPAccountant
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
+
 
 History = tuple[tuple[float, float, int], ...]
 
 
 def accountant_of(history: Iterable[tuple[float, float, int]]) -> RDPAccountant:
     """An Opacus RDPAccountant holding ``history`` (the persistent state, rebuilt in place)."""
+    from opacus.accountants import RDPAccountant  # imported when DP is used: keeps start-up light
+
     acc = RDPAccountant()
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return acc

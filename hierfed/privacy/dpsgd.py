@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from opacus.optimizers import DPOptimizer
 from torch.func import functional_call, grad, vmap
 
 from hierfed.client import ClientTrainer, FitResult, _batch, task_loss
@@ -101,6 +100,8 @@ def fit_dp(
         base = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     n = len(data)
     q = plan.sample_rate
+    from opacus.optimizers import DPOptimizer  # imported when DP-SGD runs: keeps start-up light
+
     opt = DPOptimizer(
         base, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip_norm,
         expected_batch_size=max(1, int(round(q * n))), loss_reduction="mean",
