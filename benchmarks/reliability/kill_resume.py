@@ -24,17 +24,27 @@ from pathlib import Path
 from benchmarks.machine import machine_info
 
 OVERRIDES = [
-    "runtime.name=ray", "runtime.num_workers=2", "rounds=4", "data.num_institutions=3",
-    "data.students_per_institution=4", "topology.tiers.institution.participation=0.75",
-    "topology.tiers.global.server_optimizer=fedadam", "topology.tiers.global.server_lr=0.05",
+    "runtime.name=ray",
+    "runtime.num_workers=2",
+    "rounds=4",
+    "data.num_institutions=3",
+    "data.students_per_institution=4",
+    "topology.tiers.institution.participation=0.75",
+    "topology.tiers.global.server_optimizer=fedadam",
+    "topology.tiers.global.server_lr=0.05",
 ]
 KILL_POINTS = ["after-round:1", "in-checkpoint:2", "before-latest:3", "after-round:3"]
 
 
 def _run(args: list[str], env: dict[str, str]) -> tuple[int, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hierfed", "run", "--quiet", *args], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hierfed", "run", "--quiet", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return proc.returncode, time.perf_counter() - t0
 
 
@@ -63,33 +73,54 @@ def main(argv: list[str] | None = None) -> int:
         ref = _digest(ref_dir)
         for point in KILL_POINTS:
             run_dir = Path(tmp) / point.replace(":", "-")
-            rc_kill, kill_s = _run(["--out", str(run_dir), *OVERRIDES], {**env, "HIERFED_FAULT": point})
+            rc_kill, kill_s = _run(
+                ["--out", str(run_dir), *OVERRIDES], {**env, "HIERFED_FAULT": point}
+            )
             rc_res, res_s = _run(["--resume", str(run_dir)], env)
             state, metrics = _digest(run_dir) if rc_res == 0 else ("", [])
-            rows.append({
-                "kill_point": point, "killed_by_sigkill": rc_kill == -signal.SIGKILL, "resume_rc": rc_res,
-                "state_sha256_equal": state == ref[0], "metrics_equal": metrics == ref[1],
-                "killed_run_s": round(kill_s, 2), "resume_s": round(res_s, 2),
-                "overhead_s": round(kill_s + res_s - ref_s, 2),
-            })
-    result = {"uninterrupted_s": round(ref_s, 2), "reference_sha256": ref[0], "config_overrides": OVERRIDES,
-              "rows": rows, "machine_before": before, "machine_after": machine_info()}
+            rows.append(
+                {
+                    "kill_point": point,
+                    "killed_by_sigkill": rc_kill == -signal.SIGKILL,
+                    "resume_rc": rc_res,
+                    "state_sha256_equal": state == ref[0],
+                    "metrics_equal": metrics == ref[1],
+                    "killed_run_s": round(kill_s, 2),
+                    "resume_s": round(res_s, 2),
+                    "overhead_s": round(kill_s + res_s - ref_s, 2),
+                }
+            )
+    result = {
+        "uninterrupted_s": round(ref_s, 2),
+        "reference_sha256": ref[0],
+        "config_overrides": OVERRIDES,
+        "rows": rows,
+        "machine_before": before,
+        "machine_after": machine_info(),
+    }
     (out / "kill_resume.json").write_text(json.dumps(result, indent=1))
     lines = [
-        "# Kill-and-resume drill", "",
+        "# Kill-and-resume drill",
+        "",
         f"Command: `python -m benchmarks.reliability.kill_resume`; commit {before['git_commit']}; "
-        f"load average before {before.get('load_avg_1_5_15')}, after {result['machine_after'].get('load_avg_1_5_15')}.", "",
+        f"load average before {before.get('load_avg_1_5_15')}, after {result['machine_after'].get('load_avg_1_5_15')}.",
+        "",
         f"Config: edu-synth, hierarchical, Ray runtime with 2 workers, `{' '.join(OVERRIDES)}`. "
-        f"Uninterrupted run: {ref_s:.1f} s (each run includes ~10 s of process and Ray start-up).", "",
+        f"Uninterrupted run: {ref_s:.1f} s (each run includes ~10 s of process and Ray start-up).",
+        "",
         "| kill point | SIGKILLed | resumed | final state hash equal | metrics equal | killed run s | resume s | overhead s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['kill_point']} | {r['killed_by_sigkill']} | {r['resume_rc'] == 0} | {r['state_sha256_equal']} | "
-                     f"{r['metrics_equal']} | {r['killed_run_s']} | {r['resume_s']} | {r['overhead_s']} |")
+        lines.append(
+            f"| {r['kill_point']} | {r['killed_by_sigkill']} | {r['resume_rc'] == 0} | {r['state_sha256_equal']} | "
+            f"{r['metrics_equal']} | {r['killed_run_s']} | {r['resume_s']} | {r['overhead_s']} |"
+        )
     (out / "REPORT.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    ok = all(r["killed_by_sigkill"] and r["state_sha256_equal"] and r["metrics_equal"] for r in rows)
+    ok = all(
+        r["killed_by_sigkill"] and r["state_sha256_equal"] and r["metrics_equal"] for r in rows
+    )
     return 0 if ok else 1
 
 
