@@ -117,7 +117,7 @@ class ClientTrainer:
                 steps += 1
                 loss_sum += float(loss.detach()) * len(idx)
                 count += len(idx)
-        model.eval()
+        # the model stays in train mode: the next client needs it, and evaluate() sets eval
         state = model.component_state(trainable)
         if self.device is not None and self.device.type != "cpu":
             state = to_cpu(state)

@@ -227,29 +227,41 @@ class M3TModel(nn.Module):
 
     def freeze_backbone(self) -> None:
         """Base weights frozen *and* in eval mode (no dropout, fixed norms); LoRA stays trainable."""
+        self.__dict__.pop("_trainable", None)
+        self.__dict__.pop("_mode", None)
         for n, p in self.backbone.named_parameters():
             p.requires_grad_("lora_" in n)
         self.backbone.eval()
 
     def set_trainable(self, components: Iterable[str]) -> list[nn.Parameter]:
-        """Make exactly ``components`` trainable; returns their parameters in a fixed order."""
-        keep = set(components)
+        """Make exactly ``components`` trainable; returns their parameters in a fixed order.
+
+        A worker calls this once per client; when the set is the one it set last (clients of
+        the same kind, one after another) the flags are already right and nothing is redone."""
+        keep = tuple(sorted(set(components)))
+        cached = self.__dict__.get("_trainable")
+        if cached is not None and cached[0] == keep and all(p.requires_grad for p in cached[1]):
+            return list(cached[1])
         for p in self.parameters():
             p.requires_grad_(False)
         params: list[nn.Parameter] = []
-        for c in sorted(keep):
+        for c in keep:
             for p in self.component_parameters(c):
                 p.requires_grad_(True)
                 params.append(p)
         self.backbone.eval()
+        self.__dict__["_trainable"] = (keep, tuple(params))
         return params
 
     def train(self, mode: bool = True) -> M3TModel:
+        if self.__dict__.get("_mode") is mode:  # already there: skip walking every module again
+            return self
         super().train(mode)
         self.backbone.eval()  # the frozen backbone never leaves eval mode ...
         for name, module in self.backbone.named_modules():
             if "lora_dropout" in name:  # ... but LoRA's own dropout (model.lora_dropout) is trained with
                 module.train(mode)
+        self.__dict__["_mode"] = mode
         return self
 
     # ---------------------------------------------------------------- forward
