@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -78,6 +79,8 @@ class RayRuntime(Runtime):
     def start(self, setup: WorkerSetup) -> None:
         import ray
 
+        # Ray's notice about a future change to GPU visibility says nothing about this run
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
         if not ray.is_initialized():
             # Ray starts its worker processes at nice 15; on a machine shared with other work that
             # leaves the actors a sliver of the CPU (measured: 2x slower per client than the driver
