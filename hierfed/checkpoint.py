@@ -8,8 +8,8 @@ pair or the new one, never a torn file. ``load_state`` verifies the checksum fir
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
 import tempfile
 from pathlib import Path

@@ -79,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _list(console: Console) -> int:
     from hierfed import plugins  # noqa: F401
-    from hierfed.registry import AGGREGATORS, BACKBONES, DATASETS, POSTPROCESSORS, SERVER_OPTIMIZERS, TOPOLOGIES
+    from hierfed.registry import (
+        AGGREGATORS,
+        BACKBONES,
+        DATASETS,
+        POSTPROCESSORS,
+        SERVER_OPTIMIZERS,
+        TOPOLOGIES,
+    )
 
     table = Table(title="registered plug-ins")
     table.add_column("kind")

@@ -300,7 +300,14 @@ def _registered(key: str, registry: Any, name: str) -> None:
 def validate_config(cfg: RunConfig) -> None:
     """Check ranges and plug-in names; raises ConfigError before any work starts."""
     from hierfed import plugins  # noqa: F401  (registers the built-in plug-ins)
-    from hierfed.registry import AGGREGATORS, BACKBONES, DATASETS, POSTPROCESSORS, SERVER_OPTIMIZERS, TOPOLOGIES
+    from hierfed.registry import (
+        AGGREGATORS,
+        BACKBONES,
+        DATASETS,
+        POSTPROCESSORS,
+        SERVER_OPTIMIZERS,
+        TOPOLOGIES,
+    )
 
     _positive_int("rounds", cfg.rounds)
     if not isinstance(cfg.seed, int) or cfg.seed < 0:

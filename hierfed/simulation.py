@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from hierfed.checkpoint import atomic_write_text, save_state
+from hierfed.config import RunConfig, to_yaml, validate_config
+from hierfed.data.federation import Federation
 from hierfed.errors import CheckpointError
+from hierfed.ledger import CommLedger
+from hierfed.model.m3t import build_model, model_spec
+from hierfed.model.spec import ModelSpec
+from hierfed.privacy.accountant import privacy_metrics
+from hierfed.registry import DATASETS, TOPOLOGIES
 from hierfed.resume import (
     config_fingerprint,
     fault_point,
@@ -26,13 +33,6 @@ from hierfed.resume import (
     read_latest,
     write_checkpoint,
 )
-from hierfed.config import RunConfig, to_yaml, validate_config
-from hierfed.data.federation import Federation
-from hierfed.ledger import CommLedger
-from hierfed.model.m3t import build_model, model_spec
-from hierfed.model.spec import ModelSpec
-from hierfed.privacy.accountant import privacy_metrics
-from hierfed.registry import DATASETS, TOPOLOGIES
 from hierfed.runtime.base import Runtime, make_runtime
 from hierfed.runtime.jobs import EvalJob
 from hierfed.runtime.worker import WorkerSetup

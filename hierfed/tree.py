@@ -128,7 +128,7 @@ class TreeEngine:
     # ---------------------------------------------------------------- helpers
 
     def init(self, initial: State) -> None:
-        for nid, node in self.nodes.items():
+        for nid in self.nodes:
             if nid not in self.leaves:
                 self.states[nid] = dict(initial)
         self.initial = initial

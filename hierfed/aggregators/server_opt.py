@@ -68,7 +68,7 @@ class _Adaptive(ServerOptimizer):
     def step(self, params, delta, state):
         st = state or {}
         ms, vs = dict(st.get("m", {})), dict(st.get("v", {}))
-        b1, b2, lr, tau = self.tier.beta1, self.tier.beta2, self.tier.server_lr, self.tier.tau
+        b1, lr, tau = self.tier.beta1, self.tier.server_lr, self.tier.tau
         new_m, new_v = dict(ms), dict(vs)
 
         def fn(c, p, x, d):

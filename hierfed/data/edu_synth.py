@@ -28,7 +28,14 @@ from __future__ import annotations
 import numpy as np
 
 from hierfed.config import DataConfig
-from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec, subset
+from hierfed.data.federation import (
+    ClientData,
+    ClientProfile,
+    Federation,
+    ModalitySpec,
+    TaskSpec,
+    subset,
+)
 from hierfed.data.partition import assign_resources
 from hierfed.errors import ConfigError, DataError
 from hierfed.registry import DATASETS

@@ -97,7 +97,7 @@ class Runtime(ABC):
         """Failures the runtime recovered from since the last call (dead workers, retries)."""
         return []
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027  (optional hook: runtimes without workers keep it)
         """Release workers (a shared Ray session is left running)."""
 
 
