@@ -230,7 +230,7 @@ def load_config(
             if not p.is_file():
                 raise ConfigError("--config", str(path), "no such file; give the path of a YAML config")
             loaded = OmegaConf.load(p)
-            cfg = OmegaConf.merge(cfg, loaded)
+            cfg = OmegaConf.merge(cfg, loaded)  # type: ignore[assignment]  # a merged struct stays a DictConfig
         if topology is not None:
             cfg.topology.name = topology
         if out is not None:
@@ -240,7 +240,7 @@ def load_config(
                 raise ConfigError(ov, None, "overrides are written key=value, e.g. rounds=3")
             key = ov.split("=", 1)[0].strip()
             try:
-                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))  # type: ignore[assignment]
             except OmegaConfBaseException as exc:
                 raise ConfigError(key, ov.split("=", 1)[1], _fix_of(exc)) from None
         obj = OmegaConf.to_object(cfg)

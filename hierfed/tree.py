@@ -133,6 +133,12 @@ class TreeEngine:
                 self.states[nid] = dict(initial)
         self.initial = initial
 
+    def _parent(self, node_id: str) -> str:
+        parent = self.nodes[node_id].parent
+        if parent is None:
+            raise DataError(f"'{node_id}' is the root; it has no parent")
+        return parent
+
     def level_of(self, component: str) -> int:
         return self.spec.scope_level(component)
 
@@ -255,11 +261,11 @@ class TreeEngine:
                 sources, expectations = self._train_leaves(node_ids, sampled, cur, rnd, jkey, runtime, ledger, stats)
             else:
                 kids = [c for n in node_ids for c in sampled[n]]
-                kid_start = {c: self.take_from_parent(cur[self.nodes[c].parent], self.states[c], child_level) for c in kids}
+                kid_start = {c: self.take_from_parent(cur[self._parent(c)], self.states[c], child_level) for c in kids}
                 ups = self._run_level(kids, kid_start, rnd, jkey, runtime, ledger, stats) if kids else {}
                 sources = [ups]
                 expectations = {
-                    c: Expectation(c, frozenset(self.sends_up(list(cur[self.nodes[c].parent]), child_level)),
+                    c: Expectation(c, frozenset(self.sends_up(list(cur[self._parent(c)]), child_level)),
                                    exact=False, max_weight=self.nodes[c].max_weight)
                     for c in kids if c in ups
                 }

@@ -192,6 +192,8 @@ def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
             sid = "/".join(["global", *region, inst, *course, f"student-{s:03d}"])
             n = max(12, int(round(cfg.samples_per_student * inst_scale * np.exp(srng.normal(0, cfg.size_skew)))))
             data = generate(n, srng, digit_prior=digit_prior, topic_prior=topic_prior, risk_offset=risk_offset, mix=mix)
+            mods: tuple[str, ...]
+            tasks: tuple[str, ...]
             if i in essay_only:
                 mods, tasks = ("tabular", "text"), ("essay_grade", "essay_topic")
             elif srng.random() < cfg.missing_modality:

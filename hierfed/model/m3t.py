@@ -112,7 +112,7 @@ class M3TModel(nn.Module):
             p.requires_grad_(False)
         lora = LoraConfig(
             r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
+            lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft accepts a float scale
             lora_dropout=cfg.lora_dropout,
             target_modules=list(cfg.lora_targets),
         )
@@ -136,8 +136,8 @@ class M3TModel(nn.Module):
             {t: nn.Parameter(torch.zeros(cfg.prompt_tokens, d)) for t in tasks} if cfg.prompt_tokens else {}
         )
         self.heads = nn.ModuleDict()
-        for t, spec in tasks.items():
-            out = spec.num_classes if spec.kind == "classification" else 1
+        for t, task in tasks.items():
+            out = task.num_classes if task.kind == "classification" else 1
             if cfg.head_hidden:
                 self.heads[t] = nn.Sequential(nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, out))
             else:
@@ -201,8 +201,8 @@ class M3TModel(nn.Module):
                 continue
             if c == ADAPTER:  # mismatching keys or shapes: the library paths raise the precise error
                 res = set_peft_model_state_dict(self.backbone, dict(params))
-                if res.unexpected_keys:
-                    raise ValueError(f"{c}: unexpected keys {res.unexpected_keys[:3]}")
+                if res.unexpected_keys:  # type: ignore[attr-defined]
+                    raise ValueError(f"{c}: unexpected keys {res.unexpected_keys[:3]}")  # type: ignore[attr-defined]
             else:
                 mod = mods[c]
                 if isinstance(mod, nn.Parameter):

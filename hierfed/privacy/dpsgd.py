@@ -124,12 +124,12 @@ def fit_dp(
                 torch.manual_seed(derive_seed(trainer.seed, *key, "dp-dropout", e, t, j))
                 grads, losses = per_sample_grads(model, named, inputs, y, t)
             for name, p in named.items():
-                p.grad_sample = grads[name].to(p.dtype)
+                p.grad_sample = grads[name].to(p.dtype)  # type: ignore[attr-defined]  # Opacus reads it
             loss_sum += float(losses.sum())
             count += len(idx)
         else:  # an empty Poisson batch: the step is pure noise, as the accountant assumes
             for p in named.values():
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
         opt.step()
         accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=q)
         steps += 1

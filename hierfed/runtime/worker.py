@@ -196,7 +196,8 @@ class WorkerCore:
             weights = {c: float(w) for c, w in merged.weights.items() if w > 0}
             opt = SERVER_OPTIMIZERS.get(tier.server_optimizer)(tier)
             state, opt_state = opt.step(state, merged.mean(), opt_state)
-        emitted, sizes = None, {}
+        emitted: Update | None = None
+        sizes: dict[str, int] = {}
         if task.emit and task.start is not None:
             sends = [c for c in task.sends if task.emit_weights.get(c, 0) > 0]
             if sends:
