@@ -51,7 +51,15 @@ from hierfed.update import Update
 
 ATTACKS: Registry = Registry("attack", entry_point_group="hierfed.attacks")
 
-__all__ = ["ATTACKS", "Attack", "AttackContext", "AttackPlan", "build_attack", "check_attack_config", "malicious_ids"]
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackContext",
+    "AttackPlan",
+    "build_attack",
+    "check_attack_config",
+    "malicious_ids",
+]
 
 
 @dataclass(frozen=True)
@@ -78,9 +86,18 @@ class Attack:
         unknown = set(options) - set(cls.option_defaults)
         if unknown:
             name = sorted(unknown)[0]
-            raise ConfigError(f"{key}.{name}", options[name], f"{cls.__name__} takes options {sorted(cls.option_defaults) or 'none'}")
+            raise ConfigError(
+                f"{key}.{name}",
+                options[name],
+                f"{cls.__name__} takes options {sorted(cls.option_defaults) or 'none'}",
+            )
         for k, v in options.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            if (
+                not isinstance(v, (int, float))
+                or isinstance(v, bool)
+                or not math.isfinite(v)
+                or v < 0
+            ):
                 raise ConfigError(f"{key}.{k}", v, "must be a finite number >= 0")
 
     def corrupt(self, update: Update, benign: Sequence[Update], ctx: AttackContext) -> Update:
@@ -136,7 +153,9 @@ class GaussianNoise(Attack):
         tensors = {}
         for c in sorted(update.tensors):
             w = update.weights[c]
-            tensors[c] = {p: noise(c, p, update.tensors[c][p]) * w for p in sorted(update.tensors[c])}
+            tensors[c] = {
+                p: noise(c, p, update.tensors[c][p]) * w for p in sorted(update.tensors[c])
+            }
         return Update(tensors, dict(update.weights), update.meta)
 
 
@@ -157,7 +176,11 @@ class LittleIsEnough(Attack):
         z = self.z_value(ctx.num_updates, ctx.num_malicious)
 
         def fn(c: str, p: str, d: torch.Tensor) -> torch.Tensor:
-            xs = [u.tensors[c][p] / u.weights[c] for u in benign if c in u.tensors and u.weights[c] > 0]
+            xs = [
+                u.tensors[c][p] / u.weights[c]
+                for u in benign
+                if c in u.tensors and u.weights[c] > 0
+            ]
             if len(xs) < 2:
                 return d
             x = torch.stack(xs).double()
@@ -193,9 +216,18 @@ class AttackPlan:
 def malicious_ids(fed: Federation, tier: str, fraction: float, seed: int) -> frozenset[str]:
     """``round(fraction x N)`` node ids of ``tier`` (a tier of ``fed``), by a keyed draw."""
     if tier not in fed.tier_names:
-        raise ConfigError("attack.tier", tier, f"give a tier of this federation: {list(fed.tier_names)} ('' = the leaf tier)")
+        raise ConfigError(
+            "attack.tier",
+            tier,
+            f"give a tier of this federation: {list(fed.tier_names)} ('' = the leaf tier)",
+        )
     lvl = fed.tier_names.index(tier)
-    ids = sorted({"/".join(c.path[: lvl + 1]) if lvl < len(fed.tier_names) - 1 else c.id for c in fed.clients})
+    ids = sorted(
+        {
+            "/".join(c.path[: lvl + 1]) if lvl < len(fed.tier_names) - 1 else c.id
+            for c in fed.clients
+        }
+    )
     k = int(math.floor(fraction * len(ids) + 0.5))
     if k == 0:
         return frozenset()
@@ -211,7 +243,11 @@ def build_attack(cfg: Any, fed: Federation) -> AttackPlan | None:
     tier = a.tier or fed.tier_names[-1]
     attack = ATTACKS.get(a.name)(dict(a.options))
     if attack.poisons_data and tier != fed.tier_names[-1]:
-        raise ConfigError("attack.tier", tier, f"'{a.name}' poisons training data; only the leaf tier '{fed.tier_names[-1]}' has data")
+        raise ConfigError(
+            "attack.tier",
+            tier,
+            f"'{a.name}' poisons training data; only the leaf tier '{fed.tier_names[-1]}' has data",
+        )
     return AttackPlan(attack, malicious_ids(fed, tier, a.fraction, cfg.seed), tier)
 
 
@@ -223,13 +259,17 @@ def check_attack_config(cfg: Any) -> None:
             raise ConfigError("attack.name", a.name, f"known: none, {', '.join(ATTACKS.names())}")
         ATTACKS.get(a.name).check_options(dict(a.options), key="attack.options")
     elif a.options:
-        raise ConfigError("attack.options", dict(a.options), "options given but attack.name is 'none'")
+        raise ConfigError(
+            "attack.options", dict(a.options), "options given but attack.name is 'none'"
+        )
     f = a.fraction
     if not isinstance(f, (int, float)) or math.isnan(f) or not (0 <= f < 1):
         raise ConfigError("attack.fraction", f, "must be a fraction in [0, 1)")
 
 
-def poisoned(plan: AttackPlan | None, client_id: str, data: ClientData, tasks: Mapping[str, TaskSpec]) -> ClientData:
+def poisoned(
+    plan: AttackPlan | None, client_id: str, data: ClientData, tasks: Mapping[str, TaskSpec]
+) -> ClientData:
     """The rows ``client_id`` trains on: poisoned if it is a malicious client of a data attack."""
     if plan is None or not plan.attack.poisons_data or client_id not in plan.malicious:
         return data

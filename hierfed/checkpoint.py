@@ -89,21 +89,36 @@ def pack(obj: Any, tensors: dict[str, Any], path: str = "r") -> Any:
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
             return {"__d__": {k: pack(v, tensors, f"{path}.{k}") for k, v in obj.items()}}
-        return {"__dk__": [[pack(k, tensors, path), pack(v, tensors, f"{path}.{i}")] for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dk__": [
+                [pack(k, tensors, path), pack(v, tensors, f"{path}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, list):
         return [pack(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
         return {"__tuple__": [pack(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
     if isinstance(obj, (set, frozenset)):
-        return {"__set__": sorted(pack(v, tensors, path) for v in obj), "frozen": isinstance(obj, frozenset)}
+        return {
+            "__set__": sorted(pack(v, tensors, path) for v in obj),
+            "frozen": isinstance(obj, frozenset),
+        }
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         cls = type(obj)
         if not cls.__module__.startswith(_SAFE_PREFIXES):
-            raise CheckpointError(f"cannot checkpoint a {cls.__module__}.{cls.__qualname__} at {path}")
-        fields = {f.name: pack(getattr(obj, f.name), tensors, f"{path}.{f.name}") for f in dataclasses.fields(obj)}
+            raise CheckpointError(
+                f"cannot checkpoint a {cls.__module__}.{cls.__qualname__} at {path}"
+            )
+        fields = {
+            f.name: pack(getattr(obj, f.name), tensors, f"{path}.{f.name}")
+            for f in dataclasses.fields(obj)
+        }
         return {"__dc__": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
-    raise CheckpointError(f"cannot checkpoint a value of type {type(obj).__name__} at {path}; "
-                          "keep run state to tensors, numbers, strings, lists, dicts and hierfed dataclasses")
+    raise CheckpointError(
+        f"cannot checkpoint a value of type {type(obj).__name__} at {path}; "
+        "keep run state to tensors, numbers, strings, lists, dicts and hierfed dataclasses"
+    )
 
 
 def unpack(data: Any, tensors: dict[str, Any]) -> Any:
@@ -180,7 +195,9 @@ def save_state_flat(stem: Path, tensors: dict[str, Any], meta: dict[str, Any]) -
 def load_state_flat(stem: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     tpath, jpath = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if not tpath.is_file() or not jpath.is_file():
-        raise CheckpointError(f"checkpoint '{stem}' is incomplete: need {tpath.name} and {jpath.name}")
+        raise CheckpointError(
+            f"checkpoint '{stem}' is incomplete: need {tpath.name} and {jpath.name}"
+        )
     try:
         info = json.loads(jpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

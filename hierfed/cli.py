@@ -29,16 +29,25 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hierfed", description="Hierarchical multi-modal multi-task federated fine-tuning.")
+    p = argparse.ArgumentParser(
+        prog="python -m hierfed",
+        description="Hierarchical multi-modal multi-task federated fine-tuning.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a federation")
     r.add_argument("--topology", default=None, help="registered topology (star, hierarchical, ...)")
     r.add_argument("--config", default=None, help="YAML config file")
     r.add_argument("--out", default=None, help="run folder (default runs/<timestamp>-<topology>)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue a run from its newest checkpoint (uses RUN_DIR/config.yaml)")
-    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds=3 data.num_institutions=6")
+    r.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its newest checkpoint (uses RUN_DIR/config.yaml)",
+    )
+    r.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. rounds=3 data.num_institutions=6"
+    )
     s = sub.add_parser("show-config", help="print the resolved config")
     s.add_argument("--topology", default=None)
     s.add_argument("--config", default=None)
@@ -59,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     console = Console()
-    logging.basicConfig(level=os.environ.get("HIERFED_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("HIERFED_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.cmd == "list":
             return _list(console)
@@ -105,16 +116,26 @@ def _run(console: Console, args: argparse.Namespace) -> int:
     if resume:
         run_dir = Path(args.resume)
         if args.config or args.topology or args.out:
-            raise HierfedError("--resume takes the run folder's own config.yaml; drop --config/--topology/--out")
+            raise HierfedError(
+                "--resume takes the run folder's own config.yaml; drop --config/--topology/--out"
+            )
         cfg_path = run_dir / "config.yaml"
         if not cfg_path.is_file():
-            raise HierfedError(f"'{run_dir}' is not a run folder (no config.yaml); give the folder a run wrote")
+            raise HierfedError(
+                f"'{run_dir}' is not a run folder (no config.yaml); give the folder a run wrote"
+            )
         cfg = load_config(cfg_path, args.overrides, out=str(run_dir))
     else:
         cfg = load_config(args.config, args.overrides, topology=args.topology, out=args.out)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                        disable=args.quiet)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.quiet,
+    )
     task_id = None
 
     def on_event(kind: str, data: dict[str, Any]) -> None:
@@ -136,8 +157,10 @@ def _run(console: Console, args: argparse.Namespace) -> int:
                 console.print(f"round 0 (untrained): {info}", highlight=False, soft_wrap=True)
                 return
             loss = data.get("train_loss")
-            line = (f"round {data['round']}: loss={loss:.3f} {info}  bytes={_fmt_bytes(data.get('bytes_total', 0))}"
-                    f"  clients={data.get('participants')}")
+            line = (
+                f"round {data['round']}: loss={loss:.3f} {info}  bytes={_fmt_bytes(data.get('bytes_total', 0))}"
+                f"  clients={data.get('participants')}"
+            )
             if data.get("sim_time_s"):
                 line += f"  sim={data['sim_time_s']:.2f}s"
             for key in ("rejected", "failed", "dropped", "late"):
@@ -170,19 +193,34 @@ def _run(console: Console, args: argparse.Namespace) -> int:
         result = run(cfg, on_event=on_event, resume=resume)
     finally:
         progress.stop()
-    _print_tables(console, result.initial_metrics, result.final_metrics, personalized_means(result.personalized),
-                  result.ledger.by_edge(), result.ledger.by_component())
+    _print_tables(
+        console,
+        result.initial_metrics,
+        result.final_metrics,
+        personalized_means(result.personalized),
+        result.ledger.by_edge(),
+        result.ledger.by_component(),
+    )
     console.print(f"run folder: {result.out_dir}", highlight=False)
     return 0
 
 
-def _print_tables(console: Console, initial: dict, final: dict, personal: dict, by_edge: dict, by_comp: dict) -> None:
-    t = Table(title="held-out metrics (global test set; personalized = mean over clients' own test rows)")
+def _print_tables(
+    console: Console, initial: dict, final: dict, personal: dict, by_edge: dict, by_comp: dict
+) -> None:
+    t = Table(
+        title="held-out metrics (global test set; personalized = mean over clients' own test rows)"
+    )
     for col in ("task", "untrained", "final global", "personalized"):
         t.add_column(col)
     for task in sorted(final):
         p = personal.get(task)
-        t.add_row(task, f"{initial.get(task, float('nan')):.3f}", f"{final[task]:.3f}", "-" if p is None else f"{p:.3f}")
+        t.add_row(
+            task,
+            f"{initial.get(task, float('nan')):.3f}",
+            f"{final[task]:.3f}",
+            "-" if p is None else f"{p:.3f}",
+        )
     console.print(t)
     b = Table(title="bytes moved per tier edge (all rounds)")
     b.add_column("edge")
@@ -205,7 +243,14 @@ def _report(console: Console, run_dir: Path) -> int:
     if not summary_path.is_file():
         raise _E(f"'{run_dir}' is not a finished run folder (no summary.json)")
     s = json.loads(summary_path.read_text())
-    _print_tables(console, s["initial"], s["final"], s.get("personalized_mean", {}), s["bytes_by_edge"], s["bytes_by_component"])
+    _print_tables(
+        console,
+        s["initial"],
+        s["final"],
+        s.get("personalized_mean", {}),
+        s["bytes_by_edge"],
+        s["bytes_by_component"],
+    )
     return 0
 
 

@@ -30,11 +30,17 @@ class FitResult:
 
 
 def _batch(
-    data: ClientData, idx: np.ndarray, modalities: Sequence[str], task: str, device: torch.device | None = None
+    data: ClientData,
+    idx: np.ndarray,
+    modalities: Sequence[str],
+    task: str,
+    device: torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     inputs = {m: torch.from_numpy(np.ascontiguousarray(data.inputs[m][idx])) for m in modalities}
     y = torch.from_numpy(np.ascontiguousarray(data.labels[task][idx]))
-    if device is not None and device.type != "cpu":  # the worker's accelerator (runtime.gpus_per_worker)
+    if (
+        device is not None and device.type != "cpu"
+    ):  # the worker's accelerator (runtime.gpus_per_worker)
         inputs = {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
         y = y.to(device, non_blocking=True)
     return inputs, y
@@ -54,13 +60,17 @@ def task_loss(spec: TaskSpec, out: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 class ClientTrainer:
     """Trains and evaluates clients on one model skeleton; holds no per-client state."""
 
-    def __init__(self, model: M3TModel, train_cfg: TrainConfig, seed: int, device: torch.device | None = None) -> None:
+    def __init__(
+        self, model: M3TModel, train_cfg: TrainConfig, seed: int, device: torch.device | None = None
+    ) -> None:
         self.model = model
         self.cfg = train_cfg
         self.seed = seed
         self.device = device  # where the model lives; None or CPU = no moves
 
-    def schedule(self, data: ClientData, tasks: Sequence[str], key: tuple) -> list[tuple[str, np.ndarray]]:
+    def schedule(
+        self, data: ClientData, tasks: Sequence[str], key: tuple
+    ) -> list[tuple[str, np.ndarray]]:
         """One epoch's (task, row indices) batches, interleaved across tasks in a keyed order."""
         rng = np_rng(self.seed, *key, "batches")
         n = len(data)
@@ -89,14 +99,20 @@ class ClientTrainer:
         model.train()
         cfg = self.cfg
         if cfg.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt: torch.optim.Optimizer = torch.optim.Adam(
+                params, lr=cfg.lr, weight_decay=cfg.weight_decay
+            )
         else:
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            opt = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
         prox = None
         if cfg.fedprox_mu > 0:
             prox = [p.detach().clone() for p in params]
         loss_sum, count, steps = 0.0, 0, 0
-        use_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+        use_dropout = any(
+            isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in model.modules()
+        )
         for epoch in range(cfg.local_epochs):
             loss_sum, count = 0.0, 0
             for i, (t, idx) in enumerate(self.schedule(data, tasks, (*key, epoch))):
@@ -108,7 +124,9 @@ class ClientTrainer:
                     loss = task_loss(spec, model(inputs, t), y)
                 total = loss
                 if prox is not None:
-                    total = total + 0.5 * cfg.fedprox_mu * sum(((p - p0) ** 2).sum() for p, p0 in zip(params, prox))
+                    total = total + 0.5 * cfg.fedprox_mu * sum(
+                        ((p - p0) ** 2).sum() for p, p0 in zip(params, prox)
+                    )
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 if cfg.max_grad_norm > 0:

@@ -87,18 +87,28 @@ class TierConfig:
     beta1: float = 0.9  # fedadam / fedyogi
     beta2: float = 0.99
     tau: float = 1e-3
-    postprocess: list[str] = field(default_factory=list)  # applied by senders into this tier, in order
-    postprocess_options: dict[str, Any] = field(default_factory=dict)  # postprocessor name -> options
+    postprocess: list[str] = field(
+        default_factory=list
+    )  # applied by senders into this tier, in order
+    postprocess_options: dict[str, Any] = field(
+        default_factory=dict
+    )  # postprocessor name -> options
     options: dict[str, Any] = field(default_factory=dict)  # aggregator-specific options
     # stragglers and dropouts (hierfed/clock.py gives every node a simulated speed and link)
-    dropout: float = 0.0  # probability that a sampled child of this node drops out of the round, [0, 1)
-    deadline_s: float = 0.0  # simulated seconds this node waits for its children per node-round; 0 = all
+    dropout: float = (
+        0.0  # probability that a sampled child of this node drops out of the round, [0, 1)
+    )
+    deadline_s: float = (
+        0.0  # simulated seconds this node waits for its children per node-round; 0 = all
+    )
     straggler: str = "discard"  # past the deadline: discard (sent late, bytes counted, not merged) | drop (told to stop, sends nothing)
     # semi-decentralized: after each of its node-rounds, this tier's nodes mix what their parent
     # aggregates with their siblings (device to device), peer_steps times on peer_graph; 0 = off
     peer_steps: int = 0
     peer_graph: str = "ring"  # ring | torus | complete | random_regular | erdos_renyi | small_world
-    quorum: float = 0.0  # fraction of the sampled children whose updates must arrive and pass, [0, 1]
+    quorum: float = (
+        0.0  # fraction of the sampled children whose updates must arrive and pass, [0, 1]
+    )
 
 
 @dataclass
@@ -129,7 +139,9 @@ class RuntimeConfig:
     name: str = "ray"  # ray | local
     num_workers: int = 0  # 0 = one per CPU Ray sees
     num_cpus: int = 0  # CPUs given to a local Ray instance; 0 = all
-    address: str | None = None  # an existing Ray cluster ("auto" or host:port); None = start locally
+    address: str | None = (
+        None  # an existing Ray cluster ("auto" or host:port); None = start locally
+    )
     gpus_per_worker: float = 0.0
     round_timeout_s: float = 600.0  # bound on every wait inside a round
     # a worker actor that dies mid-round: "retry" its clients on a fresh worker (same result as
@@ -167,7 +179,9 @@ class PrivacyPolicy:
     epsilon: float = 8.0  # total budget per privacy unit (a client's rows) over the run
     delta: float = 1e-5
     clip_norm: float = 1.0  # per-sample gradient L2 bound
-    noise_multiplier: float = 0.0  # 0 = derived with Opacus from epsilon, delta and the planned steps
+    noise_multiplier: float = (
+        0.0  # 0 = derived with Opacus from epsilon, delta and the planned steps
+    )
     rounds: int = 0  # planned participations the budget is spread over; 0 = every round of the run
     # stricter budgets for clients holding a modality (e.g. image: 2.0); the smallest applies
     modalities: dict[str, float] = field(default_factory=dict)
@@ -180,12 +194,16 @@ class PrivacyConfig:
     policies: dict[str, PrivacyPolicy] = field(default_factory=dict)
     # client-id glob -> policy name, first match wins (e.g. "global/inst-00/*": strict)
     assign: dict[str, str] = field(default_factory=dict)
-    default: str = ""  # policy of clients no glob matches (and without a profile policy); "" = no DP
+    default: str = (
+        ""  # policy of clients no glob matches (and without a profile policy); "" = no DP
+    )
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 1  # write a checkpoint every N rounds (and after the last); 0 = only after the last
+    every: int = (
+        1  # write a checkpoint every N rounds (and after the last); 0 = only after the last
+    )
     keep: int = 2  # how many checkpoints to keep in <run>/checkpoints
 
 
@@ -228,7 +246,9 @@ def load_config(
         if path is not None:
             p = Path(path)
             if not p.is_file():
-                raise ConfigError("--config", str(path), "no such file; give the path of a YAML config")
+                raise ConfigError(
+                    "--config", str(path), "no such file; give the path of a YAML config"
+                )
             loaded = OmegaConf.load(p)
             cfg = OmegaConf.merge(cfg, loaded)  # type: ignore[assignment]  # a merged struct stays a DictConfig
         if topology is not None:
@@ -254,7 +274,11 @@ def load_config(
 
 def _fix_of(exc: OmegaConfBaseException) -> str:
     msg = str(exc).splitlines()[0]
-    if "not in" in msg or "ConfigKeyError" in type(exc).__name__ or "ConfigAttributeError" in type(exc).__name__:
+    if (
+        "not in" in msg
+        or "ConfigKeyError" in type(exc).__name__
+        or "ConfigAttributeError" in type(exc).__name__
+    ):
         return f"{msg}; unknown key — `python -m hierfed show-config` lists the valid keys"
     return f"{msg}; check the type the schema expects (`python -m hierfed show-config`)"
 
@@ -314,17 +338,27 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("seed", cfg.seed, "must be an integer >= 0")
     d = cfg.data
     _registered("data.name", DATASETS, d.name)
-    for k in ("num_institutions", "students_per_institution", "samples_per_student", "global_test_size"):
+    for k in (
+        "num_institutions",
+        "students_per_institution",
+        "samples_per_student",
+        "global_test_size",
+    ):
         _positive_int(f"data.{k}", getattr(d, k))
     if not (0 < d.test_fraction < 1) or math.isnan(d.test_fraction):
-        raise ConfigError("data.test_fraction", d.test_fraction, "must lie strictly between 0 and 1")
+        raise ConfigError(
+            "data.test_fraction", d.test_fraction, "must lie strictly between 0 and 1"
+        )
     _positive("data.label_skew", d.label_skew)
     _nonneg("data.size_skew", d.size_skew)
     if not (0 <= d.missing_modality < 1) or math.isnan(d.missing_modality):
         raise ConfigError("data.missing_modality", d.missing_modality, "must lie in [0, 1)")
-    if d.name == "edu-synth" and (d.essay_only_institutions < 0 or d.essay_only_institutions >= d.num_institutions):
+    if d.name == "edu-synth" and (
+        d.essay_only_institutions < 0 or d.essay_only_institutions >= d.num_institutions
+    ):
         raise ConfigError(
-            "data.essay_only_institutions", d.essay_only_institutions,
+            "data.essay_only_institutions",
+            d.essay_only_institutions,
             f"must lie in [0, data.num_institutions={d.num_institutions})",
         )
     if d.max_clients < 0:
@@ -334,7 +368,9 @@ def validate_config(cfg: RunConfig) -> None:
     if m.backbone in ("tiny", "minilm") or m.backbone in BACKBONES:
         pass
     elif not m.backbone:
-        raise ConfigError("model.backbone", m.backbone, f"give one of {BACKBONES.names()} or a model path")
+        raise ConfigError(
+            "model.backbone", m.backbone, f"give one of {BACKBONES.names()} or a model path"
+        )
     for k in ("d_model", "num_layers", "num_heads", "max_tokens", "text_len", "lora_rank"):
         _positive_int(f"model.{k}", getattr(m, k))
     if m.d_model % m.num_heads:
@@ -343,17 +379,27 @@ def validate_config(cfg: RunConfig) -> None:
     if not (0 <= m.lora_dropout < 1) or math.isnan(m.lora_dropout):
         raise ConfigError("model.lora_dropout", m.lora_dropout, "must lie in [0, 1)")
     if m.prompt_tokens < 0:
-        raise ConfigError("model.prompt_tokens", m.prompt_tokens, "must be >= 0 (0 disables prompts)")
+        raise ConfigError(
+            "model.prompt_tokens", m.prompt_tokens, "must be >= 0 (0 disables prompts)"
+        )
     if not m.lora_targets:
-        raise ConfigError("model.lora_targets", m.lora_targets, "name at least one module, e.g. [q_proj, v_proj]")
+        raise ConfigError(
+            "model.lora_targets", m.lora_targets, "name at least one module, e.g. [q_proj, v_proj]"
+        )
     for cls_name, rank in m.resource_ranks.items():
         if cls_name not in m.resources:
-            raise ConfigError(f"model.resource_ranks.{cls_name}", rank,
-                              f"not a resource class; known: {sorted(m.resources)} (add it to model.resources)")
+            raise ConfigError(
+                f"model.resource_ranks.{cls_name}",
+                rank,
+                f"not a resource class; known: {sorted(m.resources)} (add it to model.resources)",
+            )
         if not isinstance(rank, int) or not (0 <= rank <= m.lora_rank):
-            raise ConfigError(f"model.resource_ranks.{cls_name}", rank,
-                              f"must be an integer in [0, model.lora_rank={m.lora_rank}]; raise model.lora_rank "
-                              "to the largest rank (it sizes the shared adapter)")
+            raise ConfigError(
+                f"model.resource_ranks.{cls_name}",
+                rank,
+                f"must be an integer in [0, model.lora_rank={m.lora_rank}]; raise model.lora_rank "
+                "to the largest rank (it sizes the shared adapter)",
+            )
     for pat, scope in m.scopes.items():
         if not scope:
             raise ConfigError(f"model.scopes.{pat}", scope, "give 'global', 'local' or a tier name")
@@ -381,21 +427,30 @@ def validate_config(cfg: RunConfig) -> None:
             )
         for pp in tier.postprocess_options:
             if pp not in tier.postprocess:
-                raise ConfigError(f"{key}.postprocess_options.{pp}", dict(tier.postprocess_options[pp]),
-                                  f"'{pp}' is not in {key}.postprocess {list(tier.postprocess)}; add it there or drop its options")
+                raise ConfigError(
+                    f"{key}.postprocess_options.{pp}",
+                    dict(tier.postprocess_options[pp]),
+                    f"'{pp}' is not in {key}.postprocess {list(tier.postprocess)}; add it there or drop its options",
+                )
         _fraction(f"{key}.participation", tier.participation)
         if not isinstance(tier.quorum, (int, float)) or not (0 <= tier.quorum <= 1):
             raise ConfigError(f"{key}.quorum", tier.quorum, "must be a fraction in [0, 1]")
         if not isinstance(tier.dropout, (int, float)) or not (0 <= tier.dropout < 1):
-            raise ConfigError(f"{key}.dropout", tier.dropout, "a probability in [0, 1) (0 = nobody drops out)")
+            raise ConfigError(
+                f"{key}.dropout", tier.dropout, "a probability in [0, 1) (0 = nobody drops out)"
+            )
         _nonneg(f"{key}.deadline_s", tier.deadline_s)
         if tier.straggler not in ("discard", "drop"):
             raise ConfigError(f"{key}.straggler", tier.straggler, "known: discard, drop")
         if not isinstance(tier.peer_steps, int) or tier.peer_steps < 0:
-            raise ConfigError(f"{key}.peer_steps", tier.peer_steps, "an integer >= 0 (0 = no peer mixing)")
+            raise ConfigError(
+                f"{key}.peer_steps", tier.peer_steps, "an integer >= 0 (0 = no peer mixing)"
+            )
         peer_graphs = ("ring", "torus", "complete", "random_regular", "erdos_renyi", "small_world")
         if tier.peer_graph not in peer_graphs:
-            raise ConfigError(f"{key}.peer_graph", tier.peer_graph, f"known: {', '.join(peer_graphs)}")
+            raise ConfigError(
+                f"{key}.peer_graph", tier.peer_graph, f"known: {', '.join(peer_graphs)}"
+            )
         _positive_int(f"{key}.local_rounds", tier.local_rounds)
         _positive(f"{key}.server_lr", tier.server_lr)
         for k in ("server_momentum", "beta1", "beta2"):
@@ -421,12 +476,21 @@ def validate_config(cfg: RunConfig) -> None:
     for f in r.faults:
         kind = f.split(":", 1)[0]
         parts = f.split(":")
-        ok = (kind == "raise" and len(parts) == 2) or (kind == "sleep" and len(parts) == 3) or (
-            kind == "kill-worker" and len(parts) == 3)
+        ok = (
+            (kind == "raise" and len(parts) == 2)
+            or (kind == "sleep" and len(parts) == 3)
+            or (kind == "kill-worker" and len(parts) == 3)
+        )
         if not ok:
-            raise ConfigError("runtime.faults", f, "use raise:<client>, sleep:<client>:<seconds> or kill-worker:<round>:<client>")
+            raise ConfigError(
+                "runtime.faults",
+                f,
+                "use raise:<client>, sleep:<client>:<seconds> or kill-worker:<round>:<client>",
+            )
     if cfg.checkpoint.every < 0:
-        raise ConfigError("checkpoint.every", cfg.checkpoint.every, "must be >= 0 (0 = only after the last round)")
+        raise ConfigError(
+            "checkpoint.every", cfg.checkpoint.every, "must be >= 0 (0 = only after the last round)"
+        )
     _positive_int("checkpoint.keep", cfg.checkpoint.keep)
     _positive_int("eval.every", cfg.eval.every)
     _positive_int("eval.batch_size", cfg.eval.batch_size)

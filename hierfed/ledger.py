@@ -32,7 +32,9 @@ class CommLedger:
     def __init__(self, records: Iterable[Transfer] = ()) -> None:
         self.records: list[Transfer] = list(records)
 
-    def record(self, *, round: int, src: str, dst: str, edge: str, direction: str, sizes: dict[str, int]) -> None:
+    def record(
+        self, *, round: int, src: str, dst: str, edge: str, direction: str, sizes: dict[str, int]
+    ) -> None:
         """Record one transfer of several components (``sizes``: component -> bytes)."""
         if direction not in ("up", "down", "peer"):  # peer: a gossip exchange between neighbours
             raise ValueError(f"direction must be 'up', 'down' or 'peer', got {direction!r}")
@@ -73,9 +75,19 @@ class CommLedger:
         with Path(path).open() as fh:
             rows = list(csv.DictReader(fh))
         return cls(
-            Transfer(int(r["round"]), r["src"], r["dst"], r["edge"], r["direction"], r["component"], int(r["nbytes"]))
+            Transfer(
+                int(r["round"]),
+                r["src"],
+                r["dst"],
+                r["edge"],
+                r["direction"],
+                r["component"],
+                int(r["nbytes"]),
+            )
             for r in rows
         )
 
     def summary_json(self) -> str:
-        return json.dumps({"total": self.total(), "by_edge": self.by_edge(), "by_component": self.by_component()})
+        return json.dumps(
+            {"total": self.total(), "by_edge": self.by_edge(), "by_component": self.by_component()}
+        )

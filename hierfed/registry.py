@@ -64,7 +64,9 @@ class Registry(Generic[T]):
             try:
                 self._items[ep.name] = ep.load()
             except Exception as exc:  # a broken third-party plug-in must not hide the others
-                log.warning("could not load %s plug-in '%s' (%s): %s", self.kind, ep.name, ep.value, exc)
+                log.warning(
+                    "could not load %s plug-in '%s' (%s): %s", self.kind, ep.name, ep.value, exc
+                )
 
     def get(self, name: str) -> T:
         """The plug-in called ``name``; an unknown name lists the known ones."""
@@ -93,7 +95,9 @@ class Registry(Generic[T]):
 
 TOPOLOGIES: Registry = Registry("topology", entry_point_group="hierfed.topologies")
 AGGREGATORS: Registry = Registry("aggregator", entry_point_group="hierfed.aggregators")
-SERVER_OPTIMIZERS: Registry = Registry("server optimizer", entry_point_group="hierfed.server_optimizers")
+SERVER_OPTIMIZERS: Registry = Registry(
+    "server optimizer", entry_point_group="hierfed.server_optimizers"
+)
 POSTPROCESSORS: Registry = Registry("postprocessor", entry_point_group="hierfed.postprocessors")
 DATASETS: Registry = Registry("dataset", entry_point_group="hierfed.datasets")
 BACKBONES: Registry = Registry("backbone", entry_point_group="hierfed.backbones")

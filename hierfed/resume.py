@@ -70,7 +70,9 @@ def write_checkpoint(run_dir: Path, rnd: int, bundle: dict[str, Any], keep: int)
     _fsync_dir(root)
     fault_point("before-latest", rnd)
     atomic_write_text(root / "LATEST", name + "\n")
-    for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("round-"))[:-keep]:
+    for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("round-"))[
+        :-keep
+    ]:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".round-*.tmp"):
@@ -86,10 +88,14 @@ def read_latest(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"'{run_dir}' has no checkpoint to resume from ({latest} is missing)")
     name = latest.read_text().strip()
     if not name.startswith("round-") or not (root / name).is_dir():
-        raise CheckpointError(f"{latest} names '{name}', which is not a checkpoint folder in {root}")
+        raise CheckpointError(
+            f"{latest} names '{name}', which is not a checkpoint folder in {root}"
+        )
     bundle = load_bundle(root / name, "state")
     if not isinstance(bundle, dict) or "round" not in bundle:
-        raise CheckpointError(f"checkpoint {root / name} has no round counter; it is not a hierfed run checkpoint")
+        raise CheckpointError(
+            f"checkpoint {root / name} has no round counter; it is not a hierfed run checkpoint"
+        )
     return bundle
 
 

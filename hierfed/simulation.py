@@ -88,11 +88,15 @@ def evaluate_global(runtime: Runtime, state: State, fed: Federation) -> dict[str
     return out
 
 
-def evaluate_personalized(runtime: Runtime, topo: Topology, fed: Federation) -> dict[str, dict[str, float]]:
+def evaluate_personalized(
+    runtime: Runtime, topo: Topology, fed: Federation
+) -> dict[str, dict[str, float]]:
     """Each client's personalized model on its own held-out rows, per task."""
     states = {c.id: topo.personalized_state(c.id) for c in fed.clients if c.num_test > 0}
     jobs = [EvalJob(cid, fed.by_id[cid].tasks, cid, split="client-test") for cid in sorted(states)]
-    return {name: {t: m for t, (m, _) in res.items()} for name, res in runtime.evaluate(jobs, states)}
+    return {
+        name: {t: m for t, (m, _) in res.items()} for name, res in runtime.evaluate(jobs, states)
+    }
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
@@ -133,22 +137,40 @@ def run(
     if resume:
         ck = read_latest(out_dir)
         if ck.get("config") != _fingerprint(cfg):
-            raise CheckpointError(f"the checkpoint in '{out_dir}' was written with another config; resume with the "
-                                  "run folder's own config.yaml (python -m hierfed run --resume RUN_DIR)")
+            raise CheckpointError(
+                f"the checkpoint in '{out_dir}' was written with another config; resume with the "
+                "run folder's own config.yaml (python -m hierfed run --resume RUN_DIR)"
+            )
         topo.load_state_dict(ck["topology"])
         metrics, ledger = list(ck["metrics"]), ledger_from_columns(ck["ledger"])
-        start_round, sim_total, dp_seen = int(ck["round"]) + 1, float(ck["sim_total"]), dict(ck["dp_seen"])
+        start_round, sim_total, dp_seen = (
+            int(ck["round"]) + 1,
+            float(ck["sim_total"]),
+            dict(ck["dp_seen"]),
+        )
     own_runtime = runtime is None
     rt = runtime or make_runtime(cfg.runtime)
     summary = fed.summary()
-    emit("start", {"federation": summary, "trainable": spec.trainable_numel(), "backbone": spec.backbone_numel,
-                   "tiers": list(topo.tier_names)})
+    emit(
+        "start",
+        {
+            "federation": summary,
+            "trainable": spec.trainable_numel(),
+            "backbone": spec.backbone_numel,
+            "tiers": list(topo.tier_names),
+        },
+    )
     try:
         if own_runtime:
             rt.start(WorkerSetup(cfg, fed))
         startup_s = time.perf_counter() - t0
         if start_round == 1:
-            rec0 = {"round": 0, "global": evaluate_global(rt, topo.global_state(), fed), "bytes": {}, "wall_s": 0.0}
+            rec0 = {
+                "round": 0,
+                "global": evaluate_global(rt, topo.global_state(), fed),
+                "bytes": {},
+                "wall_s": 0.0,
+            }
             metrics.append(rec0)
             emit("round", rec0)
         else:
@@ -157,7 +179,9 @@ def run(
             t_round = time.perf_counter()
             stats = topo.run_round(rnd, rt, ledger)
             # a failed client fails the run, unless failures are tolerated (then quorums decide)
-            require_no_failures(stats, rnd, tolerate=lambda _s: cfg.runtime.on_client_failure == "drop")
+            require_no_failures(
+                stats, rnd, tolerate=lambda _s: cfg.runtime.on_client_failure == "drop"
+            )
             rec: dict[str, Any] = {
                 "round": rnd,
                 "train_loss": stats.train_loss,
@@ -178,7 +202,9 @@ def run(
             rec["wall_s"] = time.perf_counter() - t_round
             if stats.rejections:
                 rec["rejections"] = [f"{s}: {r}" for s, r in stats.rejections[:20]]
-            rec.update(privacy_metrics(cfg, topo.tier_names, rnd, getattr(stats, "privacy", {}), dp_seen))
+            rec.update(
+                privacy_metrics(cfg, topo.tier_names, rnd, getattr(stats, "privacy", {}), dp_seen)
+            )
             if stats.failures:
                 rec["failures"] = [f"{c}: {why}" for c, why in stats.failures[:20]]
             events = rt.drain_events()
@@ -189,17 +215,29 @@ def run(
             sim_total = rec["sim_time_total_s"]
             every = cfg.checkpoint.every
             if write and ((every and rnd % every == 0) or rnd == cfg.rounds):
-                write_checkpoint(out_dir, rnd, {
-                    "round": rnd, "config": _fingerprint(cfg), "topology": topo.state_dict(),
-                    "metrics": metrics, "ledger": ledger_columns(ledger), "sim_total": sim_total, "dp_seen": dp_seen,
-                }, cfg.checkpoint.keep)
+                write_checkpoint(
+                    out_dir,
+                    rnd,
+                    {
+                        "round": rnd,
+                        "config": _fingerprint(cfg),
+                        "topology": topo.state_dict(),
+                        "metrics": metrics,
+                        "ledger": ledger_columns(ledger),
+                        "sim_total": sim_total,
+                        "dp_seen": dp_seen,
+                    },
+                    cfg.checkpoint.keep,
+                )
             fault_point("after-round", rnd)
         personalized = evaluate_personalized(rt, topo, fed) if cfg.eval.personalized else {}
     finally:
         if own_runtime:
             rt.shutdown()
     final = topo.global_state()
-    result = RunResult(cfg, out_dir if write else None, metrics, ledger, final, personalized, summary)
+    result = RunResult(
+        cfg, out_dir if write else None, metrics, ledger, final, personalized, summary
+    )
     if write:
         _write_outputs(result, startup_s=startup_s, total_s=time.perf_counter() - t0)
     emit("end", {"result": result})
@@ -211,7 +249,9 @@ def _fingerprint(cfg: RunConfig) -> str:
     (not the run folder, the runtime or the checkpoint cadence)."""
     from hierfed.config import CheckpointConfig, RuntimeConfig
 
-    return config_fingerprint(to_yaml(replace(cfg, out=None, runtime=RuntimeConfig(), checkpoint=CheckpointConfig())))
+    return config_fingerprint(
+        to_yaml(replace(cfg, out=None, runtime=RuntimeConfig(), checkpoint=CheckpointConfig()))
+    )
 
 
 def personalized_means(personalized: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -238,7 +278,11 @@ def _write_outputs(result: RunResult, *, startup_s: float, total_s: float) -> No
     lines = "".join(json.dumps(_clean(rec), sort_keys=True) + "\n" for rec in result.metrics)
     atomic_write_text(out / "metrics.jsonl", lines)
     result.ledger.save(out / "ledger.csv")
-    save_state(out / "final_state", result.final_state, {"rounds": result.cfg.rounds, "seed": result.cfg.seed})
+    save_state(
+        out / "final_state",
+        result.final_state,
+        {"rounds": result.cfg.rounds, "seed": result.cfg.seed},
+    )
     summary = {
         "federation": result.federation_summary,
         "initial": result.initial_metrics,
@@ -252,4 +296,7 @@ def _write_outputs(result: RunResult, *, startup_s: float, total_s: float) -> No
     }
     atomic_write_text(out / "summary.json", json.dumps(_clean(summary), indent=1, sort_keys=True))
     if result.personalized:
-        atomic_write_text(out / "personalized.json", json.dumps(_clean(result.personalized), indent=1, sort_keys=True))
+        atomic_write_text(
+            out / "personalized.json",
+            json.dumps(_clean(result.personalized), indent=1, sort_keys=True),
+        )

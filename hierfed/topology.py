@@ -108,7 +108,9 @@ class Topology(ABC):
         if missing:
             from hierfed.errors import CheckpointError
 
-            raise CheckpointError(f"checkpoint lacks topology state {sorted(missing)}; it was written by another topology or version")
+            raise CheckpointError(
+                f"checkpoint lacks topology state {sorted(missing)}; it was written by another topology or version"
+            )
         for path in self.carried:
             *parents, leaf = path.split(".")
             obj: Any = self
@@ -129,7 +131,9 @@ class TreeTopology(Topology):
         paths, tiers = self.tree(federation)
         self._tiers = tiers
         tree_spec = spec if tiers == federation.tier_names else _respec(spec, tiers)
-        self.engine = TreeEngine(cfg=cfg, federation=federation, spec=tree_spec, paths=paths, tier_names=tiers)
+        self.engine = TreeEngine(
+            cfg=cfg, federation=federation, spec=tree_spec, paths=paths, tier_names=tiers
+        )
 
     @abstractmethod
     def tree(self, federation: Federation) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
@@ -139,7 +143,13 @@ class TreeTopology(Topology):
     def tier_names(self) -> tuple[str, ...]:
         return self._tiers
 
-    carried = ("engine.states", "engine.local", "engine.privacy", "engine.agg_states", "engine.opt_states")
+    carried = (
+        "engine.states",
+        "engine.local",
+        "engine.privacy",
+        "engine.agg_states",
+        "engine.opt_states",
+    )
 
     def init(self, initial: State) -> None:
         self.engine.init(initial)

@@ -64,9 +64,13 @@ class RoundStats:
     rejections: list[tuple[str, str]] = field(default_factory=list)
     loss_sum: float = 0.0
     loss_rows: int = 0
-    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # DP report per client trained this round
+    privacy: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # DP report per client trained this round
     dropped: list[str] = field(default_factory=list)  # sampled children that dropped out
-    late: list[str] = field(default_factory=list)  # children past their parent's deadline: never merged
+    late: list[str] = field(
+        default_factory=list
+    )  # children past their parent's deadline: never merged
     sim_time_s: float = 0.0  # simulated wall-clock time of the round (hierfed/clock.py)
 
     @property
@@ -96,7 +100,9 @@ class TreeEngine:
         profiles = federation.by_id
         for cid, path in sorted(paths.items()):
             if len(path) != len(tier_names):
-                raise DataError(f"client '{cid}' path {path} does not have {len(tier_names)} tiers {tier_names}")
+                raise DataError(
+                    f"client '{cid}' path {path} does not have {len(tier_names)} tiers {tier_names}"
+                )
             ids = ["/".join(path[: i + 1]) for i in range(len(path) - 1)] + [cid]
             for lvl, nid in enumerate(ids):
                 if nid not in self.nodes:
@@ -117,12 +123,16 @@ class TreeEngine:
         check_fanouts(cfg, [(n.tier, len(n.children)) for n in self.nodes.values() if n.children])
         self.states: dict[str, State] = {}
         self.local: dict[str, State] = {}
-        self.privacy: dict[str, Any] = {}  # client -> its DP accountant state (travels in TrainJob/ClientMeta)
+        self.privacy: dict[
+            str, Any
+        ] = {}  # client -> its DP accountant state (travels in TrainJob/ClientMeta)
         self.agg_states: dict[str, Any] = {}
         self.opt_states: dict[str, Any] = {}
         self.clock = Clock(cfg, federation)
         self.elapsed: dict[str, float] = {}  # simulated seconds of a node's latest parent-round
-        self.arrival: dict[str, float] = {}  # when a child's update reached its parent (from the broadcast)
+        self.arrival: dict[
+            str, float
+        ] = {}  # when a child's update reached its parent (from the broadcast)
         self._down_s: dict[str, float] = {}  # how long the broadcast to a child took
 
     # ---------------------------------------------------------------- helpers
@@ -167,14 +177,20 @@ class TreeEngine:
         u = np_rng(self.cfg.seed, "dropout", rnd, *key, node.id).random(len(sampled))
         return {c for c, x in zip(sampled, u) if x < p}
 
-    def arrive(self, child: str, busy_s: float, up_bytes: int, rnd: int, key: tuple, stats: RoundStats) -> bool:
+    def arrive(
+        self, child: str, busy_s: float, up_bytes: int, rnd: int, key: tuple, stats: RoundStats
+    ) -> bool:
         """Clock a child's report to its parent; False if it missed the parent's deadline.
 
         ``busy_s``: the child's own work (training, or its subtree's node-rounds). A late child's
         update is never merged; with ``straggler: drop`` it does not even send (no bytes)."""
         parent = self.nodes[self.nodes[child].parent or child]
         tier = self.cfg.tier(parent.tier)
-        t = self._down_s.get(child, 0.0) + busy_s + self.clock.transfer_s(child, up_bytes, rnd=rnd, key=(*key, "up"))
+        t = (
+            self._down_s.get(child, 0.0)
+            + busy_s
+            + self.clock.transfer_s(child, up_bytes, rnd=rnd, key=(*key, "up"))
+        )
         self.arrival[child] = t
         if tier.deadline_s > 0 and t > tier.deadline_s:
             stats.late.append(child)
@@ -245,11 +261,23 @@ class TreeEngine:
             for n in node_ids:
                 for c in sampled[n]:
                     # a leaf's local components are never sent: it starts them from the seed-built skeleton
-                    comps = [x for x in (self.holds[c] if c in self.leaves else cur[n]) if self.level_of(x) < child_level]
+                    comps = [
+                        x
+                        for x in (self.holds[c] if c in self.leaves else cur[n])
+                        if self.level_of(x) < child_level
+                    ]
                     sizes = {x: state_nbytes(cur[n][x]) for x in comps}
-                    ledger.record(round=rnd, src=n, dst=c, edge=self.edge(self.nodes[c], "down"), direction="down",
-                                  sizes=sizes)
-                    self._down_s[c] = self.clock.transfer_s(c, sum(sizes.values()), rnd=rnd, key=(*jkey, "down"))
+                    ledger.record(
+                        round=rnd,
+                        src=n,
+                        dst=c,
+                        edge=self.edge(self.nodes[c], "down"),
+                        direction="down",
+                        sizes=sizes,
+                    )
+                    self._down_s[c] = self.clock.transfer_s(
+                        c, sum(sizes.values()), rnd=rnd, key=(*jkey, "down")
+                    )
             # dropouts vanish after the broadcast: they neither train nor report
             drawn = {n: list(sampled[n]) for n in node_ids}
             for n in node_ids:
@@ -258,16 +286,30 @@ class TreeEngine:
                 sampled[n] = [c for c in sampled[n] if c not in gone]
                 self.arrival.update({c: math.inf for c in gone})
             if child_level == len(self.tier_names) - 1:
-                sources, expectations = self._train_leaves(node_ids, sampled, cur, rnd, jkey, runtime, ledger, stats)
+                sources, expectations = self._train_leaves(
+                    node_ids, sampled, cur, rnd, jkey, runtime, ledger, stats
+                )
             else:
                 kids = [c for n in node_ids for c in sampled[n]]
-                kid_start = {c: self.take_from_parent(cur[self._parent(c)], self.states[c], child_level) for c in kids}
-                ups = self._run_level(kids, kid_start, rnd, jkey, runtime, ledger, stats) if kids else {}
+                kid_start = {
+                    c: self.take_from_parent(cur[self._parent(c)], self.states[c], child_level)
+                    for c in kids
+                }
+                ups = (
+                    self._run_level(kids, kid_start, rnd, jkey, runtime, ledger, stats)
+                    if kids
+                    else {}
+                )
                 sources = [ups]
                 expectations = {
-                    c: Expectation(c, frozenset(self.sends_up(list(cur[self._parent(c)]), child_level)),
-                                   exact=False, max_weight=self.nodes[c].max_weight)
-                    for c in kids if c in ups
+                    c: Expectation(
+                        c,
+                        frozenset(self.sends_up(list(cur[self._parent(c)]), child_level)),
+                        exact=False,
+                        max_weight=self.nodes[c].max_weight,
+                    )
+                    for c in kids
+                    if c in ups
                 }
             # the node-round lasts until its last on-time child reported, or until the deadline
             # when a sampled child dropped out or was late
@@ -281,11 +323,20 @@ class TreeEngine:
                 self.elapsed[n] += waited
             tasks = []
             for n in node_ids:
-                tasks.append(MergeTask(
-                    node_id=n, tier=tier, round=rnd, key=jkey,
-                    expectations=tuple(expectations[c] for c in sampled[n] if c in expectations),
-                    state=cur[n], agg_state=self.agg_states.get(n), opt_state=self.opt_states.get(n),
-                ))
+                tasks.append(
+                    MergeTask(
+                        node_id=n,
+                        tier=tier,
+                        round=rnd,
+                        key=jkey,
+                        expectations=tuple(
+                            expectations[c] for c in sampled[n] if c in expectations
+                        ),
+                        state=cur[n],
+                        agg_state=self.agg_states.get(n),
+                        opt_state=self.opt_states.get(n),
+                    )
+                )
             results = runtime.merge(tasks, sources)
             self._check_quorum(tasks, results, tier, rnd, stats)
             for res in results:
@@ -308,27 +359,52 @@ class TreeEngine:
             for n in node_ids:
                 node = self.nodes[n]
                 sends = self.sends_up(list(cur[n]), level)
-                emit_w = {c: sum(weight_hist[n][c]) / k for c in sends if sum(weight_hist[n][c]) > 0}
-                emit_tasks.append(MergeTask(
-                    node_id=n, tier=tier, round=rnd, key=(*key, "emit"), expectations=(), state=cur[n],
-                    emit=True, start=start[n], sends=sends, emit_weights=emit_w,
-                    parent_id=node.parent or "", parent_tier=self.nodes[node.parent].tier if node.parent else "",
-                ))
+                emit_w = {
+                    c: sum(weight_hist[n][c]) / k for c in sends if sum(weight_hist[n][c]) > 0
+                }
+                emit_tasks.append(
+                    MergeTask(
+                        node_id=n,
+                        tier=tier,
+                        round=rnd,
+                        key=(*key, "emit"),
+                        expectations=(),
+                        state=cur[n],
+                        emit=True,
+                        start=start[n],
+                        sends=sends,
+                        emit_weights=emit_w,
+                        parent_id=node.parent or "",
+                        parent_tier=self.nodes[node.parent].tier if node.parent else "",
+                    )
+                )
             for res in runtime.merge(emit_tasks, []):
                 node = self.nodes[res.node_id]
                 up = sum(res.emitted_sizes.values()) if res.emitted is not None else 0
                 in_time = self.arrive(res.node_id, self.elapsed[res.node_id], up, rnd, key, stats)
                 if res.emitted is not None and (in_time or self.sends_late(res.node_id)):
-                    ledger.record(round=rnd, src=res.node_id, dst=node.parent or "", edge=self.edge(node),
-                                  direction="up", sizes=res.emitted_sizes)
+                    ledger.record(
+                        round=rnd,
+                        src=res.node_id,
+                        dst=node.parent or "",
+                        edge=self.edge(node),
+                        direction="up",
+                        sizes=res.emitted_sizes,
+                    )
                 if res.emitted is not None and in_time:
                     emitted[res.node_id] = res.emitted
         for n in node_ids:
             self.states[n] = cur[n]
         return emitted
 
-    def _check_quorum(self, tasks: Sequence[MergeTask], results: Sequence[Any], tier: str, rnd: int,
-                      stats: RoundStats) -> None:
+    def _check_quorum(
+        self,
+        tasks: Sequence[MergeTask],
+        results: Sequence[Any],
+        tier: str,
+        rnd: int,
+        stats: RoundStats,
+    ) -> None:
         """Every node-round needs ``quorum`` of its expected children's updates, else NodeFailure."""
         quorum = self.cfg.tier(tier).quorum
         for task, res in zip(tasks, results):
@@ -337,8 +413,14 @@ class TreeEngine:
                 raise NodeFailure(task.node_id, rnd, why)
 
     def _peer_mix(
-        self, node_ids: list[str], cur: dict[str, State], weights: dict[str, dict[str, float]], rnd: int,
-        key: tuple, runtime: Runtime, ledger: CommLedger,
+        self,
+        node_ids: list[str],
+        cur: dict[str, State],
+        weights: dict[str, dict[str, float]],
+        rnd: int,
+        key: tuple,
+        runtime: Runtime,
+        ledger: CommLedger,
     ) -> None:
         """Semi-decentralized: after a node-round, siblings (same parent) of this tier mix the
         components their parent aggregates, ``peer_steps`` times on a ``peer_graph`` (hierfed.mixing),
@@ -356,7 +438,9 @@ class TreeEngine:
             if len(members) < 2:
                 continue
             spec = mixing.GraphSpec(kind=tcfg.peer_graph)
-            edges = mixing.build_graph(spec, members, np_rng(self.cfg.seed, "peer-graph", rnd, *key, parent))
+            edges = mixing.build_graph(
+                spec, members, np_rng(self.cfg.seed, "peer-graph", rnd, *key, parent)
+            )
             M = mixing.compose([mixing.mixing_matrix(len(members), edges)] * tcfg.peer_steps)
             comps = self.sends_up(sorted(cur[members[0]]), level)
             by_w: dict[tuple[float, ...], list[str]] = defaultdict(list)
@@ -366,7 +450,9 @@ class TreeEngine:
             for ws, cs in sorted(by_w.items(), key=lambda kv: kv[1]):
                 A = mixing.coefficients(M, list(ws))
                 for i, m in enumerate(members):
-                    row = tuple((members[j], float(A[i, j])) for j in range(len(members)) if A[i, j] != 0.0)
+                    row = tuple(
+                        (members[j], float(A[i, j])) for j in range(len(members)) if A[i, j] != 0.0
+                    )
                     rows[m].append((tuple(cs), row))
             tasks += [MixTask(node_id=m, round=rnd, groups=tuple(rows[m])) for m in members]
             step_s = 0.0
@@ -375,8 +461,20 @@ class TreeEngine:
                 for src, dst in ((a, b), (b, a)):
                     sizes = {c: state_nbytes(cur[src][c]) for c in comps}
                     for _ in range(tcfg.peer_steps):
-                        ledger.record(round=rnd, src=src, dst=dst, edge=f"{tier}<->{tier}", direction="peer", sizes=sizes)
-                    step_s = max(step_s, self.clock.transfer_s(src, sum(sizes.values()), rnd=rnd, key=(*key, "peer")))
+                        ledger.record(
+                            round=rnd,
+                            src=src,
+                            dst=dst,
+                            edge=f"{tier}<->{tier}",
+                            direction="peer",
+                            sizes=sizes,
+                        )
+                    step_s = max(
+                        step_s,
+                        self.clock.transfer_s(
+                            src, sum(sizes.values()), rnd=rnd, key=(*key, "peer")
+                        ),
+                    )
             for m in members:
                 self.elapsed[m] = self.elapsed.get(m, 0.0) + tcfg.peer_steps * step_s
         if not tasks:
@@ -411,11 +509,22 @@ class TreeEngine:
         for n in node_ids:
             for c in sampled[n]:
                 sends = self.sends_up(self.holds[c], level)
-                jobs.append(TrainJob(
-                    client_id=c, parent_id=n, tier=self.nodes[n].tier, round=rnd, key=(rnd, self._ordinal(key), c),
-                    trains=self.holds[c], sends=sends, local=self.local.get(c), privacy=self.privacy.get(c),
-                ))
-                expectations[c] = Expectation(c, frozenset(sends), exact=True, max_weight=self.nodes[c].max_weight)
+                jobs.append(
+                    TrainJob(
+                        client_id=c,
+                        parent_id=n,
+                        tier=self.nodes[n].tier,
+                        round=rnd,
+                        key=(rnd, self._ordinal(key), c),
+                        trains=self.holds[c],
+                        sends=sends,
+                        local=self.local.get(c),
+                        privacy=self.privacy.get(c),
+                    )
+                )
+                expectations[c] = Expectation(
+                    c, frozenset(sends), exact=True, max_weight=self.nodes[c].max_weight
+                )
         jobs.sort(key=lambda j: j.client_id)
         states_handle = runtime.put({n: cur[n] for n in node_ids})
         metas, updates = runtime.train(jobs, states_handle)
@@ -424,15 +533,23 @@ class TreeEngine:
             expectations.pop(c, None)  # a late update is never merged (nor kept for later)
         return [updates], expectations
 
-    def _account(self, metas: list[ClientMeta], rnd: int, ledger: CommLedger, stats: RoundStats,
-                 key: tuple = ()) -> None:
+    def _account(
+        self,
+        metas: list[ClientMeta],
+        rnd: int,
+        ledger: CommLedger,
+        stats: RoundStats,
+        key: tuple = (),
+    ) -> None:
         for m in metas:
             if m.error is not None:
                 stats.failures.append((m.client_id, m.error.splitlines()[0]))
                 self.arrival[m.client_id] = math.inf
                 continue
             busy = self.clock.compute_s(m.client_id, rnd=rnd, key=key)
-            if not self.arrive(m.client_id, busy, sum(m.sizes.values()), rnd, key, stats) and not self.sends_late(m.client_id):
+            if not self.arrive(
+                m.client_id, busy, sum(m.sizes.values()), rnd, key, stats
+            ) and not self.sends_late(m.client_id):
                 m = replace(m, sizes={})  # told to stop at the deadline: it sends nothing
             if m.privacy is not None:  # the DP accountant state travels with the client
                 self.privacy[m.client_id] = m.privacy
@@ -446,8 +563,14 @@ class TreeEngine:
                 self.local[m.client_id] = m.local
             if m.sizes:
                 node = self.nodes[m.client_id]
-                ledger.record(round=rnd, src=m.client_id, dst=m.parent_id, edge=self.edge(node), direction="up",
-                              sizes=m.sizes)
+                ledger.record(
+                    round=rnd,
+                    src=m.client_id,
+                    dst=m.parent_id,
+                    edge=self.edge(node),
+                    direction="up",
+                    sizes=m.sizes,
+                )
 
 
 def _quorum_failure(task: MergeTask, accepted: int, quorum: float, stats: RoundStats) -> str | None:
@@ -458,10 +581,13 @@ def _quorum_failure(task: MergeTask, accepted: int, quorum: float, stats: RoundS
     why = [f"{c}: {r}" for c, r in stats.failures if c in senders][:3]
     why += [f"{c}: rejected ({r})" for c, r in stats.rejections if c in senders][:3]
     return f"quorum {quorum:g} not met: {accepted}/{expected} updates arrived and passed" + (
-        f" ({'; '.join(why)})" if why else "")
+        f" ({'; '.join(why)})" if why else ""
+    )
 
 
-def require_no_failures(stats: RoundStats, rnd: int, tolerate: Callable[[RoundStats], bool] | None = None) -> None:
+def require_no_failures(
+    stats: RoundStats, rnd: int, tolerate: Callable[[RoundStats], bool] | None = None
+) -> None:
     """Raise NodeFailure for the first failed client unless ``tolerate`` accepts the round."""
     if stats.failures and not (tolerate and tolerate(stats)):
         cid, cause = stats.failures[0]

@@ -128,12 +128,16 @@ def state_nbytes(params: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in params.values())
 
 
-def state_sub(a: Mapping[str, Mapping[str, torch.Tensor]], b: Mapping[str, Mapping[str, torch.Tensor]]) -> State:
+def state_sub(
+    a: Mapping[str, Mapping[str, torch.Tensor]], b: Mapping[str, Mapping[str, torch.Tensor]]
+) -> State:
     """``a - b`` over the components of ``a``."""
     return {c: {p: t - b[c][p] for p, t in params.items()} for c, params in a.items()}
 
 
-def state_add(a: Mapping[str, Mapping[str, torch.Tensor]], delta: Mapping[str, Mapping[str, torch.Tensor]]) -> State:
+def state_add(
+    a: Mapping[str, Mapping[str, torch.Tensor]], delta: Mapping[str, Mapping[str, torch.Tensor]]
+) -> State:
     """``a + delta``; components of ``a`` that ``delta`` lacks are kept as they are."""
     out: State = {c: dict(p) for c, p in a.items()}
     for c, params in delta.items():

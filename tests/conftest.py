@@ -46,6 +46,8 @@ def tiny_cfg(tmp_path):
     from hierfed.config import load_config
 
     def make(*, topology: str = "hierarchical", **extra: object):
-        return load_config(None, tiny_overrides(**extra), topology=topology, out=str(tmp_path / "run"))
+        return load_config(
+            None, tiny_overrides(**extra), topology=topology, out=str(tmp_path / "run")
+        )
 
     return make

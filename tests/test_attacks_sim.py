@@ -50,11 +50,21 @@ def test_malicious_selection_is_keyed_and_sized():
 def test_model_update_attacks_hand_computed():
     u = _upd("m", [1.0, -2.0])
     benign = [u, _upd("a", [3.0, 0.0]), _upd("b", [5.0, 2.0]), _upd("c", [3.0, 4.0])]
-    assert torch.allclose(_mean(ATTACKS.get("sign_flip")({}).corrupt(u, benign, CTX)), torch.tensor([-1.0, 2.0]))
-    assert torch.allclose(_mean(ATTACKS.get("sign_flip")({"scale": 3}).corrupt(u, benign, CTX)), torch.tensor([-3.0, 6.0]))
+    assert torch.allclose(
+        _mean(ATTACKS.get("sign_flip")({}).corrupt(u, benign, CTX)), torch.tensor([-1.0, 2.0])
+    )
+    assert torch.allclose(
+        _mean(ATTACKS.get("sign_flip")({"scale": 3}).corrupt(u, benign, CTX)),
+        torch.tensor([-3.0, 6.0]),
+    )
     # scaling: by 100 by default; scale 0 boosts by n = 4 (model replacement)
-    assert torch.allclose(_mean(ATTACKS.get("scaling")({"scale": 0}).corrupt(u, benign, CTX)), torch.tensor([4.0, -8.0]))
-    assert torch.allclose(_mean(ATTACKS.get("scaling")({}).corrupt(u, benign, CTX)), torch.tensor([100.0, -200.0]))
+    assert torch.allclose(
+        _mean(ATTACKS.get("scaling")({"scale": 0}).corrupt(u, benign, CTX)),
+        torch.tensor([4.0, -8.0]),
+    )
+    assert torch.allclose(
+        _mean(ATTACKS.get("scaling")({}).corrupt(u, benign, CTX)), torch.tensor([100.0, -200.0])
+    )
     # ALIE: mean - z * std (population std) over the node's benign updates
     x = torch.tensor([[1.0, -2.0], [3.0, 0.0], [5.0, 2.0], [3.0, 4.0]])
     n, f = 4, 1
@@ -62,7 +72,10 @@ def test_model_update_attacks_hand_computed():
     z = NormalDist().inv_cdf((n - s) / n)
     out = _mean(ATTACKS.get("alie")({}).corrupt(u, benign, CTX))
     assert torch.allclose(out, x.mean(0) - z * x.std(0, unbiased=False), atol=1e-6)
-    assert torch.allclose(_mean(ATTACKS.get("alie")({"z": 1.0}).corrupt(u, benign, CTX)), x.mean(0) - x.std(0, unbiased=False))
+    assert torch.allclose(
+        _mean(ATTACKS.get("alie")({"z": 1.0}).corrupt(u, benign, CTX)),
+        x.mean(0) - x.std(0, unbiased=False),
+    )
     # every attack keeps the declared weight
     for name in ("sign_flip", "scaling", "gaussian", "alie"):
         assert ATTACKS.get(name)({}).corrupt(u, benign, CTX).weights == u.weights
@@ -77,9 +90,14 @@ def test_gaussian_attack_is_keyed_noise():
 
 
 def test_label_flip_poisons_only_malicious_clients():
-    data = ClientData({"tabular": np.zeros((3, 2), np.float32)},
-                      {"c": np.array([0, 1, 2]), "r": np.array([0.5, -1.0, 2.0], np.float32)})
-    tasks = {"c": TaskSpec("c", ("tabular",), 3), "r": TaskSpec("r", ("tabular",), 1, kind="regression")}
+    data = ClientData(
+        {"tabular": np.zeros((3, 2), np.float32)},
+        {"c": np.array([0, 1, 2]), "r": np.array([0.5, -1.0, 2.0], np.float32)},
+    )
+    tasks = {
+        "c": TaskSpec("c", ("tabular",), 3),
+        "r": TaskSpec("r", ("tabular",), 1, kind="regression"),
+    }
     cfg = load_config(None, tiny_overrides(**{"attack.name": "label_flip", "attack.fraction": 0.3}))
     fed = build_federation(cfg)
     plan = build_attack(cfg, fed)
@@ -113,8 +131,12 @@ def test_attack_config_errors_name_the_key():
         load_config(None, tiny_overrides(**{"attack.name": "gaussian", "attack.options.std": -1.0}))
     with pytest.raises(ConfigError, match="attack.options.zz"):
         load_config(None, tiny_overrides(**{"attack.name": "alie", "attack.options.zz": 1.0}))
-    cfg = load_config(None, tiny_overrides(**{"attack.name": "label_flip", "attack.fraction": 0.5,
-                                              "attack.tier": "institution"}))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{"attack.name": "label_flip", "attack.fraction": 0.5, "attack.tier": "institution"}
+        ),
+    )
     with pytest.raises(ConfigError, match="attack.tier"):
         build_attack(cfg, build_federation(cfg))
 
@@ -125,11 +147,26 @@ def test_scaling_attack_moves_fedavg_far_but_not_the_median(tiny_cfg):
 
     drift = {}
     for agg in ("weighted_mean", "median"):
-        cfg = tiny_cfg(**{"runtime.name": "local", "rounds": 1, "attack.name": "scaling", "attack.fraction": 0.2,
-                          "topology.tiers.institution.aggregator": agg})
+        cfg = tiny_cfg(
+            **{
+                "runtime.name": "local",
+                "rounds": 1,
+                "attack.name": "scaling",
+                "attack.fraction": 0.2,
+                "topology.tiers.institution.aggregator": agg,
+            }
+        )
         res = run(cfg, write=False)
-        start = run(tiny_cfg(**{"runtime.name": "local", "rounds": 1, "topology.tiers.institution.aggregator": agg}),
-                    write=False).final_state
+        start = run(
+            tiny_cfg(
+                **{
+                    "runtime.name": "local",
+                    "rounds": 1,
+                    "topology.tiers.institution.aggregator": agg,
+                }
+            ),
+            write=False,
+        ).final_state
         drift[agg] = state_norm(state_sub(res.final_state, start))
     # 2 of 9 students boost their delta 100x: FedAvg's global model lands far from the clean
     # run's; the per-institution median ignores them

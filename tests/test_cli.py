@@ -28,7 +28,12 @@ def test_bad_values_fail_fast_in_a_fresh_process():
         (["--topology", "nosuch"], "unknown topology 'nosuch'"),
     ):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "hierfed", "run", *args], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "hierfed", "run", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stderr
         assert needle in proc.stdout
         # fails before Ray or any training starts

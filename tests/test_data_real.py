@@ -121,7 +121,11 @@ def test_unknown_dataset_option_is_a_config_error():
 
 
 LEARN = {
-    "chem97": ["data.options={leas: [31, 54, 59, 92], schools_per_lea: 3}", "rounds=4", "train.lr=0.02"],
+    "chem97": [
+        "data.options={leas: [31, 54, 59, 92], schools_per_lea: 3}",
+        "rounds=4",
+        "train.lr=0.02",
+    ],
     "courses": [
         "data.num_institutions=2",
         "data.students_per_institution=2",

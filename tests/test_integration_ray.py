@@ -16,7 +16,9 @@ pytestmark = pytest.mark.ray
 
 
 def _cfg(tmp_path, topology, **extra):
-    return load_config(None, tiny_overrides(**extra), topology=topology, out=str(tmp_path / topology))
+    return load_config(
+        None, tiny_overrides(**extra), topology=topology, out=str(tmp_path / topology)
+    )
 
 
 @pytest.mark.parametrize("topology", ["star", "hierarchical"])
@@ -29,24 +31,41 @@ def test_two_rounds_on_ray_actors(ray_session, tmp_path, topology):
     if topology == "star":
         assert edges == {"global->student", "student->global"}
     else:
-        assert edges == {"global->institution", "institution->global", "institution->student", "student->institution"}
+        assert edges == {
+            "global->institution",
+            "institution->global",
+            "institution->student",
+            "student->institution",
+        }
     # the frozen backbone is never transmitted: only trainable components appear
     comps = set(res.ledger.by_component())
     assert comps and all(c.split(".")[0] in {"encoder", "adapter", "prompt", "head"} for c in comps)
     out = res.out_dir
-    for name in ("config.yaml", "metrics.jsonl", "ledger.csv", "final_state.safetensors", "final_state.json", "summary.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "ledger.csv",
+        "final_state.safetensors",
+        "final_state.json",
+        "summary.json",
+    ):
         assert (out / name).is_file(), name
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and "bytes" in json.loads(lines[-1])
 
 
 def _final(tmp_path, name, **extra):
-    cfg = load_config(None, tiny_overrides(**extra), topology="hierarchical", out=str(tmp_path / name))
+    cfg = load_config(
+        None, tiny_overrides(**extra), topology="hierarchical", out=str(tmp_path / name)
+    )
     return run(cfg, write=False).final_state
 
 
 def test_bit_identical_across_worker_counts_and_runtimes(ray_session, tmp_path):
-    extra = {"topology.tiers.institution.participation": 0.67, "topology.tiers.institution.local_rounds": 2}
+    extra = {
+        "topology.tiers.institution.participation": 0.67,
+        "topology.tiers.institution.local_rounds": 2,
+    }
     ray2 = _final(tmp_path, "r2", **{"runtime.num_workers": 2}, **extra)
     ray1 = _final(tmp_path, "r1", **{"runtime.num_workers": 1}, **extra)
     local = _final(tmp_path, "l1", **{"runtime.name": "local"}, **extra)
@@ -57,4 +76,7 @@ def test_bit_identical_across_worker_counts_and_runtimes(ray_session, tmp_path):
             for p in ray2[c]:
                 assert torch.equal(ray2[c][p], other[c][p]), f"{c}/{p}"
     other_seed = _final(tmp_path, "s1", **{"runtime.name": "local", "seed": 1}, **extra)
-    assert any(not torch.equal(ray2["head.digit"][p], other_seed["head.digit"][p]) for p in ray2["head.digit"])
+    assert any(
+        not torch.equal(ray2["head.digit"][p], other_seed["head.digit"][p])
+        for p in ray2["head.digit"]
+    )

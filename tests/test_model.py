@@ -32,7 +32,9 @@ def test_components_are_named_as_designed_and_exclude_the_backbone():
 
     assert adapter_keys == set(get_peft_model_state_dict(model.backbone))
     assert spec.backbone_numel > 0
-    assert all(not p.requires_grad for n, p in model.backbone.named_parameters() if "lora_" not in n)
+    assert all(
+        not p.requires_grad for n, p in model.backbone.named_parameters() if "lora_" not in n
+    )
 
 
 def test_same_seed_builds_the_same_model_different_seed_does_not():
@@ -51,23 +53,38 @@ def test_client_without_a_modality_neither_builds_nor_trains_its_encoder():
     assert "encoder.image" not in holds and "head.digit" not in holds
     trainer = ClientTrainer(model, cfg.train, cfg.seed)
     start = model.component_state()
-    fit = trainer.fit(data=fed.train[no_image.id], tasks=no_image.tasks, start=start, trainable=holds, key=(1, no_image.id))
+    fit = trainer.fit(
+        data=fed.train[no_image.id],
+        tasks=no_image.tasks,
+        start=start,
+        trainable=holds,
+        key=(1, no_image.id),
+    )
     assert set(fit.state) == set(holds)
     after = model.component_state()
     assert torch.equal(after["encoder.image"]["proj.weight"], start["encoder.image"]["proj.weight"])
-    changed = [c for c in holds if any(not torch.equal(fit.state[c][p], start[c][p]) for p in fit.state[c])]
+    changed = [
+        c for c in holds if any(not torch.equal(fit.state[c][p], start[c][p]) for p in fit.state[c])
+    ]
     assert set(changed) == set(holds)
 
 
 def test_backbone_stays_frozen_and_in_eval_mode_through_training():
     cfg, fed, model, spec = _setup()
-    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "lora_" not in n}
+    before = {
+        n: p.detach().clone() for n, p in model.backbone.named_parameters() if "lora_" not in n
+    }
     client = fed.clients[0]
     trainer = ClientTrainer(model, cfg.train, cfg.seed)
     model.train()
     assert not model.backbone.training
-    trainer.fit(data=fed.train[client.id], tasks=client.tasks, start=model.component_state(),
-                trainable=spec.holds(client), key=(1, client.id))
+    trainer.fit(
+        data=fed.train[client.id],
+        tasks=client.tasks,
+        start=model.component_state(),
+        trainable=spec.holds(client),
+        key=(1, client.id),
+    )
     for n, p in model.backbone.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, before[n]), n
@@ -86,8 +103,11 @@ def test_lora_dropout_is_live_in_training_and_keyed(tmp_path):
     from hierfed.simulation import run
 
     def final(p: float):
-        cfg = load_config(None, tiny_overrides(**{"runtime.name": "local", "model.lora_dropout": p, "rounds": 1}),
-                          out=str(tmp_path / str(p)))
+        cfg = load_config(
+            None,
+            tiny_overrides(**{"runtime.name": "local", "model.lora_dropout": p, "rounds": 1}),
+            out=str(tmp_path / str(p)),
+        )
         return run(cfg, write=False).final_state["adapter.backbone"]
 
     a, b, off = final(0.3), final(0.3), final(0.0)

@@ -22,6 +22,7 @@ def test_epsilon_matches_opacus_on_pinned_case():
     assert s.epsilon == pytest.approx(ref.get_epsilon(1e-5), rel=1e-12)
     assert s.epsilon == pytest.approx(7.3291, abs=5e-5)
 
+
 def test_epsilon_is_continuous_across_rounds():
     # 9 participations of 250 steps: each round's epsilon equals one accountant run over all
     # steps so far (never a fresh per-round epsilon), rising to the pinned total
@@ -38,29 +39,42 @@ def test_epsilon_is_continuous_across_rounds():
     # a per-round report would have said far less: the cumulative value is what we report
     assert epsilon_of(((1.5, 0.04, 250),), 1e-5) < 0.5 * s.epsilon
 
+
 def test_derived_noise_fits_the_budget_and_modalities_tighten_it():
-    cfg = load_config(None, tiny_overrides(**{
-        "rounds": 4,
-        "privacy.policies.strict.epsilon": 1.0,
-        "privacy.policies.strict.modalities.image": 0.5,
-        "privacy.policies.loose.epsilon": 10.0,
-        "privacy.assign.global/inst-00/*": "strict",
-        "privacy.default": "loose",
-    }))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{
+                "rounds": 4,
+                "privacy.policies.strict.epsilon": 1.0,
+                "privacy.policies.strict.modalities.image": 0.5,
+                "privacy.policies.loose.epsilon": 10.0,
+                "privacy.assign.global/inst-00/*": "strict",
+                "privacy.default": "loose",
+            }
+        ),
+    )
     tiers = ("global", "institution", "student")
-    img = ClientProfile("global/inst-00/student-000", ("image", "tabular"), ("digit", "dropout_risk"), 40, 10)
+    img = ClientProfile(
+        "global/inst-00/student-000", ("image", "tabular"), ("digit", "dropout_risk"), 40, 10
+    )
     txt = ClientProfile("global/inst-00/student-001", ("tabular",), ("dropout_risk",), 40, 10)
     other = ClientProfile("global/inst-01/student-000", ("tabular",), ("dropout_risk",), 40, 10)
     assert (policy_name(cfg, img), policy_name(cfg, other)) == ("strict", "loose")
     p_img, p_txt = plan_for(cfg, img, 40, tiers), plan_for(cfg, txt, 40, tiers)
     assert (p_img.epsilon, p_txt.epsilon) == (0.5, 1.0)
     # q = 16 / 40; steps per participation = epochs x tasks x ceil(1 / q) = 1 x 2 x 3
-    assert p_img.sample_rate == pytest.approx(0.4) and p_img.steps_per_round == 6 and p_img.planned_rounds == 4
+    assert (
+        p_img.sample_rate == pytest.approx(0.4)
+        and p_img.steps_per_round == 6
+        and p_img.planned_rounds == 4
+    )
     eps = epsilon_of(((p_img.noise_multiplier, 0.4, 6 * 4),), 1e-5)
     assert 0.5 - 0.01 <= eps <= 0.5
     assert p_img.noise_multiplier > p_txt.noise_multiplier > 0
     none = load_config(None, tiny_overrides())
     assert plan_for(none, img, 40, tiers) is None
+
 
 @pytest.mark.parametrize(
     ("key", "value", "match"),
@@ -71,8 +85,16 @@ def test_derived_noise_fits_the_budget_and_modalities_tighten_it():
         ("privacy.policies.p.delta", 0.0, "delta"),
         ("privacy.policies.p.epsilon", "nan", "epsilon"),
         ("privacy.policies.p.clip_norm", 0.0, "clip_norm"),
-        ("topology.tiers.institution.postprocess_options.gaussian.noise_multiplier", -0.5, "noise_multiplier"),
-        ("topology.tiers.institution.postprocess_options.gaussian.noise_multiplier", "nan", "noise_multiplier"),
+        (
+            "topology.tiers.institution.postprocess_options.gaussian.noise_multiplier",
+            -0.5,
+            "noise_multiplier",
+        ),
+        (
+            "topology.tiers.institution.postprocess_options.gaussian.noise_multiplier",
+            "nan",
+            "noise_multiplier",
+        ),
         ("topology.tiers.institution.postprocess_options.gaussian.delta", 1.5, "delta"),
     ],
 )
@@ -84,25 +106,40 @@ def test_bad_dp_settings_fail_at_start_up(key, value, match):
         load_config(None, tiny_overrides(**extra))
     assert key in str(err.value)
 
+
 def test_unknown_policy_names_are_config_errors():
     with pytest.raises(ConfigError, match="privacy.default.*no such policy"):
         load_config(None, tiny_overrides(**{"privacy.default": "gdpr"}))
     with pytest.raises(ConfigError, match="no such policy"):
         load_config(None, tiny_overrides(**{"privacy.assign.global/*": "gdpr"}))
 
+
 def test_client_level_report_states_unit_and_rate():
-    cfg = load_config(None, tiny_overrides(**{
-        "topology.tiers.institution.postprocess": "[gaussian]",
-        "topology.tiers.institution.postprocess_options.gaussian.noise_multiplier": 1.5,
-        "topology.tiers.institution.participation": 0.04,
-        "topology.tiers.institution.local_rounds": 3,
-    }))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{
+                "topology.tiers.institution.postprocess": "[gaussian]",
+                "topology.tiers.institution.postprocess_options.gaussian.noise_multiplier": 1.5,
+                "topology.tiers.institution.participation": 0.04,
+                "topology.tiers.institution.local_rounds": 3,
+            }
+        ),
+    )
     rep = client_level_report(cfg, ("global", "institution", "student"), 750)
     assert set(rep) == {"institution"}
     r = rep["institution"]
-    assert (r["unit"], r["level"], r["steps"], r["sample_rate"]) == ("student", "client", 2250, 0.04)
+    assert (r["unit"], r["level"], r["steps"], r["sample_rate"]) == (
+        "student",
+        "client",
+        2250,
+        0.04,
+    )
     assert r["epsilon"] == pytest.approx(7.3291, abs=5e-5)
-    assert client_level_report(cfg, ("global", "institution", "student"), 0)["institution"]["epsilon"] == 0.0
+    assert (
+        client_level_report(cfg, ("global", "institution", "student"), 0)["institution"]["epsilon"]
+        == 0.0
+    )
 
 
 def test_accountant_state_survives_a_checkpoint_round_trip():
@@ -115,4 +152,7 @@ def test_accountant_state_survives_a_checkpoint_round_trip():
     tensors: dict = {}
     back = unpack(json.loads(json.dumps(pack({"global/inst-00/student-000": s}, tensors))), tensors)
     assert back["global/inst-00/student-000"] == s
-    assert back["global/inst-00/student-000"].after(((1.2, 0.5, 8),)).epsilon == s.after(((1.2, 0.5, 8),)).epsilon
+    assert (
+        back["global/inst-00/student-000"].after(((1.2, 0.5, 8),)).epsilon
+        == s.after(((1.2, 0.5, 8),)).epsilon
+    )

@@ -49,7 +49,9 @@ def test_lora_per_sample_grads_match_one_at_a_time(setup):
         grads, losses = per_sample_grads(model, named, inputs, y, task)
         for i in range(5):
             model.zero_grad(set_to_none=True)
-            loss = task_loss(tspec, model({m: v[i : i + 1] for m, v in inputs.items()}, task), y[i : i + 1])
+            loss = task_loss(
+                tspec, model({m: v[i : i + 1] for m, v in inputs.items()}, task), y[i : i + 1]
+            )
             loss.backward()
             assert losses[i].item() == pytest.approx(loss.item(), rel=1e-5)
             for n, p in named.items():
@@ -74,7 +76,9 @@ def test_opacus_hook_grad_samples_of_peft_lora_match(setup):
     # Opacus's hooks capture activations only of modules in training mode; our backbone is
     # frozen *and* in eval mode, so only the LoRA factor layers are switched to train here
     # (they hold no dropout or norm, so the mode changes nothing else)
-    lora_layers = [m for n, m in bb.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+    lora_layers = [
+        m for n, m in bb.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))
+    ]
     assert lora_layers
     for m in lora_layers:
         m.train()
@@ -99,7 +103,9 @@ def test_opacus_hook_grad_samples_of_peft_lora_match(setup):
     bb.zero_grad(set_to_none=True)
 
 
-def _plan(steps: int, *, sigma: float = 1.0, clip: float = 1.0, q: float = 0.5, eps: float = 100.0) -> DPPlan:
+def _plan(
+    steps: int, *, sigma: float = 1.0, clip: float = 1.0, q: float = 0.5, eps: float = 100.0
+) -> DPPlan:
     return DPPlan("p", eps, 1e-5, clip, sigma, q, steps, 10)
 
 
@@ -110,8 +116,15 @@ def test_one_dp_step_changes_every_trainable_tensor_and_no_frozen_one(setup):
     comps = ["adapter.backbone", "encoder.image", "head.digit", "head.essay_topic", "prompt.digit"]
     start = model.component_state()
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-    fit, hist = fit_dp(trainer, data=fed.train[prof.id], tasks=["digit"], start=start, trainable=comps,
-                       key=(1, prof.id), dp=DPSpec(_plan(1)))
+    fit, hist = fit_dp(
+        trainer,
+        data=fed.train[prof.id],
+        tasks=["digit"],
+        start=start,
+        trainable=comps,
+        key=(1, prof.id),
+        dp=DPSpec(_plan(1)),
+    )
     assert fit.steps == 1 and hist == ((1.0, 0.5, 1),)
     for c in comps:
         for p, t in fit.state[c].items():
@@ -139,18 +152,30 @@ def test_dp_update_norm_is_bounded_by_clip_without_noise(setup):
     comps = spec.holds(prof)
     start = model.component_state()
     for clip in (0.05, 0.5):
-        fit, _ = fit_dp(trainer, data=fed.train[prof.id], tasks=["dropout_risk"], start=start, trainable=comps,
-                        key=(2, prof.id), dp=DPSpec(_plan(1, sigma=0.0, clip=clip, q=1.0)))
+        fit, _ = fit_dp(
+            trainer,
+            data=fed.train[prof.id],
+            tasks=["dropout_risk"],
+            start=start,
+            trainable=comps,
+            key=(2, prof.id),
+            dp=DPSpec(_plan(1, sigma=0.0, clip=clip, q=1.0)),
+        )
         delta = state_sub(fit.state, start)
         assert 0 < state_norm(delta) <= clip * (1 + 1e-5)
 
 
 @settings(max_examples=30, deadline=None)
-@given(vals=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=8),
-       w=st.floats(0.5, 50), clip=st.floats(0.01, 10))
+@given(
+    vals=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=8),
+    w=st.floats(0.5, 50),
+    clip=st.floats(0.01, 10),
+)
 def test_gaussian_postprocessor_clips_to_bound(vals, w, clip):
     u = Update.from_delta({"head.t": {"w": torch.tensor(vals)}}, w, sender="s", round=1)
-    out = GaussianMechanism({"clip": clip, "noise_multiplier": 0.0}).process(u, PostContext("s", "p", "institution", 1, 0))
+    out = GaussianMechanism({"clip": clip, "noise_multiplier": 0.0}).process(
+        u, PostContext("s", "p", "institution", 1, 0)
+    )
     assert state_norm(out.mean()) <= clip * (1 + 1e-5)
     assert out.weights == u.weights
 
@@ -169,7 +194,9 @@ def test_gaussian_noise_std_and_keying():
 def test_nan_inf_rejected_before_clipping(bad):
     u = Update.from_delta({"head.t": {"w": torch.tensor([1.0, bad])}}, 1.0, sender="s", round=1)
     with pytest.raises(UpdateRejected, match="NaN or Inf"):
-        GaussianMechanism({"clip": 1.0, "noise_multiplier": 0.0}).process(u, PostContext("s", "p", "institution", 1, 0))
+        GaussianMechanism({"clip": 1.0, "noise_multiplier": 0.0}).process(
+            u, PostContext("s", "p", "institution", 1, 0)
+        )
 
 
 def test_spent_budget_stops_the_client(setup):
@@ -182,7 +209,12 @@ def test_spent_budget_stops_the_client(setup):
     budget = epsilon_of(((1.0, 0.5, 4),), 1e-5)  # exactly two participations of 2 steps
     plan = DPPlan("p", budget, 1e-5, 1.0, 1.0, 0.5, 2, 2)
     state = None
-    kw = dict(data=fed.train[prof.id], tasks=["digit", "dropout_risk"], start=model.component_state(), trainable=comps)
+    kw = dict(
+        data=fed.train[prof.id],
+        tasks=["digit", "dropout_risk"],
+        start=model.component_state(),
+        trainable=comps,
+    )
     for r in (1, 2):
         fit, state = train_client(trainer, plan=plan, prior=state, key=(r, prof.id), **kw)
         assert fit is not None and state.status == "ok" and state.participations == r
@@ -192,15 +224,26 @@ def test_spent_budget_stops_the_client(setup):
 
 
 def test_three_institutions_three_budgets_in_a_run(tmp_path):
-    cfg = load_config(None, tiny_overrides(**{
-        "runtime.name": "local", "rounds": 2, "data.samples_per_student": 16, "train.batch_size": 8,
-        "data.students_per_institution": 2,
-        "privacy.policies.strict.epsilon": 1.0, "privacy.policies.strict.rounds": 1,
-        "privacy.policies.mid.epsilon": 4.0,
-        "privacy.policies.loose.epsilon": 16.0,
-        "privacy.assign.global/inst-00/*": "strict", "privacy.assign.global/inst-01/*": "mid",
-        "privacy.assign.global/inst-02/*": "loose",
-    }), out=str(tmp_path / "run"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{
+                "runtime.name": "local",
+                "rounds": 2,
+                "data.samples_per_student": 16,
+                "train.batch_size": 8,
+                "data.students_per_institution": 2,
+                "privacy.policies.strict.epsilon": 1.0,
+                "privacy.policies.strict.rounds": 1,
+                "privacy.policies.mid.epsilon": 4.0,
+                "privacy.policies.loose.epsilon": 16.0,
+                "privacy.assign.global/inst-00/*": "strict",
+                "privacy.assign.global/inst-01/*": "mid",
+                "privacy.assign.global/inst-02/*": "loose",
+            }
+        ),
+        out=str(tmp_path / "run"),
+    )
     res = run(cfg, write=False)
     r1, r2 = res.metrics[1], res.metrics[2]
     d1, d2 = r1["dp_sample"], r2["dp_sample"]
@@ -214,5 +257,7 @@ def test_three_institutions_three_budgets_in_a_run(tmp_path):
         assert rep["delta"] == 1e-5 and rep["budget"] == budget and rep["epsilon"] <= budget
         if "/inst-00/" not in c:  # cumulative: the second round adds to the first
             assert rep["participations"] == 2 and rep["epsilon"] > d1["clients"][c]["epsilon"]
-            assert rep["epsilon"] >= 0.98 * budget  # the derived noise spends the budget in the planned rounds
+            assert (
+                rep["epsilon"] >= 0.98 * budget
+            )  # the derived noise spends the budget in the planned rounds
     assert math.isfinite(r2["train_loss"])

@@ -16,7 +16,9 @@ CTX = AggContext("global", "global", 1, 0)
 
 
 def _upd(sender: str, vals, w: float = 1.0) -> Update:
-    return Update.from_delta({"head.t": {"w": torch.as_tensor(vals, dtype=torch.float32)}}, w, sender=sender, round=1)
+    return Update.from_delta(
+        {"head.t": {"w": torch.as_tensor(vals, dtype=torch.float32)}}, w, sender=sender, round=1
+    )
 
 
 def _est(agg, us):
@@ -62,7 +64,16 @@ def test_options_are_checked():
 
 
 def test_policy_noise_variance_formula():
-    plan = DPPlan("p", 1.0, 1e-5, clip_norm=0.5, noise_multiplier=2.0, sample_rate=0.25, steps_per_round=8, planned_rounds=3)
+    plan = DPPlan(
+        "p",
+        1.0,
+        1e-5,
+        clip_norm=0.5,
+        noise_multiplier=2.0,
+        sample_rate=0.25,
+        steps_per_round=8,
+        planned_rounds=3,
+    )
     # B = 0.25 x 40 = 10; steps x (lr sigma C / B)^2 = 8 x (0.1 x 2 x 0.5 / 10)^2
     assert update_noise_variance(plan, lr=0.1, num_rows=40) == pytest.approx(8 * (0.01) ** 2)
 

@@ -15,9 +15,13 @@ from tests.conftest import tiny_overrides
 @pytest.mark.slow
 def test_accountant_state_persists_across_ray_workers(ray_session, tmp_path):
     extra = {
-        "runtime.name": "ray", "runtime.num_workers": 2, "rounds": 2,
-        "data.samples_per_student": 16, "train.batch_size": 8,
-        "privacy.policies.p.epsilon": 3.0, "privacy.assign.global/inst-00/*": "p",
+        "runtime.name": "ray",
+        "runtime.num_workers": 2,
+        "rounds": 2,
+        "data.samples_per_student": 16,
+        "train.batch_size": 8,
+        "privacy.policies.p.epsilon": 3.0,
+        "privacy.assign.global/inst-00/*": "p",
     }
     cfg = load_config(None, tiny_overrides(**extra), out=str(tmp_path / "run"))
     res = run(cfg, write=False)
@@ -28,7 +32,9 @@ def test_accountant_state_persists_across_ray_workers(ray_session, tmp_path):
         prof = fed.by_id[cid]
         plan = plan_for(cfg, prof, len(fed.train[cid]), fed.tier_names)
         # two participations composed in one accountant, whichever actor trained each round
-        want = epsilon_of(((plan.noise_multiplier, plan.sample_rate, 2 * plan.steps_per_round),), 1e-5)
+        want = epsilon_of(
+            ((plan.noise_multiplier, plan.sample_rate, 2 * plan.steps_per_round),), 1e-5
+        )
         assert rep["participations"] == 2 and rep["epsilon"] == pytest.approx(want, rel=1e-9)
         assert rep["epsilon"] == pytest.approx(3.0, abs=0.03)
         assert res.metrics[1]["dp_sample"]["clients"][cid]["epsilon"] < rep["epsilon"]

@@ -18,11 +18,16 @@ from hierfed.errors import CheckpointError
 from hierfed.simulation import run
 from tests.conftest import tiny_overrides
 
-OVERRIDES = tiny_overrides(**{
-    "runtime.name": "local", "rounds": 3, "eval.personalized": "true",
-    "topology.tiers.institution.participation": 0.67, "topology.tiers.global.server_optimizer": "fedadam",
-    "topology.tiers.global.server_lr": 0.05,
-})
+OVERRIDES = tiny_overrides(
+    **{
+        "runtime.name": "local",
+        "rounds": 3,
+        "eval.personalized": "true",
+        "topology.tiers.institution.participation": 0.67,
+        "topology.tiers.global.server_optimizer": "fedadam",
+        "topology.tiers.global.server_lr": 0.05,
+    }
+)
 
 
 def _digest(run_dir: Path) -> tuple[str, list[dict]]:
@@ -44,8 +49,13 @@ def reference(tmp_path_factory):
 def test_sigkill_then_resume_is_bit_identical(tmp_path, reference, kill_at):
     out = tmp_path / "run"
     env = {**os.environ, "HIERFED_FAULT": kill_at}
-    proc = subprocess.run([sys.executable, "-m", "hierfed", "run", "--quiet", "--out", str(out), *OVERRIDES],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hierfed", "run", "--quiet", "--out", str(out), *OVERRIDES],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     assert not (out / "final_state.safetensors").exists()
     # resume in-process, from the folder's own config
@@ -62,7 +72,9 @@ def test_resume_cli_continues_a_finished_checkpoint(tmp_path, reference):
     run(cfg)
     from hierfed.cli import main
 
-    assert main(["run", "--resume", str(out), "--quiet"]) == 0  # nothing left to run: outputs rewritten
+    assert (
+        main(["run", "--resume", str(out), "--quiet"]) == 0
+    )  # nothing left to run: outputs rewritten
     assert _digest(out)[0] == reference[0]
 
 
@@ -95,7 +107,12 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
 
 def test_resume_without_checkpoint_or_with_another_config_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        run(load_config(None, tiny_overrides(**{"runtime.name": "local"}), out=str(tmp_path / "empty")), resume=True)
+        run(
+            load_config(
+                None, tiny_overrides(**{"runtime.name": "local"}), out=str(tmp_path / "empty")
+            ),
+            resume=True,
+        )
     out = _one_checkpoint(tmp_path)
     other = load_config(out / "config.yaml", ["train.lr=0.5"], out=str(out))
     with pytest.raises(CheckpointError, match="another config"):

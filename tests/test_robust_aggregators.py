@@ -23,7 +23,9 @@ CTX = AggContext("global/inst-00", "institution", 1, 0)
 
 
 def _upd(sender: str, vals: list[float], w: float = 1.0, comp: str = "head.t") -> Update:
-    return Update.from_delta({comp: {"w": torch.tensor(vals, dtype=torch.float32)}}, w, sender=sender, round=1)
+    return Update.from_delta(
+        {comp: {"w": torch.tensor(vals, dtype=torch.float32)}}, w, sender=sender, round=1
+    )
 
 
 def _est(agg, updates, comp: str = "head.t") -> torch.Tensor:
@@ -37,7 +39,12 @@ def test_registered_names():
 
 
 def test_median_hand_computed_and_preweighted():
-    us = [_upd("a", [1.0, 10.0], 2.0), _upd("b", [3.0, -5.0], 1.0), _upd("c", [2.0, 7.0], 5.0), _upd("d", [100.0, 8.0], 1.0)]
+    us = [
+        _upd("a", [1.0, 10.0], 2.0),
+        _upd("b", [3.0, -5.0], 1.0),
+        _upd("c", [2.0, 7.0], 5.0),
+        _upd("d", [100.0, 8.0], 1.0),
+    ]
     merged, _ = CoordinateMedian({}).aggregate(us, None, CTX)
     # even count: mean of the two middle values; unweighted per sender
     assert torch.allclose(merged.mean()["head.t"]["w"], torch.tensor([2.5, 7.5]))
@@ -54,7 +61,13 @@ def test_trimmed_mean_hand_computed():
 
 
 def test_krum_picks_central_update_and_multikrum_averages():
-    us = [_upd("a", [0.0, 0.0]), _upd("b", [1.0, 0.0]), _upd("c", [0.0, 1.0]), _upd("d", [0.5, 0.5]), _upd("e", [50.0, 50.0])]
+    us = [
+        _upd("a", [0.0, 0.0]),
+        _upd("b", [1.0, 0.0]),
+        _upd("c", [0.0, 1.0]),
+        _upd("d", [0.5, 0.5]),
+        _upd("e", [50.0, 50.0]),
+    ]
     # f=1: score = sum of the n-f-2 = 2 nearest squared distances; d (0.5, 0.5) is most central
     assert torch.allclose(_est(Krum({"f": 1}), us), torch.tensor([0.5, 0.5]))
     # multi-Krum m=3: d (0.5) plus the two tied next (a, b, c all score 1.0; a and b first by id)
@@ -67,7 +80,9 @@ def test_norm_bounded_mean_caps_each_sender():
     # bound 1: a scaled to (0.6, 0.8), b untouched; weighted mean of the two
     assert torch.allclose(_est(NormBoundedMean({"max_norm": 1.0}), us), torch.tensor([0.3, 0.9]))
     # adaptive: bound = median norm = (5 + 1) / 2 = 3
-    assert torch.allclose(_est(NormBoundedMean({}), us), torch.tensor([(1.8 + 0) / 2, (2.4 + 1) / 2]))
+    assert torch.allclose(
+        _est(NormBoundedMean({}), us), torch.tensor([(1.8 + 0) / 2, (2.4 + 1) / 2])
+    )
 
 
 def test_components_merge_only_among_holders():
@@ -120,7 +135,12 @@ def test_option_and_fanout_checks_name_the_key(tiny_cfg):
         Krum.check_options({"f": -1}, key="topology.tiers.institution.options")
     with pytest.raises(ConfigError, match="unknown|takes options"):
         Krum.check_options({"g": 1})
-    cfg = tiny_cfg(**{"topology.tiers.institution.aggregator": "krum", "topology.tiers.institution.options.f": 1})
+    cfg = tiny_cfg(
+        **{
+            "topology.tiers.institution.aggregator": "krum",
+            "topology.tiers.institution.options.f": 1,
+        }
+    )
     # 3 students per institution < 2f + 3 = 5: fails when the tree is built, naming the key
     with pytest.raises(ConfigError, match=r"topology\.tiers\.institution\.options\.f.*n = 3"):
         check_fanouts(cfg, [("institution", 3)])

@@ -11,7 +11,9 @@ from hierfed.update import Update, flat_state, state_norm, unflat_state
 
 def _u(sender: str, comps: dict[str, list[float]], w: float | dict[str, float]) -> Update:
     delta = {c: {"w": torch.tensor(v, dtype=torch.float64)} for c, v in comps.items()}
-    return Update.from_delta(delta, w, sender=sender, round=1, num_samples=int(w if isinstance(w, (int, float)) else 1))
+    return Update.from_delta(
+        delta, w, sender=sender, round=1, num_samples=int(w if isinstance(w, (int, float)) else 1)
+    )
 
 
 def test_weighted_mean_by_hand_three_clients():
@@ -23,7 +25,9 @@ def test_weighted_mean_by_hand_three_clients():
     assert total is not None
     mean = total.mean()
     assert total.weights == {"enc": 3.0, "head": 6.0}
-    assert torch.allclose(mean["enc"]["w"], torch.tensor([(1 + 8) / 3, (2 + 16) / 3], dtype=torch.float64))
+    assert torch.allclose(
+        mean["enc"]["w"], torch.tensor([(1 + 8) / 3, (2 + 16) / 3], dtype=torch.float64)
+    )
     assert torch.allclose(mean["head"]["w"], torch.tensor([(3 + 0 + 18) / 6], dtype=torch.float64))
     assert total.meta.senders == ("a", "b", "c")
     assert total.meta.num_samples == 6
@@ -43,7 +47,10 @@ def test_sum_of_nothing_is_none():
 
 
 def test_flat_roundtrip_and_norm():
-    s = {"head.t": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}, "enc.x": {"w": torch.full((3,), 2.0)}}
+    s = {
+        "head.t": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)},
+        "enc.x": {"w": torch.full((3,), 2.0)},
+    }
     back = unflat_state(flat_state(s))
     assert set(back) == set(s)
     assert all(torch.equal(back[c][p], s[c][p]) for c in s for p in s[c])
@@ -56,7 +63,9 @@ client = st.tuples(weights, values, st.booleans())
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(client, min_size=2, max_size=12), st.integers(min_value=1, max_value=4), st.randoms())
+@given(
+    st.lists(client, min_size=2, max_size=12), st.integers(min_value=1, max_value=4), st.randoms()
+)
 def test_hierarchical_mean_equals_flat_mean_and_order_does_not_matter(clients, groups, rnd):
     ups = []
     for i, (w, v, has_enc) in enumerate(clients):

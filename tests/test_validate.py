@@ -22,7 +22,10 @@ EXPECT = Expectation("s1", frozenset({"head.t", "encoder.x"}), exact=True, max_w
 
 
 def good(**over):
-    tensors = {"head.t": {"bias": torch.zeros(2), "weight": torch.ones(2, 3)}, "encoder.x": {"w": torch.ones(3)}}
+    tensors = {
+        "head.t": {"bias": torch.zeros(2), "weight": torch.ones(2, 3)},
+        "encoder.x": {"w": torch.ones(3)},
+    }
     weights = {"head.t": 10.0, "encoder.x": 10.0}
     tensors.update(over.pop("tensors", {}))
     weights.update(over.pop("weights", {}))
@@ -40,7 +43,10 @@ def test_a_good_update_passes():
         (good(tensors={"encoder.x": {"w": torch.tensor([1.0, float("inf"), 0.0])}}), "NaN or Inf"),
         (good(tensors={"encoder.x": {"w": torch.ones(1, 3)}}), "shape"),  # would broadcast: refused
         (good(tensors={"encoder.x": {"w": torch.ones(4)}}), "shape"),
-        (good(tensors={"encoder.x": {"w": torch.ones(3), "extra": torch.ones(1)}}), "parameter keys"),
+        (
+            good(tensors={"encoder.x": {"w": torch.ones(3), "extra": torch.ones(1)}}),
+            "parameter keys",
+        ),
         (good(tensors={"head.t": {"weight": torch.ones(2, 3)}}), "parameter keys"),
         (good(tensors={"encoder.x": {"w": torch.ones(3, dtype=torch.int64)}}), "floating point"),
         (good(weights={"head.t": -1.0}), "weight"),
@@ -60,7 +66,9 @@ def test_missing_and_extra_components_are_rejected():
     missing = Update({"head.t": u.tensors["head.t"]}, {"head.t": 10.0}, u.meta)
     with pytest.raises(UpdateRejected, match="missing"):
         validate_update(missing, EXPECT, SPEC)
-    extra = Update({**u.tensors, "head.z": {"w": torch.ones(1)}}, {**u.weights, "head.z": 1.0}, u.meta)
+    extra = Update(
+        {**u.tensors, "head.z": {"w": torch.ones(1)}}, {**u.weights, "head.z": 1.0}, u.meta
+    )
     with pytest.raises(UpdateRejected, match="extra"):
         validate_update(extra, EXPECT, SPEC)
     # a tier node may send a subset, never an unknown component

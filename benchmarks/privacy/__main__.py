@@ -126,7 +126,13 @@ def run_variant(name: str, seed: int, rounds: int) -> dict[str, Any]:
     }
 
 
-VARIANTS = ["weighted_mean", "noise_aware_known", "noise_aware_known_auto", "noise_aware_estimated", "no_dp"]
+VARIANTS = [
+    "weighted_mean",
+    "noise_aware_known",
+    "noise_aware_known_auto",
+    "noise_aware_estimated",
+    "no_dp",
+]
 
 
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -158,19 +164,33 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             + " |"
         )
     seeds = sorted({r["seed"] for r in rows})
-    lines += ["", "Global accuracy per seed:", "", "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-              "|---|" + "---|" * len(seeds)]
+    lines += [
+        "",
+        "Global accuracy per seed:",
+        "",
+        "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
     for v in VARIANTS:
         per = {r["seed"]: r["global"] for r in rows if r["variant"] == v}
         if per:
-            lines.append(f"| {v} | " + " | ".join(f"{per[s]:.3f}" if s in per else "—" for s in seeds) + " |")
+            lines.append(
+                f"| {v} | " + " | ".join(f"{per[s]:.3f}" if s in per else "—" for s in seeds) + " |"
+            )
     lines.append("")
     for v in ("noise_aware_known", "noise_aware_known_auto", "noise_aware_estimated"):
-        diffs = [r["global"] - m["global"] for r in rows if r["variant"] == v
-                 for m in rows if m["variant"] == "weighted_mean" and m["seed"] == r["seed"]]
+        diffs = [
+            r["global"] - m["global"]
+            for r in rows
+            if r["variant"] == v
+            for m in rows
+            if m["variant"] == "weighted_mean" and m["seed"] == r["seed"]
+        ]
         if diffs:
-            lines.append(f"- {v} minus weighted_mean, global accuracy: mean {100 * sum(diffs) / len(diffs):+.1f} points "
-                         f"(per seed: {', '.join(f'{100 * d:+.1f}' for d in diffs)}).")
+            lines.append(
+                f"- {v} minus weighted_mean, global accuracy: mean {100 * sum(diffs) / len(diffs):+.1f} points "
+                f"(per seed: {', '.join(f'{100 * d:+.1f}' for d in diffs)})."
+            )
     lines.append("")
     spent = [r for r in rows if r["variant"] == "weighted_mean"]
     if spent:
@@ -204,8 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             (out / "noise_aware.json").write_text(json.dumps({"rows": rows}, indent=1))
-            partial = {"command": "(partial) python -m benchmarks.privacy " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "seeds": args.seeds, "rounds": args.rounds, "wall_s": time.perf_counter() - t0}
+            partial = {
+                "command": "(partial) python -m benchmarks.privacy "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+                "seeds": args.seeds,
+                "rounds": args.rounds,
+                "wall_s": time.perf_counter() - t0,
+            }
             (out / "report.md").write_text(report(rows, partial))
     meta = {
         "command": "python -m benchmarks.privacy "
@@ -219,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.md").write_text(report(rows, meta))
     print((out / "report.md").read_text())
     return 0
-
-
 
 
 def rewrite_report(out: str = "benchmarks/results/privacy") -> None:

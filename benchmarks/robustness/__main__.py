@@ -159,7 +159,11 @@ def report(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for agg in AGGREGATORS:
         if agg == "weighted_mean":
             continue
-        cs = [c for c in cells if c["aggregator"] == agg and c["fraction"] == target and c["attack"] != "none"]
+        cs = [
+            c
+            for c in cells
+            if c["aggregator"] == agg and c["fraction"] == target and c["attack"] != "none"
+        ]
         n_attacks = len({c["attack"] for c in cells if c["attack"] != "none"})
         if cs and len(cs) == n_attacks and min(c["accuracy"] for c in cs) >= ref - 0.10:
             ok.append(agg)
@@ -215,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     cells_in: list[tuple[str | None, float, str, int | None, str]] = [
         (None, 0.0, a, args.rounds, args.tier) for a in aggs
     ]
-    cells_in += [(at, f, a, args.rounds, args.tier) for f in fractions for at in attacks for a in aggs]
+    cells_in += [
+        (at, f, a, args.rounds, args.tier) for f in fractions for at in attacks for a in aggs
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -240,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.md").write_text(report(cells, meta))
     print((out / "report.md").read_text())
     return 0
-
-
 
 
 def rewrite_report(out: str = "benchmarks/results/robustness") -> None:

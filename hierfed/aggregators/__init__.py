@@ -6,4 +6,18 @@ from hierfed.aggregators.noise_aware import NoiseAwareMean
 from hierfed.aggregators.robust import CoordinateMedian, Krum, NormBoundedMean, TrimmedMean
 from hierfed.aggregators.server_opt import FedAdam, FedAvgM, FedYogi, ServerOptimizer, ServerSGD
 
-__all__ = ["AggContext", "Aggregator", "CoordinateMedian", "Krum", "NoiseAwareMean", "NormBoundedMean", "TrimmedMean", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer", "ServerSGD", "WeightedMean"]
+__all__ = [
+    "AggContext",
+    "Aggregator",
+    "CoordinateMedian",
+    "Krum",
+    "NoiseAwareMean",
+    "NormBoundedMean",
+    "TrimmedMean",
+    "FedAdam",
+    "FedAvgM",
+    "FedYogi",
+    "ServerOptimizer",
+    "ServerSGD",
+    "WeightedMean",
+]

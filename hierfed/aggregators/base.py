@@ -58,7 +58,8 @@ class Aggregator(ABC):
         unknown = set(options) - set(cls.option_defaults)
         if unknown:
             raise ConfigError(
-                f"{key}.{sorted(unknown)[0]}", options[sorted(unknown)[0]],
+                f"{key}.{sorted(unknown)[0]}",
+                options[sorted(unknown)[0]],
                 f"{cls.__name__} takes options {sorted(cls.option_defaults) or 'none'}",
             )
 
@@ -67,7 +68,9 @@ class Aggregator(ABC):
         return None
 
     @abstractmethod
-    def aggregate(self, updates: Sequence[Update], state: Any, ctx: AggContext) -> tuple[Update | None, Any]:
+    def aggregate(
+        self, updates: Sequence[Update], state: Any, ctx: AggContext
+    ) -> tuple[Update | None, Any]:
         """Merge ``updates`` (possibly empty: then return None) given ``state``."""
 
     def min_updates(self) -> int:

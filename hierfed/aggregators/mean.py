@@ -17,5 +17,7 @@ class WeightedMean(Aggregator):
 
     associative = True
 
-    def aggregate(self, updates: Sequence[Update], state: Any, ctx: AggContext) -> tuple[Update | None, Any]:
+    def aggregate(
+        self, updates: Sequence[Update], state: Any, ctx: AggContext
+    ) -> tuple[Update | None, Any]:
         return Update.sum(updates), state

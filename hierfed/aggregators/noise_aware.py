@@ -51,15 +51,29 @@ class NoiseAwareMean(RobustAggregator):
         super().check_options(options, key)
         var = options.get("variances", {})
         if not isinstance(var, Mapping):
-            raise ConfigError(f"{key}.variances", var, "must map sender-id globs to variances, e.g. {'global/inst-00/*': 0.01}")
+            raise ConfigError(
+                f"{key}.variances",
+                var,
+                "must map sender-id globs to variances, e.g. {'global/inst-00/*': 0.01}",
+            )
         for pat, v in var.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            if (
+                not isinstance(v, (int, float))
+                or isinstance(v, bool)
+                or not math.isfinite(v)
+                or v < 0
+            ):
                 raise ConfigError(f"{key}.variances.{pat}", v, "must be a finite variance >= 0")
         if not isinstance(options.get("auto_tau2", False), bool):
             raise ConfigError(f"{key}.auto_tau2", options["auto_tau2"], "must be true or false")
         for k in ("tau2", "floor"):
             v = options.get(k, cls.option_defaults[k])
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            if (
+                not isinstance(v, (int, float))
+                or isinstance(v, bool)
+                or not math.isfinite(v)
+                or v < 0
+            ):
                 raise ConfigError(f"{key}.{k}", v, "must be a finite number >= 0")
 
     def known_variance(self, sender: str) -> float | None:

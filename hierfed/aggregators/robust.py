@@ -42,7 +42,14 @@ from hierfed.update import Update, UpdateMeta
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CoordinateMedian", "Krum", "NormBoundedMean", "RobustAggregator", "TrimmedMean", "check_fanouts"]
+__all__ = [
+    "CoordinateMedian",
+    "Krum",
+    "NormBoundedMean",
+    "RobustAggregator",
+    "TrimmedMean",
+    "check_fanouts",
+]
 
 
 def _flat(update: Update, c: str, names: Sequence[str]) -> torch.Tensor:
@@ -50,7 +57,9 @@ def _flat(update: Update, c: str, names: Sequence[str]) -> torch.Tensor:
     return torch.cat([(update.tensors[c][p] / w).reshape(-1).double() for p in names])
 
 
-def _unflat(vec: torch.Tensor, like: Mapping[str, torch.Tensor], names: Sequence[str], scale: float) -> dict[str, torch.Tensor]:
+def _unflat(
+    vec: torch.Tensor, like: Mapping[str, torch.Tensor], names: Sequence[str], scale: float
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     i = 0
     for p in names:
@@ -62,7 +71,9 @@ def _unflat(vec: torch.Tensor, like: Mapping[str, torch.Tensor], names: Sequence
 
 def _merged_meta(updates: Sequence[Update]) -> UpdateMeta:
     senders = sorted({s for u in updates for s in u.meta.senders})
-    return UpdateMeta(tuple(senders), max(u.meta.round for u in updates), sum(u.meta.num_samples for u in updates))
+    return UpdateMeta(
+        tuple(senders), max(u.meta.round for u in updates), sum(u.meta.num_samples for u in updates)
+    )
 
 
 def _is_number(v: Any) -> bool:
@@ -78,8 +89,14 @@ class RobustAggregator(Aggregator):
 
     associative = False
 
-    def estimate(self, x: torch.Tensor, w: torch.Tensor, c: str, ctx: AggContext,
-                 senders: tuple[str, ...] = ()) -> torch.Tensor:
+    def estimate(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        c: str,
+        ctx: AggContext,
+        senders: tuple[str, ...] = (),
+    ) -> torch.Tensor:
         """The robust mean delta of component ``c`` from rows ``x`` (sent by ``senders``)."""
         raise NotImplementedError
 
@@ -87,7 +104,9 @@ class RobustAggregator(Aggregator):
     def check_fanout(cls, options: Mapping[str, Any], n: int, key: str) -> None:
         """Raise ConfigError if a node receiving ``n`` updates per round cannot run this rule."""
 
-    def aggregate(self, updates: Sequence[Update], state: Any, ctx: AggContext) -> tuple[Update | None, Any]:
+    def aggregate(
+        self, updates: Sequence[Update], state: Any, ctx: AggContext
+    ) -> tuple[Update | None, Any]:
         if not updates:
             return None, state
         ordered = sorted(updates, key=lambda u: u.meta.senders)
@@ -143,7 +162,9 @@ class TrimmedMean(RobustAggregator):
         super().check_options(options, key)
         v = options.get("trim", 0.2)
         if not _is_number(v) or not (0 <= v < 0.5):
-            raise ConfigError(f"{key}.trim", v, "must be a fraction in [0, 0.5) of updates cut at each end")
+            raise ConfigError(
+                f"{key}.trim", v, "must be a fraction in [0, 0.5) of updates cut at each end"
+            )
 
     def estimate(self, x, w, c, ctx, senders=()):
         n = x.shape[0]
@@ -172,31 +193,45 @@ class Krum(RobustAggregator):
         super().check_options(options, key)
         f, m = options.get("f", 1), options.get("m", 1)
         if not isinstance(f, int) or isinstance(f, bool) or f < 0:
-            raise ConfigError(f"{key}.f", f, "must be an integer >= 0 (malicious senders tolerated)")
+            raise ConfigError(
+                f"{key}.f", f, "must be an integer >= 0 (malicious senders tolerated)"
+            )
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise ConfigError(f"{key}.m", m, "must be an integer >= 1 (1 = Krum, more = multi-Krum)")
+            raise ConfigError(
+                f"{key}.m", m, "must be an integer >= 1 (1 = Krum, more = multi-Krum)"
+            )
 
     @classmethod
     def check_fanout(cls, options, n, key):
         f, m = int(options.get("f", 1)), int(options.get("m", 1))
         if n < 2 * f + 3:
             raise ConfigError(
-                f"{key}.f", f,
+                f"{key}.f",
+                f,
                 f"Krum needs n >= 2f + 3 updates per node-round but this tier's nodes receive n = {n} "
                 f"(participation x children); lower f to <= {max(0, (n - 3) // 2)} or sample more children",
             )
         if m > n - f:
-            raise ConfigError(f"{key}.m", m, f"multi-Krum keeps at most n - f = {n - f} updates here; lower m")
+            raise ConfigError(
+                f"{key}.m", m, f"multi-Krum keeps at most n - f = {n - f} updates here; lower m"
+            )
 
     def estimate(self, x, w, c, ctx, senders=()):
         n = x.shape[0]
         f, m = int(self.options["f"]), int(self.options["m"])
         if n < 2 * f + 3:
-            log.debug("%s: component %s has %d holders < 2f+3; coordinate median instead", ctx.node_id, c, n)
+            log.debug(
+                "%s: component %s has %d holders < 2f+3; coordinate median instead",
+                ctx.node_id,
+                c,
+                n,
+            )
             return _median(x)
         d2 = torch.cdist(x, x).pow(2)
         k = n - f - 2
-        scores = torch.stack([torch.sort(d2[i][torch.arange(n) != i]).values[:k].sum() for i in range(n)])
+        scores = torch.stack(
+            [torch.sort(d2[i][torch.arange(n) != i]).values[:k].sum() for i in range(n)]
+        )
         # stable: equal scores keep sender order
         order = sorted(range(n), key=lambda i: (float(scores[i]), i))
         keep = order[: min(m, n - f)]
@@ -219,7 +254,9 @@ class NormBoundedMean(RobustAggregator):
         super().check_options(options, key)
         v = options.get("max_norm", 0.0)
         if not _is_number(v) or v < 0:
-            raise ConfigError(f"{key}.max_norm", v, "must be a finite number >= 0 (0 = adaptive bound)")
+            raise ConfigError(
+                f"{key}.max_norm", v, "must be a finite number >= 0 (0 = adaptive bound)"
+            )
         f = options.get("factor", 1.0)
         if not _is_number(f) or f <= 0:
             raise ConfigError(f"{key}.factor", f, "must be a finite number > 0")
@@ -230,17 +267,28 @@ class NormBoundedMean(RobustAggregator):
         ordered = sorted(updates, key=lambda u: u.meta.senders)
         norms = []
         for u in ordered:
-            sq = sum(float((t / u.weights[c]).double().pow(2).sum()) for c, ps in u.tensors.items() if u.weights[c] > 0
-                     for t in ps.values())
+            sq = sum(
+                float((t / u.weights[c]).double().pow(2).sum())
+                for c, ps in u.tensors.items()
+                if u.weights[c] > 0
+                for t in ps.values()
+            )
             norms.append(math.sqrt(sq))
         bound = float(self.options["max_norm"])
         if bound <= 0:
-            bound = float(self.options["factor"]) * float(_median(torch.tensor(norms, dtype=torch.float64).unsqueeze(1))[0])
+            bound = float(self.options["factor"]) * float(
+                _median(torch.tensor(norms, dtype=torch.float64).unsqueeze(1))[0]
+            )
         scaled = []
         for u, nrm in zip(ordered, norms):
             s = 1.0 if nrm <= bound or nrm == 0 else bound / nrm
-            scaled.append(Update({c: {p: t * s for p, t in ps.items()} for c, ps in u.tensors.items()},
-                                 dict(u.weights), u.meta))
+            scaled.append(
+                Update(
+                    {c: {p: t * s for p, t in ps.items()} for c, ps in u.tensors.items()},
+                    dict(u.weights),
+                    u.meta,
+                )
+            )
         return Update.sum(scaled), state
 
 
@@ -258,5 +306,9 @@ def check_fanouts(cfg: Any, nodes: Iterable[tuple[str, int]]) -> None:
         if check is None:
             continue
         n = min(kids, max(1, int(math.ceil(tcfg.participation * kids - 1e-9))))
-        key = f"topology.tiers.{tier}.options" if tier in cfg.topology.tiers else "topology.default.options"
+        key = (
+            f"topology.tiers.{tier}.options"
+            if tier in cfg.topology.tiers
+            else "topology.default.options"
+        )
         check(dict(tcfg.options), n, key)

@@ -23,7 +23,9 @@ class ServerOptimizer(ABC):
         self.tier = tier
 
     @abstractmethod
-    def step(self, params: State, delta: State, state: dict[str, Any] | None) -> tuple[State, dict[str, Any] | None]:
+    def step(
+        self, params: State, delta: State, state: dict[str, Any] | None
+    ) -> tuple[State, dict[str, Any] | None]:
         """New values for the components in ``delta`` (others in ``params`` unchanged)."""
 
 

@@ -74,11 +74,18 @@ def _glyphs() -> np.ndarray:
 
 
 TASKS = {
-    "dropout_risk": TaskSpec("dropout_risk", ("tabular",), 2, description="will the student drop out (activity log)"),
+    "dropout_risk": TaskSpec(
+        "dropout_risk", ("tabular",), 2, description="will the student drop out (activity log)"
+    ),
     "digit": TaskSpec("digit", ("image",), 10, description="read a handwritten answer digit"),
-    "essay_topic": TaskSpec("essay_topic", ("text",), TOPICS, description="subject of a short essay"),
+    "essay_topic": TaskSpec(
+        "essay_topic", ("text",), TOPICS, description="subject of a short essay"
+    ),
     "essay_grade": TaskSpec(
-        "essay_grade", ("text", "tabular"), 3, description="grade band of an essay (needs essay + activity)"
+        "essay_grade",
+        ("text", "tabular"),
+        3,
+        description="grade band of an essay (needs essay + activity)",
     ),
 }
 MODALITIES = {
@@ -112,7 +119,11 @@ def generate(
     digits = rng.choice(10, size=n, p=digit_prior)
     glyph = _glyphs()[digits]
     shifts = rng.integers(-1, 2, size=(n, 2))
-    img = np.stack([np.roll(np.roll(g, s[0], axis=0), s[1], axis=1) for g, s in zip(glyph, shifts)]) if n else glyph
+    img = (
+        np.stack([np.roll(np.roll(g, s[0], axis=0), s[1], axis=1) for g, s in zip(glyph, shifts)])
+        if n
+        else glyph
+    )
     img = img * rng.uniform(0.7, 1.2, (n, 1, 1)) + rng.normal(0, 0.25, (n, IMG, IMG))
     img = img[:, None].astype(np.float32)
 
@@ -150,7 +161,11 @@ def tree_options(cfg: DataConfig) -> tuple[int, int]:
     """(regions, courses per institution) from ``data.options``; 0 = no such tier."""
     unknown = sorted(set(cfg.options) - set(OPTIONS))
     if unknown:
-        raise ConfigError(f"data.options.{unknown[0]}", cfg.options[unknown[0]], f"edu-synth takes options {sorted(OPTIONS)}")
+        raise ConfigError(
+            f"data.options.{unknown[0]}",
+            cfg.options[unknown[0]],
+            f"edu-synth takes options {sorted(OPTIONS)}",
+        )
     opts = {**OPTIONS, **dict(cfg.options)}
     for k, v in opts.items():
         if k == "resource_mix":
@@ -159,11 +174,15 @@ def tree_options(cfg: DataConfig) -> tuple[int, int]:
             raise ConfigError(f"data.options.{k}", v, "an integer >= 0 (0 = no such tier)")
     regions, courses = int(opts["regions"]), int(opts["courses_per_institution"])  # type: ignore[call-overload]
     if regions > cfg.num_institutions:
-        raise DataError(f"data.options.regions={regions} > data.num_institutions={cfg.num_institutions} would leave "
-                        "a region with no institution; lower regions or add institutions")
+        raise DataError(
+            f"data.options.regions={regions} > data.num_institutions={cfg.num_institutions} would leave "
+            "a region with no institution; lower regions or add institutions"
+        )
     if courses > cfg.students_per_institution:
-        raise DataError(f"data.options.courses_per_institution={courses} > data.students_per_institution="
-                        f"{cfg.students_per_institution} would leave a course with no student; lower it or add students")
+        raise DataError(
+            f"data.options.courses_per_institution={courses} > data.students_per_institution="
+            f"{cfg.students_per_institution} would leave a course with no student; lower it or add students"
+        )
     return regions, courses
 
 
@@ -186,12 +205,28 @@ def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
         inst_scale = float(np.exp(irng.normal(0, cfg.size_skew)))
         for s in range(cfg.students_per_institution):
             flat = f"global/{inst}/student-{s:03d}"
-            srng = np_rng(seed, "edu-synth", flat)  # the flat id keys the rows: deeper trees hold the same data
+            srng = np_rng(
+                seed, "edu-synth", flat
+            )  # the flat id keys the rows: deeper trees hold the same data
             region = [f"region-{i % regions}"] if regions else []
             course = [f"course-{s % courses}"] if courses else []
             sid = "/".join(["global", *region, inst, *course, f"student-{s:03d}"])
-            n = max(12, int(round(cfg.samples_per_student * inst_scale * np.exp(srng.normal(0, cfg.size_skew)))))
-            data = generate(n, srng, digit_prior=digit_prior, topic_prior=topic_prior, risk_offset=risk_offset, mix=mix)
+            n = max(
+                12,
+                int(
+                    round(
+                        cfg.samples_per_student * inst_scale * np.exp(srng.normal(0, cfg.size_skew))
+                    )
+                ),
+            )
+            data = generate(
+                n,
+                srng,
+                digit_prior=digit_prior,
+                topic_prior=topic_prior,
+                risk_offset=risk_offset,
+                mix=mix,
+            )
             mods: tuple[str, ...]
             tasks: tuple[str, ...]
             if i in essay_only:
@@ -199,7 +234,10 @@ def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
             elif srng.random() < cfg.missing_modality:
                 mods, tasks = ("tabular", "text"), ("dropout_risk", "essay_grade", "essay_topic")
             else:
-                mods, tasks = ("image", "tabular", "text"), ("digit", "dropout_risk", "essay_grade", "essay_topic")
+                mods, tasks = (
+                    ("image", "tabular", "text"),
+                    ("digit", "dropout_risk", "essay_grade", "essay_topic"),
+                )
             n_test = max(1, int(round(n * cfg.test_fraction)))
             perm = srng.permutation(n)
             train[sid] = subset(data, perm[n_test:], tasks, mods)
@@ -214,7 +252,8 @@ def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
         irng = np_rng(seed, "edu-synth", f"inst-{i:02d}")
         parts.append(
             generate(
-                int(per[i]), grng,
+                int(per[i]),
+                grng,
                 digit_prior=irng.dirichlet(np.full(10, cfg.label_skew)),
                 topic_prior=irng.dirichlet(np.full(TOPICS, cfg.label_skew)),
                 risk_offset=float(irng.normal(0, 0.7)),
@@ -229,8 +268,15 @@ def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
     clients = assign_resources(clients, dict(cfg.options.get("resource_mix", {})), seed)
     return Federation(
         name="edu-synth",
-        tier_names=tuple(["global", *(["region"] if regions else []), "institution",
-                          *(["course"] if courses else []), "student"]),
+        tier_names=tuple(
+            [
+                "global",
+                *(["region"] if regions else []),
+                "institution",
+                *(["course"] if courses else []),
+                "student",
+            ]
+        ),
         modalities=dict(MODALITIES),
         tasks=dict(TASKS),
         clients=clients,

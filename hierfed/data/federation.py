@@ -30,7 +30,9 @@ class ModalitySpec:
 
     def __post_init__(self) -> None:
         if self.kind not in MODALITY_KINDS:
-            raise DataError(f"modality '{self.name}' has kind {self.kind!r}; known: {MODALITY_KINDS}")
+            raise DataError(
+                f"modality '{self.name}' has kind {self.kind!r}; known: {MODALITY_KINDS}"
+            )
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,9 @@ class Federation:
                     raise DataError(f"client '{c.id}' serves unknown task '{t}'")
                 missing = set(spec.modalities) - set(c.modalities)
                 if missing:
-                    raise DataError(f"client '{c.id}' serves task '{t}' but lacks {sorted(missing)}")
+                    raise DataError(
+                        f"client '{c.id}' serves task '{t}' but lacks {sorted(missing)}"
+                    )
             if c.num_train <= 0:
                 raise DataError(f"client '{c.id}' has no training rows")
 
@@ -131,7 +135,8 @@ class Federation:
 
     def summary(self) -> dict[str, object]:
         per_tier = {
-            name: len({c.path[: i + 1] for c in self.clients}) for i, name in enumerate(self.tier_names)
+            name: len({c.path[: i + 1] for c in self.clients})
+            for i, name in enumerate(self.tier_names)
         }
         return {
             "dataset": self.name,
@@ -142,7 +147,9 @@ class Federation:
         }
 
 
-def subset(data: ClientData, idx: np.ndarray, tasks: tuple[str, ...], modalities: tuple[str, ...]) -> ClientData:
+def subset(
+    data: ClientData, idx: np.ndarray, tasks: tuple[str, ...], modalities: tuple[str, ...]
+) -> ClientData:
     """Rows ``idx`` of ``data`` restricted to some modalities and tasks."""
     return ClientData(
         {m: np.ascontiguousarray(data.inputs[m][idx]) for m in modalities},

@@ -119,7 +119,9 @@ class M3TModel(nn.Module):
         try:
             inject_adapter_in_model(lora, self.backbone)
         except ValueError as exc:
-            raise ConfigError("model.lora_targets", list(cfg.lora_targets), f"peft could not inject LoRA: {exc}") from None
+            raise ConfigError(
+                "model.lora_targets", list(cfg.lora_targets), f"peft could not inject LoRA: {exc}"
+            ) from None
         self.encoders = nn.ModuleDict()
         for name, spec in modalities.items():
             if spec.kind == "tabular":
@@ -133,13 +135,17 @@ class M3TModel(nn.Module):
                 self.encoders[name] = TextEncoder(vocab, d, own_embeddings=own)
         self.prompt_tokens = cfg.prompt_tokens
         self.prompts = nn.ParameterDict(
-            {t: nn.Parameter(torch.zeros(cfg.prompt_tokens, d)) for t in tasks} if cfg.prompt_tokens else {}
+            {t: nn.Parameter(torch.zeros(cfg.prompt_tokens, d)) for t in tasks}
+            if cfg.prompt_tokens
+            else {}
         )
         self.heads = nn.ModuleDict()
         for t, task in tasks.items():
             out = task.num_classes if task.kind == "classification" else 1
             if cfg.head_hidden:
-                self.heads[t] = nn.Sequential(nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, out))
+                self.heads[t] = nn.Sequential(
+                    nn.Linear(d, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, out)
+                )
             else:
                 self.heads[t] = nn.Linear(d, out)
         self.freeze_backbone()
@@ -175,7 +181,9 @@ class M3TModel(nn.Module):
         out: State = {}
         live = self._live_tensors()
         for c in names:
-            if c in live:  # fast path: the same tensors peft / state_dict would give, without rebuilding dicts
+            if (
+                c in live
+            ):  # fast path: the same tensors peft / state_dict would give, without rebuilding dicts
                 out[c] = {k: v.detach().clone() for k, v in live[c].items()}
             elif c == ADAPTER:
                 sd = get_peft_model_state_dict(self.backbone)
@@ -195,11 +203,22 @@ class M3TModel(nn.Module):
         live = self._live_tensors()
         for c, params in state.items():
             dst = live.get(c)
-            if dst is not None and dst.keys() == params.keys() and all(dst[k].shape == params[k].shape for k in dst):
-                for k, t in dst.items():  # what set_peft_model_state_dict / load_state_dict do: an in-place copy
+            if (
+                dst is not None
+                and dst.keys() == params.keys()
+                and all(dst[k].shape == params[k].shape for k in dst)
+            ):
+                for (
+                    k,
+                    t,
+                ) in (
+                    dst.items()
+                ):  # what set_peft_model_state_dict / load_state_dict do: an in-place copy
                     t.copy_(params[k])
                 continue
-            if c == ADAPTER:  # mismatching keys or shapes: the library paths raise the precise error
+            if (
+                c == ADAPTER
+            ):  # mismatching keys or shapes: the library paths raise the precise error
                 res = set_peft_model_state_dict(self.backbone, dict(params))
                 if res.unexpected_keys:  # type: ignore[attr-defined]
                     raise ValueError(f"{c}: unexpected keys {res.unexpected_keys[:3]}")  # type: ignore[attr-defined]
@@ -222,10 +241,17 @@ class M3TModel(nn.Module):
         if cache is None:
             cache = {}
             for c, mod in self.component_modules().items():
-                cache[c] = {"weight": mod} if isinstance(mod, nn.Parameter) else dict(mod.state_dict(keep_vars=True))
+                cache[c] = (
+                    {"weight": mod}
+                    if isinstance(mod, nn.Parameter)
+                    else dict(mod.state_dict(keep_vars=True))
+                )
             by_ptr = {p.data_ptr(): p for n, p in self.backbone.named_parameters() if "lora_" in n}
             sd = get_peft_model_state_dict(self.backbone)
-            if sd and all(v.data_ptr() in by_ptr and by_ptr[v.data_ptr()].shape == v.shape for v in sd.values()):
+            if sd and all(
+                v.data_ptr() in by_ptr and by_ptr[v.data_ptr()].shape == v.shape
+                for v in sd.values()
+            ):
                 cache[ADAPTER] = {k: by_ptr[v.data_ptr()] for k, v in sd.items()}
             self.__dict__["_live_cache"] = cache
         return cache
@@ -264,7 +290,9 @@ class M3TModel(nn.Module):
         super().train(mode)
         self.backbone.eval()  # the frozen backbone never leaves eval mode ...
         for name, module in self.backbone.named_modules():
-            if "lora_dropout" in name:  # ... but LoRA's own dropout (model.lora_dropout) is trained with
+            if (
+                "lora_dropout" in name
+            ):  # ... but LoRA's own dropout (model.lora_dropout) is trained with
                 module.train(mode)
         self.__dict__["_mode"] = mode
         return self
@@ -278,7 +306,9 @@ class M3TModel(nn.Module):
         batch = next(iter(inputs.values())).shape[0]
         if self.prompt_tokens:
             parts.append(self.prompts[task].unsqueeze(0).expand(batch, -1, -1))
-            masks.append(torch.ones(batch, self.prompt_tokens, dtype=torch.bool, device=parts[-1].device))
+            masks.append(
+                torch.ones(batch, self.prompt_tokens, dtype=torch.bool, device=parts[-1].device)
+            )
         for m in spec.modalities:
             x = inputs[m]
             enc = self.encoders[m]
@@ -313,7 +343,9 @@ def _build_model(cfg: ModelConfig, federation: Federation, seed: int) -> M3TMode
         backbone = BACKBONES.get(cfg.backbone)(cfg, seed)
     else:
         backbone = BACKBONES.get("hf")(cfg, seed)
-    model = M3TModel(backbone=backbone, modalities=federation.modalities, tasks=federation.tasks, cfg=cfg)
+    model = M3TModel(
+        backbone=backbone, modalities=federation.modalities, tasks=federation.tasks, cfg=cfg
+    )
     for name, mod in model.component_modules().items():
         if isinstance(mod, nn.Parameter):
             holder = nn.Module()
@@ -344,7 +376,9 @@ def model_spec(model: M3TModel, federation: Federation, cfg: ModelConfig) -> Mod
         kind = name.split(".", 1)[0]
         shapes = tuple(sorted((p, tuple(t.shape)) for p, t in params.items()))
         comps[name] = ComponentSpec(name, kind, resolve_scope(name, cfg.scopes, federation), shapes)
-    backbone_numel = sum(p.numel() for n, p in model.backbone.named_parameters() if "lora_" not in n)
+    backbone_numel = sum(
+        p.numel() for n, p in model.backbone.named_parameters() if "lora_" not in n
+    )
     return ModelSpec(
         components=comps,
         tier_names=federation.tier_names,

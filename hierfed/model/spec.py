@@ -45,7 +45,9 @@ class ModelSpec:
     resources: Mapping[str, tuple[str, ...]]  # resource class -> glob patterns of components
     backbone_numel: int = 0
     lora_rank: int = 0  # the skeleton's (largest) adapter rank
-    resource_ranks: Mapping[str, int] = field(default_factory=dict)  # class -> rank (missing: lora_rank)
+    resource_ranks: Mapping[str, int] = field(
+        default_factory=dict
+    )  # class -> rank (missing: lora_rank)
 
     def rank_of(self, profile: ClientProfile) -> int:
         """The LoRA rank a client trains: its resource class's, else the skeleton's."""
@@ -64,12 +66,15 @@ class ModelSpec:
             return len(self.tier_names) - 1
         return self.tier_names.index(scope)
 
-    def holds(self, profile: ClientProfile, tasks: Mapping[str, object] | None = None) -> tuple[str, ...]:
+    def holds(
+        self, profile: ClientProfile, tasks: Mapping[str, object] | None = None
+    ) -> tuple[str, ...]:
         """The components a client builds and trains: its modalities' encoders, its tasks'
         prompts and heads, the adapters — filtered by its resource class."""
         if profile.resource not in self.resources:
             raise ConfigError(
-                "model.resources", profile.resource,
+                "model.resources",
+                profile.resource,
                 f"client '{profile.id}' has resource class '{profile.resource}'; "
                 f"known: {sorted(self.resources)} (add it to model.resources)",
             )
@@ -96,7 +101,8 @@ def resolve_scope(name: str, scopes: Mapping[str, str], federation: Federation) 
         if fnmatch.fnmatchcase(name, pattern):
             if scope not in ("global", "local") and scope not in federation.tier_names:
                 raise ConfigError(
-                    f"model.scopes.{pattern}", scope,
+                    f"model.scopes.{pattern}",
+                    scope,
                     f"use 'global', 'local' or a tier name of this federation: {list(federation.tier_names)}",
                 )
             if scope == federation.tier_names[0]:

@@ -5,4 +5,13 @@ from hierfed.postprocess.clip import Clip
 from hierfed.postprocess.codecs import Fp16
 from hierfed.postprocess.validate import Expectation, validate_update
 
-__all__ = ["Clip", "Expectation", "Fp16", "PostContext", "Postprocessor", "apply_chain", "build_chain", "validate_update"]
+__all__ = [
+    "Clip",
+    "Expectation",
+    "Fp16",
+    "PostContext",
+    "Postprocessor",
+    "apply_chain",
+    "build_chain",
+    "validate_update",
+]

@@ -47,7 +47,11 @@ class Postprocessor(ABC):
         unknown = set(options) - set(cls.option_defaults)
         if unknown:
             name = sorted(unknown)[0]
-            raise ConfigError(f"{key}.{name}", options[name], f"{cls.__name__} takes options {sorted(cls.option_defaults) or 'none'}")
+            raise ConfigError(
+                f"{key}.{name}",
+                options[name],
+                f"{cls.__name__} takes options {sorted(cls.option_defaults) or 'none'}",
+            )
 
     @abstractmethod
     def process(self, update: Update, ctx: PostContext) -> Update:
@@ -58,7 +62,9 @@ class Postprocessor(ABC):
         return sizes
 
 
-def apply_chain(chain: Sequence[Postprocessor], update: Update, ctx: PostContext) -> tuple[Update, dict[str, int]]:
+def apply_chain(
+    chain: Sequence[Postprocessor], update: Update, ctx: PostContext
+) -> tuple[Update, dict[str, int]]:
     sizes = update.nbytes()
     for pp in chain:
         update = pp.process(update, ctx)
@@ -66,7 +72,9 @@ def apply_chain(chain: Sequence[Postprocessor], update: Update, ctx: PostContext
     return update, sizes
 
 
-def build_chain(names: Sequence[str], options: Mapping[str, Mapping[str, Any]]) -> list[Postprocessor]:
+def build_chain(
+    names: Sequence[str], options: Mapping[str, Mapping[str, Any]]
+) -> list[Postprocessor]:
     from hierfed.registry import POSTPROCESSORS
 
     return [POSTPROCESSORS.get(n)(dict(options.get(n, {}))) for n in names]

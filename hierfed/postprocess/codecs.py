@@ -21,4 +21,7 @@ class Fp16(Postprocessor):
         return Update(tensors, dict(update.weights), update.meta)
 
     def wire_nbytes(self, update: Update, sizes: dict[str, int]) -> dict[str, int]:
-        return {c: sum(t.numel() * 2 for t in params.values()) + 4 for c, params in update.tensors.items()}
+        return {
+            c: sum(t.numel() * 2 for t in params.values()) + 4
+            for c, params in update.tensors.items()
+        }

@@ -31,7 +31,9 @@ def validate_update(update: Update, expect: Expectation, spec: ModelSpec) -> Non
         raise UpdateRejected(sender, "weights and tensors name different components")
     if expect.exact and comps != expect.components:
         missing, extra = sorted(expect.components - comps), sorted(comps - expect.components)
-        raise UpdateRejected(sender, f"component set differs from the sender's: missing {missing}, extra {extra}")
+        raise UpdateRejected(
+            sender, f"component set differs from the sender's: missing {missing}, extra {extra}"
+        )
     if not expect.exact:
         extra = sorted(comps - expect.components)
         if extra:
@@ -46,14 +48,17 @@ def validate_update(update: Update, expect: Expectation, spec: ModelSpec) -> Non
         params = update.tensors[c]
         if set(params) != set(shapes):
             raise UpdateRejected(
-                sender, f"{c}: parameter keys differ (missing {sorted(set(shapes) - set(params))[:3]}, "
-                f"extra {sorted(set(params) - set(shapes))[:3]})"
+                sender,
+                f"{c}: parameter keys differ (missing {sorted(set(shapes) - set(params))[:3]}, "
+                f"extra {sorted(set(params) - set(shapes))[:3]})",
             )
         for p, t in params.items():
             if not isinstance(t, torch.Tensor):
                 raise UpdateRejected(sender, f"{c}/{p}: not a tensor ({type(t).__name__})")
             if tuple(t.shape) != shapes[p]:
-                raise UpdateRejected(sender, f"{c}/{p}: shape {tuple(t.shape)} != expected {shapes[p]}")
+                raise UpdateRejected(
+                    sender, f"{c}/{p}: shape {tuple(t.shape)} != expected {shapes[p]}"
+                )
             if not t.is_floating_point():
                 raise UpdateRejected(sender, f"{c}/{p}: dtype {t.dtype} is not floating point")
             if not bool(torch.isfinite(t).all()):
@@ -62,4 +67,6 @@ def validate_update(update: Update, expect: Expectation, spec: ModelSpec) -> Non
         if not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
             raise UpdateRejected(sender, f"{c}: weight {w!r} is not a finite positive number")
         if w > expect.max_weight * (1 + 1e-9):
-            raise UpdateRejected(sender, f"{c}: weight {w} exceeds the sender's bound {expect.max_weight}")
+            raise UpdateRejected(
+                sender, f"{c}: weight {w} exceeds the sender's bound {expect.max_weight}"
+            )

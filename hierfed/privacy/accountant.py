@@ -75,18 +75,32 @@ class PrivacyState:
     def after(self, steps: Iterable[tuple[float, float, int]]) -> PrivacyState:
         """The state after one more participation that took ``steps``."""
         hist = merge_history((*self.history, *steps))
-        return replace(self, history=hist, epsilon=epsilon_of(hist, self.delta),
-                       participations=self.participations + 1, status="ok")
+        return replace(
+            self,
+            history=hist,
+            epsilon=epsilon_of(hist, self.delta),
+            participations=self.participations + 1,
+            status="ok",
+        )
 
     def spent(self) -> PrivacyState:
         return replace(self, status="budget_spent")
 
     def report(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilon, "delta": self.delta, "budget": self.budget, "unit": self.unit,
-                "policy": self.policy, "participations": self.participations, "status": self.status}
+        return {
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "budget": self.budget,
+            "unit": self.unit,
+            "policy": self.policy,
+            "participations": self.participations,
+            "status": self.status,
+        }
 
 
-def client_level_report(cfg: Any, tier_names: Sequence[str], rounds_done: int) -> dict[str, dict[str, Any]]:
+def client_level_report(
+    cfg: Any, tier_names: Sequence[str], rounds_done: int
+) -> dict[str, dict[str, Any]]:
     """Client-level epsilon after ``rounds_done`` root rounds for every tier edge whose
     receiving tier runs the ``gaussian`` postprocessor.
 
@@ -110,14 +124,30 @@ def client_level_report(cfg: Any, tier_names: Sequence[str], rounds_done: int) -
         delta = float(opts.get("delta", 1e-5))
         steps = rounds_done * per_round
         q = float(tier.participation)
-        eps = epsilon_of(((sigma, q, steps),), delta) if steps and sigma > 0 else (math.inf if steps else 0.0)
-        out[name] = {"unit": tier_names[lvl + 1], "level": "client", "epsilon": eps, "delta": delta,
-                     "noise_multiplier": sigma, "sample_rate": q, "steps": steps}
+        eps = (
+            epsilon_of(((sigma, q, steps),), delta)
+            if steps and sigma > 0
+            else (math.inf if steps else 0.0)
+        )
+        out[name] = {
+            "unit": tier_names[lvl + 1],
+            "level": "client",
+            "epsilon": eps,
+            "delta": delta,
+            "noise_multiplier": sigma,
+            "sample_rate": q,
+            "steps": steps,
+        }
     return out
 
 
-def privacy_metrics(cfg: Any, tier_names: Sequence[str], rnd: int, round_reports: dict[str, dict[str, Any]],
-                    seen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def privacy_metrics(
+    cfg: Any,
+    tier_names: Sequence[str],
+    rnd: int,
+    round_reports: dict[str, dict[str, Any]],
+    seen: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     """The privacy fields of round ``rnd``'s metrics record (empty when no DP is configured).
 
     ``round_reports``: the DP report of each client trained this round; ``seen`` (updated in

@@ -68,9 +68,9 @@ def per_sample_grads(
         # scaled_dot_product_attention has no batching rule on CPU yet: torch falls back to a
         # loop over samples, which is correct (only slower) — the warning says just that
         warnings.filterwarnings("ignore", message=".*batching rule.*")
-        grads, losses = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")(
-            detached, dict(inputs), y
-        )
+        grads, losses = vmap(
+            grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different"
+        )(detached, dict(inputs), y)
     return grads, losses
 
 
@@ -95,16 +95,23 @@ def fit_dp(
     ids = {id(p) for p in params}
     named = {n: p for n, p in model.named_parameters() if id(p) in ids}
     if cfg.optimizer == "adam":
-        base: torch.optim.Optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        base: torch.optim.Optimizer = torch.optim.Adam(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
     else:
-        base = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        base = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     n = len(data)
     q = plan.sample_rate
     from opacus.optimizers import DPOptimizer  # imported when DP-SGD runs: keeps start-up light
 
     opt = DPOptimizer(
-        base, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip_norm,
-        expected_batch_size=max(1, int(round(q * n))), loss_reduction="mean",
+        base,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.clip_norm,
+        expected_batch_size=max(1, int(round(q * n))),
+        loss_reduction="mean",
         generator=torch_gen(trainer.seed, *key, "dp-noise"),
     )
     accountant = accountant_of(dp.history)
@@ -162,11 +169,24 @@ def train_client(
     if plan is None:
         return trainer.fit(data=data, tasks=tasks, start=start, trainable=trainable, key=key), None
     state = prior or PrivacyState.empty(plan.policy, plan.delta, plan.epsilon)
-    projected = epsilon_of(merge_history((*state.history, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))),
-                           plan.delta)
+    projected = epsilon_of(
+        merge_history(
+            (*state.history, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
+        ),
+        plan.delta,
+    )
     if projected > plan.epsilon * (1 + 1e-9):
         return None, state.spent()
-    fit, history = fit_dp(trainer, data=data, tasks=tasks, start=start, trainable=trainable, key=key,
-                          dp=DPSpec(plan, state.history))
-    new = replace(state, history=merge_history(history), participations=state.participations + 1, status="ok")
+    fit, history = fit_dp(
+        trainer,
+        data=data,
+        tasks=tasks,
+        start=start,
+        trainable=trainable,
+        key=key,
+        dp=DPSpec(plan, state.history),
+    )
+    new = replace(
+        state, history=merge_history(history), participations=state.participations + 1, status="ok"
+    )
     return fit, replace(new, epsilon=epsilon_of(new.history, plan.delta))

@@ -50,10 +50,14 @@ class GaussianMechanism(Postprocessor):
         super().check_options(options, key)
         c = options.get("clip", 1.0)
         if not _finite_number(c) or c <= 0:
-            raise ConfigError(f"{key}.clip", c, "must be a finite number > 0 (L2 bound of a sender's update)")
+            raise ConfigError(
+                f"{key}.clip", c, "must be a finite number > 0 (L2 bound of a sender's update)"
+            )
         s = options.get("noise_multiplier", 1.0)
         if not _finite_number(s) or s < 0:
-            raise ConfigError(f"{key}.noise_multiplier", s, "must be a finite number >= 0 (noise std / clip)")
+            raise ConfigError(
+                f"{key}.noise_multiplier", s, "must be a finite number >= 0 (noise std / clip)"
+            )
         d = options.get("delta", 1e-5)
         if not _finite_number(d) or not (0 < d < 1):
             raise ConfigError(f"{key}.delta", d, "must lie strictly between 0 and 1 (e.g. 1e-5)")
@@ -67,7 +71,9 @@ class GaussianMechanism(Postprocessor):
         for c, ps in update.tensors.items():
             for p, t in ps.items():
                 if not bool(torch.isfinite(t).all()):
-                    raise UpdateRejected(ctx.sender, f"{c}/{p}: contains NaN or Inf (rejected before clipping)")
+                    raise UpdateRejected(
+                        ctx.sender, f"{c}/{p}: contains NaN or Inf (rejected before clipping)"
+                    )
         mean = update.mean()
         norm = state_norm(mean)
         bound = float(self.options["clip"])

@@ -58,8 +58,16 @@ def policy_name(cfg: Any, profile: ClientProfile) -> str:
 def _derive_sigma(epsilon: float, delta: float, q: float, steps: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q, steps=steps,
-                                      accountant="rdp", epsilon_tolerance=0.005))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=q,
+            steps=steps,
+            accountant="rdp",
+            epsilon_tolerance=0.005,
+        )
+    )
 
 
 def planned_participations(cfg: Any, tier_names: tuple[str, ...]) -> int:
@@ -69,7 +77,9 @@ def planned_participations(cfg: Any, tier_names: tuple[str, ...]) -> int:
     return cfg.rounds * per_round
 
 
-def plan_for(cfg: Any, profile: ClientProfile, num_rows: int, tier_names: tuple[str, ...]) -> DPPlan | None:
+def plan_for(
+    cfg: Any, profile: ClientProfile, num_rows: int, tier_names: tuple[str, ...]
+) -> DPPlan | None:
     """The client's DP-SGD plan, or None when no policy applies to it."""
     name = policy_name(cfg, profile)
     if not name:
@@ -98,23 +108,36 @@ def check_privacy_config(cfg: Any) -> None:
         if not _finite(pol.epsilon) or pol.epsilon <= 0:
             raise ConfigError(f"{key}.epsilon", pol.epsilon, "must be a finite number > 0")
         if not _finite(pol.delta) or not (0 < pol.delta < 1):
-            raise ConfigError(f"{key}.delta", pol.delta, "must lie strictly between 0 and 1 (e.g. 1e-5)")
+            raise ConfigError(
+                f"{key}.delta", pol.delta, "must lie strictly between 0 and 1 (e.g. 1e-5)"
+            )
         if not _finite(pol.clip_norm) or pol.clip_norm <= 0:
             raise ConfigError(f"{key}.clip_norm", pol.clip_norm, "must be a finite number > 0")
         if not _finite(pol.noise_multiplier) or pol.noise_multiplier < 0:
-            raise ConfigError(f"{key}.noise_multiplier", pol.noise_multiplier,
-                              "must be a finite number >= 0 (0 = derive it from epsilon, delta and the rounds)")
+            raise ConfigError(
+                f"{key}.noise_multiplier",
+                pol.noise_multiplier,
+                "must be a finite number >= 0 (0 = derive it from epsilon, delta and the rounds)",
+            )
         if not isinstance(pol.rounds, int) or pol.rounds < 0:
-            raise ConfigError(f"{key}.rounds", pol.rounds, "must be an integer >= 0 (0 = every round of the run)")
+            raise ConfigError(
+                f"{key}.rounds", pol.rounds, "must be an integer >= 0 (0 = every round of the run)"
+            )
         for m, e in pol.modalities.items():
             if not _finite(e) or e <= 0:
                 raise ConfigError(f"{key}.modalities.{m}", e, "must be a finite epsilon > 0")
     known = sorted(pc.policies)
     for pattern, name in pc.assign.items():
         if name and name not in pc.policies:
-            raise ConfigError(f"privacy.assign.{pattern}", name, f"no such policy; known: {known or '(none defined)'}")
+            raise ConfigError(
+                f"privacy.assign.{pattern}",
+                name,
+                f"no such policy; known: {known or '(none defined)'}",
+            )
     if pc.default and pc.default not in pc.policies:
-        raise ConfigError("privacy.default", pc.default, f"no such policy; known: {known or '(none defined)'}")
+        raise ConfigError(
+            "privacy.default", pc.default, f"no such policy; known: {known or '(none defined)'}"
+        )
 
 
 def update_noise_variance(plan: DPPlan, *, lr: float, num_rows: int) -> float:

@@ -79,11 +79,17 @@ class Runtime(ABC):
         """Run tier-node merges on workers; ``sources`` are update handles or plain dicts."""
 
     @abstractmethod
-    def evaluate(self, jobs: Sequence[EvalJob], states: Mapping[str, State]) -> list[tuple[str, dict[str, tuple[float, int]]]]:
+    def evaluate(
+        self, jobs: Sequence[EvalJob], states: Mapping[str, State]
+    ) -> list[tuple[str, dict[str, tuple[float, int]]]]:
         """Evaluate jobs; results in job order."""
 
     def mix(
-        self, tasks: Sequence[MixTask], starts: Any, expectations: Mapping[str, Any], sources: Sequence[Any]
+        self,
+        tasks: Sequence[MixTask],
+        starts: Any,
+        expectations: Mapping[str, Any],
+        sources: Sequence[Any],
     ) -> list[MixResult]:
         """Gossip-mix nodes on workers (``WorkerCore.mix``); ``starts`` is a handle of node -> State,
         ``sources`` update handles as returned by ``train``. Results in task order."""

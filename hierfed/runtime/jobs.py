@@ -21,7 +21,9 @@ class TrainJob:
     trains: tuple[str, ...]  # components the client trains
     sends: tuple[str, ...]  # of those, the ones whose scope reaches the parent
     local: State | None = None  # the client's own components kept from earlier rounds
-    privacy: Any = None  # the client's DP accountant state (privacy.PrivacyState) from earlier rounds
+    privacy: Any = (
+        None  # the client's DP accountant state (privacy.PrivacyState) from earlier rounds
+    )
 
 
 @dataclass(frozen=True)

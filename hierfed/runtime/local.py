@@ -68,14 +68,20 @@ class LocalRuntime(Runtime):
             out += self._core().merge(part, *sources)
         return out
 
-    def evaluate(self, jobs: Sequence[EvalJob], states: Mapping[str, State]) -> list[tuple[str, dict[str, tuple[float, int]]]]:
+    def evaluate(
+        self, jobs: Sequence[EvalJob], states: Mapping[str, State]
+    ) -> list[tuple[str, dict[str, tuple[float, int]]]]:
         out = []
         for part in split_even(jobs, self._workers):
             out += self._core().evaluate(part, states)
         return out
 
     def mix(
-        self, tasks: Sequence[MixTask], starts: Any, expectations: Mapping[str, Any], sources: Sequence[Any]
+        self,
+        tasks: Sequence[MixTask],
+        starts: Any,
+        expectations: Mapping[str, Any],
+        sources: Sequence[Any],
     ) -> list[MixResult]:
         out: list[MixResult] = []
         for part in split_even(tasks, self._workers):

@@ -80,14 +80,19 @@ class RayRuntime(Runtime):
         import ray
 
         # Ray's notice about a future change to GPU visibility says nothing about this run
-        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message="Tip: In future versions of Ray", category=FutureWarning
+        )
         if not ray.is_initialized():
             # Ray starts its worker processes at nice 15; on a machine shared with other work that
             # leaves the actors a sliver of the CPU (measured: 2x slower per client than the driver
             # at load ~5). Run them at normal priority unless the user set otherwise.
             os.environ.setdefault("RAY_worker_niceness", "0")
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                      "configure_logging": False}
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "log_to_driver": False,
+                "configure_logging": False,
+            }
             if self.cfg.address:
                 ray.init(address=self.cfg.address, **kwargs)
             else:
@@ -96,9 +101,9 @@ class RayRuntime(Runtime):
                 ray.init(**kwargs)
         cpus = int(ray.available_resources().get("CPU", 1)) or 1
         n = self.cfg.num_workers or max(1, cpus)
-        remote = ray.remote(num_cpus=min(1, cpus / n) if n > cpus else 1, num_gpus=self.cfg.gpus_per_worker or 0)(
-            _WorkerShell
-        )
+        remote = ray.remote(
+            num_cpus=min(1, cpus / n) if n > cpus else 1, num_gpus=self.cfg.gpus_per_worker or 0
+        )(_WorkerShell)
         self._remote, self._setup_ref = remote, ray.put(setup)
         self.actors = [remote.remote(self._setup_ref) for _ in range(n)]
         self._get([a.ready.remote() for a in self.actors], "worker start")
@@ -129,14 +134,24 @@ class RayRuntime(Runtime):
         try:
             return ray.get(refs, timeout=self.cfg.round_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise NodeFailure("runtime", self._round, f"{what} exceeded runtime.round_timeout_s={self.cfg.round_timeout_s}") from None
+            raise NodeFailure(
+                "runtime",
+                self._round,
+                f"{what} exceeded runtime.round_timeout_s={self.cfg.round_timeout_s}",
+            ) from None
         except ray.exceptions.RayActorError as exc:
             if allow_death:
-                raise _WorkerDied(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-            raise NodeFailure("worker", self._round, f"{what}: a worker actor died ({exc.__class__.__name__})") from None
+                raise _WorkerDied(
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                ) from None
+            raise NodeFailure(
+                "worker", self._round, f"{what}: a worker actor died ({exc.__class__.__name__})"
+            ) from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            raise NodeFailure("worker", self._round, f"{what}: {type(cause).__name__}: {cause}") from None
+            raise NodeFailure(
+                "worker", self._round, f"{what}: {type(cause).__name__}: {cause}"
+            ) from None
 
     def put(self, obj: Any) -> Any:
         import ray
@@ -152,7 +167,10 @@ class RayRuntime(Runtime):
         import ray
 
         parts = split_even(jobs, len(self.actors))
-        subs = [actor.train.options(num_returns=2).remote(part, states, 0) for actor, part in zip(self.actors, parts)]
+        subs = [
+            actor.train.options(num_returns=2).remote(part, states, 0)
+            for actor, part in zip(self.actors, parts)
+        ]
         metas: list[ClientMeta] = []
         update_refs = []
         for i, part in enumerate(parts):
@@ -163,15 +181,36 @@ class RayRuntime(Runtime):
                 # the pool is restored either way; the slice is re-run or its clients count as failed
                 self._replace(i)
                 policy = self.cfg.on_worker_failure
-                self._events.append(f"round {self._round}: worker {i} died training {len(part)} clients "
-                                    f"({part[0].client_id}..); {policy}")
-                log.warning("round %d: worker %d died (%s); %s its %d clients", self._round, i, died, policy, len(part))
+                self._events.append(
+                    f"round {self._round}: worker {i} died training {len(part)} clients "
+                    f"({part[0].client_id}..); {policy}"
+                )
+                log.warning(
+                    "round %d: worker %d died (%s); %s its %d clients",
+                    self._round,
+                    i,
+                    died,
+                    policy,
+                    len(part),
+                )
                 if policy == "retry":
-                    meta_ref, update_ref = self.actors[i].train.options(num_returns=2).remote(part, states, 1)
+                    meta_ref, update_ref = (
+                        self.actors[i].train.options(num_returns=2).remote(part, states, 1)
+                    )
                     chunk = self._get(meta_ref, "training (retry on a fresh worker)")
                 else:
-                    chunk = [ClientMeta(j.client_id, j.parent_id, 0, float("nan"), 0, {}, error=f"WorkerDied: {died}")
-                             for j in part]
+                    chunk = [
+                        ClientMeta(
+                            j.client_id,
+                            j.parent_id,
+                            0,
+                            float("nan"),
+                            0,
+                            {},
+                            error=f"WorkerDied: {died}",
+                        )
+                        for j in part
+                    ]
                     update_ref = ray.put({})
             metas += chunk
             update_refs.append(update_ref)
@@ -188,7 +227,9 @@ class RayRuntime(Runtime):
             out += chunk
         return out
 
-    def evaluate(self, jobs: Sequence[EvalJob], states: Mapping[str, State]) -> list[tuple[str, dict[str, tuple[float, int]]]]:
+    def evaluate(
+        self, jobs: Sequence[EvalJob], states: Mapping[str, State]
+    ) -> list[tuple[str, dict[str, tuple[float, int]]]]:
         states_ref = self.put(dict(states))
         parts = split_even(jobs, len(self.actors))
         refs = [actor.evaluate.remote(part, states_ref) for actor, part in zip(self.actors, parts)]
@@ -198,7 +239,11 @@ class RayRuntime(Runtime):
         return out
 
     def mix(
-        self, tasks: Sequence[MixTask], starts: Any, expectations: Mapping[str, Any], sources: Sequence[Any]
+        self,
+        tasks: Sequence[MixTask],
+        starts: Any,
+        expectations: Mapping[str, Any],
+        sources: Sequence[Any],
     ) -> list[MixResult]:
         if tasks:
             self._round = tasks[0].round
@@ -207,7 +252,10 @@ class RayRuntime(Runtime):
             flat += s if isinstance(s, list) else [s]
         exp_ref = self.put(dict(expectations))
         parts = split_even(tasks, len(self.actors))
-        refs = [actor.mix.remote(part, starts, exp_ref, *flat) for actor, part in zip(self.actors, parts)]
+        refs = [
+            actor.mix.remote(part, starts, exp_ref, *flat)
+            for actor, part in zip(self.actors, parts)
+        ]
         out: list[MixResult] = []
         for chunk in self._get(refs, "gossip mixing"):
             out += chunk

@@ -66,7 +66,10 @@ def select_device(gpus_per_worker: float, *, cuda_available: bool | None = None)
         return torch.device("cpu")
     available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if not available:
-        log.warning("runtime.gpus_per_worker=%s but CUDA is not available here; training on the CPU", gpus_per_worker)
+        log.warning(
+            "runtime.gpus_per_worker=%s but CUDA is not available here; training on the CPU",
+            gpus_per_worker,
+        )
         return torch.device("cpu")
     return torch.device("cuda", 0)
 
@@ -85,7 +88,9 @@ class WorkerCore:
         self.fed = tokenize_federation(self.fed, self.model.backbone, self.cfg.model.text_len)
         self.spec: ModelSpec = model_spec(self.model, self.fed, self.cfg.model)
         self.device = select_device(self.cfg.runtime.gpus_per_worker)
-        if self.device.type != "cpu":  # states come and go on the CPU; the skeleton and batches live here
+        if (
+            self.device.type != "cpu"
+        ):  # states come and go on the CPU; the skeleton and batches live here
             self.model.to(self.device)
         self.trainer = ClientTrainer(self.model, self.cfg.train, self.cfg.seed, self.device)
         self.profiles = self.fed.by_id
@@ -114,8 +119,15 @@ class WorkerCore:
                 meta, update = self._train_one(job, states[job.parent_id])
             except Exception as exc:  # a client's failure is reported, not fatal to the slice
                 log.warning("client %s failed in round %d: %s", job.client_id, job.round, exc)
-                meta = ClientMeta(job.client_id, job.parent_id, 0, float("nan"), 0, {},
-                                  error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}")
+                meta = ClientMeta(
+                    job.client_id,
+                    job.parent_id,
+                    0,
+                    float("nan"),
+                    0,
+                    {},
+                    error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}",
+                )
                 update = None
             metas.append(meta)
             if update is not None:
@@ -131,33 +143,55 @@ class WorkerCore:
         rank = self.spec.rank_of(profile)
         begin = start
         if rank < self.spec.lora_rank:  # a lower-rank client: best rank-r view of the adapters
-            begin = {c: (truncate_rank(p, rank) if c.startswith("adapter.") and c in job.trains else p)
-                     for c, p in start.items()}
+            begin = {
+                c: (truncate_rank(p, rank) if c.startswith("adapter.") and c in job.trains else p)
+                for c, p in start.items()
+            }
         fit, privacy = train_client(
-            self.trainer, plan=plan_for(self.cfg, profile, len(data), self.fed.tier_names), prior=job.privacy,
-            data=poisoned(self.attack, job.client_id, data, self.fed.tasks), tasks=profile.tasks, start=begin,
-            trainable=job.trains, key=job.key,
+            self.trainer,
+            plan=plan_for(self.cfg, profile, len(data), self.fed.tier_names),
+            prior=job.privacy,
+            data=poisoned(self.attack, job.client_id, data, self.fed.tasks),
+            tasks=profile.tasks,
+            start=begin,
+            trainable=job.trains,
+            key=job.key,
         )
         if fit is None:  # its DP budget is spent: the client sits out this round and says so
-            return ClientMeta(job.client_id, job.parent_id, 0, 0.0, 0, {}, job.local, privacy=privacy), None
+            return ClientMeta(
+                job.client_id, job.parent_id, 0, 0.0, 0, {}, job.local, privacy=privacy
+            ), None
         if rank < self.spec.lora_rank:
-            fit = replace(fit, state={c: (mask_rank(p, rank) if c.startswith("adapter.") else p)
-                                      for c, p in fit.state.items()})
+            fit = replace(
+                fit,
+                state={
+                    c: (mask_rank(p, rank) if c.startswith("adapter.") else p)
+                    for c, p in fit.state.items()
+                },
+            )
         n = len(data)
         local = {c: fit.state[c] for c in job.trains if c not in job.sends} or None
         if not job.sends:
-            return ClientMeta(job.client_id, job.parent_id, n, fit.loss, fit.steps, {}, local, privacy=privacy), None
+            return ClientMeta(
+                job.client_id, job.parent_id, n, fit.loss, fit.steps, {}, local, privacy=privacy
+            ), None
         delta = state_sub({c: fit.state[c] for c in job.sends}, start)
-        update = Update.from_delta(delta, float(n), sender=job.client_id, round=job.round, num_samples=n)
+        update = Update.from_delta(
+            delta, float(n), sender=job.client_id, round=job.round, num_samples=n
+        )
         tier = self.cfg.tier(job.tier)
         chain = build_chain(tier.postprocess, tier.postprocess_options)
         ctx = PostContext(job.client_id, job.parent_id, job.tier, job.round, self.cfg.seed)
         update, sizes = apply_chain(chain, update, ctx)
-        return ClientMeta(job.client_id, job.parent_id, n, fit.loss, fit.steps, sizes, local, privacy=privacy), update
+        return ClientMeta(
+            job.client_id, job.parent_id, n, fit.loss, fit.steps, sizes, local, privacy=privacy
+        ), update
 
     # ---------------------------------------------------------------- merging
 
-    def merge(self, tasks: Sequence[MergeTask], *sources: Mapping[str, Update]) -> list[MergeResult]:
+    def merge(
+        self, tasks: Sequence[MergeTask], *sources: Mapping[str, Update]
+    ) -> list[MergeResult]:
         """Run each node-round: validate every child's update, aggregate, server step."""
         pool: dict[str, Update] = {}
         for src in sources:
@@ -168,15 +202,24 @@ class WorkerCore:
         tier = self.cfg.tier(task.tier)
         accepted: list[Update] = []
         rejected: list[tuple[str, str]] = []
-        pool = attack_pool(self.attack, [e.sender for e in task.expectations], pool, node_id=task.node_id,
-                           round=task.round, seed=self.cfg.seed)
+        pool = attack_pool(
+            self.attack,
+            [e.sender for e in task.expectations],
+            pool,
+            node_id=task.node_id,
+            round=task.round,
+            seed=self.cfg.seed,
+        )
         for exp in task.expectations:
             upd = pool.get(exp.sender)
             if upd is None:
                 continue  # failed or sent nothing; the driver knows why
             try:
                 if upd.meta.round != task.round:  # a late update never lands in a later round
-                    raise UpdateRejected(exp.sender, f"stale update from round {upd.meta.round} in round {task.round}")
+                    raise UpdateRejected(
+                        exp.sender,
+                        f"stale update from round {upd.meta.round} in round {task.round}",
+                    )
                 validate_update(upd, exp, self.spec)
             except UpdateRejected as rej:
                 log.warning("round %d, %s: %s", task.round, task.node_id, rej)
@@ -203,23 +246,38 @@ class WorkerCore:
             if sends:
                 delta = state_sub({c: state[c] for c in sends}, task.start)
                 emitted = Update.from_delta(
-                    delta, {c: task.emit_weights[c] for c in sends}, sender=task.node_id, round=task.round,
+                    delta,
+                    {c: task.emit_weights[c] for c in sends},
+                    sender=task.node_id,
+                    round=task.round,
                     num_samples=sum(u.meta.num_samples for u in accepted),
                 )
                 ptier = self.cfg.tier(task.parent_tier)
                 chain = build_chain(ptier.postprocess, ptier.postprocess_options)
-                ctx2 = PostContext(task.node_id, task.parent_id, task.parent_tier, task.round, self.cfg.seed)
+                ctx2 = PostContext(
+                    task.node_id, task.parent_id, task.parent_tier, task.round, self.cfg.seed
+                )
                 emitted, sizes = apply_chain(chain, emitted, ctx2)
         return MergeResult(
-            task.node_id, state, agg_state, opt_state, weights,
-            tuple(u.meta.senders[0] for u in accepted), tuple(rejected),
-            sum(u.meta.num_samples for u in accepted), emitted, sizes,
+            task.node_id,
+            state,
+            agg_state,
+            opt_state,
+            weights,
+            tuple(u.meta.senders[0] for u in accepted),
+            tuple(rejected),
+            sum(u.meta.num_samples for u in accepted),
+            emitted,
+            sizes,
         )
 
     # ---------------------------------------------------------------- gossip mixing
 
     def mix(
-        self, tasks: Sequence[MixTask], starts: Mapping[str, State], expectations: Mapping[str, Expectation],
+        self,
+        tasks: Sequence[MixTask],
+        starts: Mapping[str, State],
+        expectations: Mapping[str, Expectation],
         *sources: Mapping[str, Update],
     ) -> list[MixResult]:
         """Mix each task's node (hierfed.mixing): every source's update is validated once and
@@ -234,11 +292,15 @@ class WorkerCore:
         def value(nid: str, rnd: int) -> State:
             if nid not in half:
                 state = dict(starts[nid])
-                upd = pool.get(nid) if nid in expectations else None  # unexpected (e.g. late): unused
+                upd = (
+                    pool.get(nid) if nid in expectations else None
+                )  # unexpected (e.g. late): unused
                 if upd is not None:
                     try:
                         if upd.meta.round != rnd:
-                            raise UpdateRejected(nid, f"stale update from round {upd.meta.round} in round {rnd}")
+                            raise UpdateRejected(
+                                nid, f"stale update from round {upd.meta.round} in round {rnd}"
+                            )
                         validate_update(upd, expectations[nid], self.spec)
                         state = state_add(state, upd.mean())
                     except UpdateRejected as rej:
@@ -256,7 +318,13 @@ class WorkerCore:
                 used.update(src for src, _ in row)
                 for c in comps:
                     new[c] = combine([(a, v[c]) for a, v in vals])
-            out.append(MixResult(task.node_id, new, tuple(sorted((s, r) for s, r in rejected.items() if s in used))))
+            out.append(
+                MixResult(
+                    task.node_id,
+                    new,
+                    tuple(sorted((s, r) for s, r in rejected.items() if s in used)),
+                )
+            )
         return out
 
     def average(self, task: AverageTask, states: Mapping[str, State]) -> tuple[float, State]:
@@ -265,11 +333,17 @@ class WorkerCore:
 
     # ---------------------------------------------------------------- evaluation
 
-    def evaluate(self, jobs: Sequence[EvalJob], states: Mapping[str, State]) -> list[tuple[str, dict[str, tuple[float, int]]]]:
+    def evaluate(
+        self, jobs: Sequence[EvalJob], states: Mapping[str, State]
+    ) -> list[tuple[str, dict[str, tuple[float, int]]]]:
         out = []
         for job in jobs:
             data = self.fed.global_test if job.split == "global" else self.fed.test[job.name]
-            res = self.trainer.evaluate(data=data, tasks=job.tasks, state=states[job.state_key],
-                                        batch_size=self.cfg.eval.batch_size)
+            res = self.trainer.evaluate(
+                data=data,
+                tasks=job.tasks,
+                state=states[job.state_key],
+                batch_size=self.cfg.eval.batch_size,
+            )
             out.append((job.name, res))
         return out
