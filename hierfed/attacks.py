@@ -45,6 +45,7 @@ import torch
 
 from hierfed.data.federation import ClientData, Federation, TaskSpec
 from hierfed.errors import ConfigError
+from hierfed.options import WithOptions
 from hierfed.registry import Registry
 from hierfed.seeding import np_rng, torch_gen
 from hierfed.update import Update
@@ -71,26 +72,14 @@ class AttackContext:
     num_malicious: int  # of them, malicious (f)
 
 
-class Attack:
+class Attack(WithOptions):
     """One attack; ``corrupt`` for model-update attacks, ``poison`` for data attacks."""
 
-    option_defaults: ClassVar[dict[str, Any]] = {}
     poisons_data: ClassVar[bool] = False
-
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        self.check_options(dict(options))
-        self.options = {**self.option_defaults, **dict(options)}
 
     @classmethod
     def check_options(cls, options: dict[str, Any], key: str = "attack.options") -> None:
-        unknown = set(options) - set(cls.option_defaults)
-        if unknown:
-            name = sorted(unknown)[0]
-            raise ConfigError(
-                f"{key}.{name}",
-                options[name],
-                f"{cls.__name__} takes options {sorted(cls.option_defaults) or 'none'}",
-            )
+        super().check_options(options, key)
         for k, v in options.items():
             if (
                 not isinstance(v, (int, float))

@@ -20,11 +20,11 @@ Example::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from hierfed.errors import ConfigError
+from hierfed.options import WithOptions
 from hierfed.update import State, Update
 
 
@@ -42,26 +42,12 @@ class AggContext:
     state: State | None = None
 
 
-class Aggregator(ABC):
-    """Merges the updates a tier node received into one pre-weighted Update."""
+class Aggregator(WithOptions, ABC):
+    """Merges the updates a tier node received into one pre-weighted Update.
+
+    Options: ``option_defaults`` and ``check_options`` (unknown names refused at config time)."""
 
     associative: ClassVar[bool] = False
-    option_defaults: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        self.check_options(dict(options))
-        self.options = {**self.option_defaults, **dict(options)}
-
-    @classmethod
-    def check_options(cls, options: dict[str, Any], key: str = "options") -> None:
-        """Reject unknown option names at config time; subclasses also check values."""
-        unknown = set(options) - set(cls.option_defaults)
-        if unknown:
-            raise ConfigError(
-                f"{key}.{sorted(unknown)[0]}",
-                options[sorted(unknown)[0]],
-                f"{cls.__name__} takes options {sorted(cls.option_defaults) or 'none'}",
-            )
 
     def init_state(self) -> Any:
         """State before the first round (None for stateless rules)."""

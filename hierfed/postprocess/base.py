@@ -20,9 +20,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from hierfed.errors import ConfigError
+from hierfed.options import WithOptions
 from hierfed.update import Update
 
 
@@ -35,23 +35,8 @@ class PostContext:
     seed: int
 
 
-class Postprocessor(ABC):
-    option_defaults: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        self.check_options(dict(options))
-        self.options = {**self.option_defaults, **dict(options)}
-
-    @classmethod
-    def check_options(cls, options: dict[str, Any], key: str = "options") -> None:
-        unknown = set(options) - set(cls.option_defaults)
-        if unknown:
-            name = sorted(unknown)[0]
-            raise ConfigError(
-                f"{key}.{name}",
-                options[name],
-                f"{cls.__name__} takes options {sorted(cls.option_defaults) or 'none'}",
-            )
+class Postprocessor(WithOptions, ABC):
+    """One step a sender applies on a tier edge; options as in ``hierfed.options``."""
 
     @abstractmethod
     def process(self, update: Update, ctx: PostContext) -> Update:
