@@ -45,7 +45,7 @@ import torch
 
 from hierfed.data.federation import ClientData, Federation, TaskSpec
 from hierfed.errors import ConfigError
-from hierfed.options import WithOptions
+from hierfed.options import WithOptions, finite_nonneg
 from hierfed.registry import Registry
 from hierfed.seeding import np_rng, torch_gen
 from hierfed.update import Update
@@ -81,12 +81,7 @@ class Attack(WithOptions):
     def check_options(cls, options: dict[str, Any], key: str = "attack.options") -> None:
         super().check_options(options, key)
         for k, v in options.items():
-            if (
-                not isinstance(v, (int, float))
-                or isinstance(v, bool)
-                or not math.isfinite(v)
-                or v < 0
-            ):
+            if not finite_nonneg(v):
                 raise ConfigError(f"{key}.{k}", v, "must be a finite number >= 0")
 
     def corrupt(self, update: Update, benign: Sequence[Update], ctx: AttackContext) -> Update:

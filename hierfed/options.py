@@ -7,10 +7,16 @@ naming the key and the options the plug-in does take.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from hierfed.errors import ConfigError
+
+
+def finite_nonneg(v: object) -> bool:
+    """A real number (not a bool), finite and >= 0: what most numeric options must be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
 class WithOptions:

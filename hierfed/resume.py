@@ -19,7 +19,6 @@ not yet committed), ``before-latest:R`` (checkpoint folder in place, LATEST not 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -116,7 +115,3 @@ def config_fingerprint(config_yaml: str) -> str:
     import hashlib
 
     return hashlib.sha256(config_yaml.encode()).hexdigest()[:16]
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)

@@ -145,10 +145,6 @@ def state_add(
     return out
 
 
-def state_clone(a: Mapping[str, Mapping[str, torch.Tensor]]) -> State:
-    return {c: {p: t.detach().clone() for p, t in params.items()} for c, params in a.items()}
-
-
 def state_norm(a: Mapping[str, Mapping[str, torch.Tensor]]) -> float:
     sq = sum(float(t.double().pow(2).sum()) for params in a.values() for t in params.values())
     return math.sqrt(sq)

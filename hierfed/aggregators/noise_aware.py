@@ -37,6 +37,7 @@ import torch
 
 from hierfed.aggregators.robust import RobustAggregator, _median
 from hierfed.errors import ConfigError
+from hierfed.options import finite_nonneg
 from hierfed.registry import AGGREGATORS
 
 
@@ -57,12 +58,7 @@ class NoiseAwareMean(RobustAggregator):
                 "must map sender-id globs to variances, e.g. {'global/inst-00/*': 0.01}",
             )
         for pat, v in var.items():
-            if (
-                not isinstance(v, (int, float))
-                or isinstance(v, bool)
-                or not math.isfinite(v)
-                or v < 0
-            ):
+            if not finite_nonneg(v):
                 raise ConfigError(f"{key}.variances.{pat}", v, "must be a finite variance >= 0")
         if not isinstance(options.get("auto_tau2", False), bool):
             raise ConfigError(f"{key}.auto_tau2", options["auto_tau2"], "must be true or false")

@@ -29,7 +29,7 @@ from hierfed.runtime.jobs import (
     MixTask,
     TrainJob,
 )
-from hierfed.update import State, Update
+from hierfed.update import State
 
 T = TypeVar("T")
 
@@ -115,7 +115,3 @@ def make_runtime(cfg: RuntimeConfig) -> Runtime:
     from hierfed.runtime.ray import RayRuntime
 
     return RayRuntime(cfg)
-
-
-def as_update_dict(obj: Mapping[str, Update]) -> dict[str, Update]:
-    return dict(obj)
