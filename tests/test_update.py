@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hierfed.update import Update, flat_state, state_norm, unflat_state
+from hierfed.update import Update, UpdateMeta, flat_state, state_norm, unflat_state
 
 
 def _u(sender: str, comps: dict[str, list[float]], w: float | dict[str, float]) -> Update:
@@ -89,3 +89,36 @@ def test_hierarchical_mean_equals_flat_mean_and_order_does_not_matter(clients, g
         assert torch.allclose(flat.mean()[c]["w"], hier.mean()[c]["w"], atol=1e-9)
         # Update.sum sorts by sender: a shuffled arrival order gives the identical bits
         assert torch.equal(flat.tensors[c]["w"], again.tensors[c]["w"])
+
+
+def test_pickle_round_trip_is_exact_and_independent():
+    """Updates cross process boundaries (Ray's object store) packed into one buffer: every
+    dtype, shape (incl. 0-d and empty) and value must come back exactly, in separate storage."""
+    import pickle
+
+    tensors = {
+        "adapter.backbone": {"a": torch.randn(4, 3), "b": torch.randn(3).double()},
+        "head.t": {
+            "h": torch.randn(5).half(),
+            "idx": torch.arange(3),
+            "empty": torch.zeros(0, 2),
+            "scalar": torch.tensor(2.5),
+            "mask": torch.tensor([True, False, True]),
+            "strided": torch.randn(4, 6)[:, ::2],  # not contiguous
+        },
+    }
+    u = Update(tensors, {"adapter.backbone": 2.0, "head.t": 1.5}, UpdateMeta(("s",), 3, 7))
+    v = pickle.loads(pickle.dumps(u))
+    assert v.meta == u.meta and dict(v.weights) == dict(u.weights)
+    assert list(v.tensors) == list(u.tensors)
+    for c, params in u.tensors.items():
+        assert list(v.tensors[c]) == list(params)
+        for p, t in params.items():
+            got = v.tensors[c][p]
+            assert got.dtype == t.dtype and got.shape == t.shape, (c, p)
+            assert torch.equal(got, t), (c, p)
+    ptrs = [t.untyped_storage().data_ptr() for ps in v.tensors.values() for t in ps.values()]
+    assert len(set(ptrs)) == len(ptrs)  # no shared storage (safetensors refuses shared tensors)
+    got = v.tensors["adapter.backbone"]["a"]
+    got.add_(1.0)  # writable, and writing one tensor leaves the others alone
+    assert torch.equal(v.tensors["adapter.backbone"]["b"], tensors["adapter.backbone"]["b"])
