@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from hierfed.config import DataConfig
-from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec
-from hierfed.data.partition import assign_resources, cap_rows, check_options, concat, skewed_grid
+from hierfed.data.federation import ClientData, Federation, ModalitySpec, TaskSpec
+from hierfed.data.partition import check_options, grid_federation
 from hierfed.errors import ConfigError, DataError
 from hierfed.registry import DATASETS
 
@@ -94,30 +94,15 @@ def build_courses(cfg: DataConfig, seed: int) -> Federation:
     """Label-skewed course-title clients; same ``(cfg, seed)`` gives the same federation."""
     opts = check_options(cfg.options, OPTIONS, "courses")
     table, tasks, subjects = course_table(opts)
-    train, test, ids = skewed_grid(table, "subject", cfg, seed, "courses")
-    clients = [
-        ClientProfile(
-            c, ("text",), tuple(sorted(tasks)), num_train=len(train[c]), num_test=len(test[c])
-        )
-        for c in ids
-    ]
-    clients = assign_resources(clients, opts["resource_mix"], seed)
-    global_test = cap_rows(
-        concat([test[c] for c in ids if len(test[c])]),
-        cfg.global_test_size,
-        seed,
-        "courses",
-        "global-test",
-    )
-    return Federation(
+    return grid_federation(
         name="courses",
-        tier_names=("global", "institution", "student"),
+        table=table,
+        label="subject",
+        cfg=cfg,
+        seed=seed,
         modalities={"text": TEXT},
         tasks=tasks,
-        clients=clients,
-        train=train,
-        test=test,
-        global_test=global_test,
+        resource_mix=opts["resource_mix"],
         description="real UCLA Fall 2018 course titles (openintro/ucla_f18) -> subject and course-type flags",
         extra={"subjects": subjects},
     )

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from hierfed.config import DataConfig
-from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec
-from hierfed.data.partition import assign_resources, cap_rows, check_options, concat, skewed_grid
+from hierfed.data.federation import ClientData, Federation, ModalitySpec, TaskSpec
+from hierfed.data.partition import check_options, grid_federation
 from hierfed.errors import DataError
 from hierfed.registry import DATASETS
 
@@ -43,27 +43,14 @@ def digit_table() -> ClientData:
 def build_digits(cfg: DataConfig, seed: int) -> Federation:
     """Label-skewed digit clients; same ``(cfg, seed)`` gives the same federation."""
     opts = check_options(cfg.options, OPTIONS, "digits")
-    train, test, ids = skewed_grid(digit_table(), "digit", cfg, seed, "digits")
-    clients = [
-        ClientProfile(c, ("image",), ("digit",), num_train=len(train[c]), num_test=len(test[c]))
-        for c in ids
-    ]
-    clients = assign_resources(clients, opts["resource_mix"], seed)
-    global_test = cap_rows(
-        concat([test[c] for c in ids if len(test[c])]),
-        cfg.global_test_size,
-        seed,
-        "digits",
-        "global-test",
-    )
-    return Federation(
+    return grid_federation(
         name="digits",
-        tier_names=("global", "institution", "student"),
+        table=digit_table(),
+        label="digit",
+        cfg=cfg,
+        seed=seed,
         modalities={"image": IMAGE},
         tasks={"digit": TASK},
-        clients=clients,
-        train=train,
-        test=test,
-        global_test=global_test,
+        resource_mix=opts["resource_mix"],
         description="scikit-learn handwritten digits (8x8): label-skewed clients",
     )

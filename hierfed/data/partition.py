@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hierfed.data.federation import ClientData, ClientProfile
+from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec
 from hierfed.errors import ConfigError, DataError
 from hierfed.seeding import derive_seed, np_rng
 
@@ -191,3 +191,53 @@ def skewed_grid(
         train[cid], test[cid] = take(table, rows[tr]), take(table, rows[te])
         ids.append(cid)
     return train, test, ids
+
+
+def grid_federation(
+    *,
+    name: str,
+    table: ClientData,
+    label: str,
+    cfg: Any,
+    seed: int,
+    modalities: Mapping[str, ModalitySpec],
+    tasks: Mapping[str, TaskSpec],
+    resource_mix: Any,
+    description: str,
+    extra: Mapping[str, Any] | None = None,
+) -> Federation:
+    """A ``global -> institution -> student`` federation of label-skewed clients cut from one
+    table (``skewed_grid``): every client holds all ``modalities`` and serves all ``tasks``,
+    resource classes come from ``resource_mix``, and the global test set is the clients'
+    held-out rows capped at ``cfg.global_test_size``."""
+    train, test, ids = skewed_grid(table, label, cfg, seed, name)
+    clients = [
+        ClientProfile(
+            c,
+            tuple(modalities),
+            tuple(sorted(tasks)),
+            num_train=len(train[c]),
+            num_test=len(test[c]),
+        )
+        for c in ids
+    ]
+    clients = assign_resources(clients, resource_mix, seed)
+    global_test = cap_rows(
+        concat([test[c] for c in ids if len(test[c])]),
+        cfg.global_test_size,
+        seed,
+        name,
+        "global-test",
+    )
+    return Federation(
+        name=name,
+        tier_names=("global", "institution", "student"),
+        modalities=dict(modalities),
+        tasks=dict(tasks),
+        clients=clients,
+        train=train,
+        test=test,
+        global_test=global_test,
+        description=description,
+        extra=dict(extra or {}),
+    )
