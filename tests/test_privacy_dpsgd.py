@@ -165,6 +165,30 @@ def test_dp_update_norm_is_bounded_by_clip_without_noise(setup):
         assert 0 < state_norm(delta) <= clip * (1 + 1e-5)
 
 
+def test_fedprox_pulls_the_private_step_towards_the_start(setup):
+    # sgd lr=1, no noise, every row sampled: step 1 is p1 = p0 - g0 either way; with mu=1
+    # step 2 is p1 - (g1 + (p1 - p0)) = p0 - g1, without it p1 - g1. So the two 2-step results
+    # differ by exactly the first step, p1 - p0 (before this, the proximal term was ignored)
+    cfg, fed, model, spec, prof = setup
+    from dataclasses import replace
+
+    assert cfg.model.lora_dropout == 0  # same rows and no dropout: both runs see the same g0, g1
+    comps = spec.holds(prof)
+    start = model.component_state()
+    kw = dict(data=fed.train[prof.id], tasks=["dropout_risk"], start=start, trainable=comps)
+    base = replace(cfg.train, optimizer="sgd", lr=1.0, momentum=0.0, local_epochs=1)
+
+    def fit(mu: float, steps: int):
+        trainer = ClientTrainer(model, replace(base, fedprox_mu=mu), cfg.seed)
+        plan = _plan(steps, sigma=0.0, clip=0.5, q=1.0)
+        return fit_dp(trainer, key=(4, prof.id), dp=DPSpec(plan), **kw)[0].state
+
+    one = state_sub(fit(0.0, 1), start)
+    gap = state_sub(fit(0.0, 2), fit(1.0, 2))
+    assert state_norm(one) > 0
+    assert state_norm(state_sub(gap, one)) <= 1e-5 * state_norm(one)
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     vals=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=8),

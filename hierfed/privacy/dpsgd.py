@@ -114,6 +114,7 @@ def fit_dp(
         loss_reduction="mean",
         generator=torch_gen(trainer.seed, *key, "dp-noise"),
     )
+    prox = [p.detach().clone() for p in params] if cfg.fedprox_mu > 0 else None
     accountant = accountant_of(dp.history)
     per_task = plan.steps_per_round // max(1, cfg.local_epochs * len(tasks))
     schedule = [(e, t, j) for e in range(cfg.local_epochs) for t in tasks for j in range(per_task)]
@@ -137,7 +138,15 @@ def fit_dp(
         else:  # an empty Poisson batch: the step is pure noise, as the accountant assumes
             for p in named.values():
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
-        opt.step()
+        if prox is None:
+            opt.step()
+        elif opt.pre_step():  # clipped, summed and noised: p.grad is the private gradient
+            # FedProx's pull towards the round's start depends on the parameters only, never on
+            # the data, so adding it after the noise costs no privacy (post-processing)
+            for p, p0 in zip(params, prox):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - p0, alpha=cfg.fedprox_mu)
+            opt.original_optimizer.step()
         accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=q)
         steps += 1
     opt.zero_grad(set_to_none=True)
