@@ -144,6 +144,9 @@ class RuntimeConfig:
     )
     gpus_per_worker: float = 0.0
     round_timeout_s: float = 600.0  # bound on every wait inside a round
+    # the Ray runtime cuts a round's clients into this many chunks per worker and hands them
+    # out as workers free up (load balance); results never depend on it
+    chunks_per_worker: int = 4
     # a worker actor that dies mid-round: "retry" its clients on a fresh worker (same result as
     # if nothing happened) or "drop" them (counted as failed); the pool is restored either way
     on_worker_failure: str = "retry"
@@ -469,6 +472,12 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("runtime.num_cpus", r.num_cpus, "must be >= 0 (0 = all)")
     _nonneg("runtime.gpus_per_worker", r.gpus_per_worker)
     _positive("runtime.round_timeout_s", r.round_timeout_s)
+    if not isinstance(r.chunks_per_worker, int) or r.chunks_per_worker < 1:
+        raise ConfigError(
+            "runtime.chunks_per_worker",
+            r.chunks_per_worker,
+            "an integer >= 1 (1 = one contiguous slice per worker, no load balancing)",
+        )
     if r.on_worker_failure not in ("retry", "drop"):
         raise ConfigError("runtime.on_worker_failure", r.on_worker_failure, "known: retry, drop")
     if r.on_client_failure not in ("fail", "drop"):

@@ -41,6 +41,7 @@ def test_file_then_overrides_take_precedence(tmp_path):
         (["topology.tiers.global.aggregator=medain"], "aggregator"),
         (["data.name=nosuch"], "data.name"),
         (["runtime.name=spark"], "runtime.name"),
+        (["runtime.chunks_per_worker=0"], "runtime.chunks_per_worker"),
         (["model.num_heads=3"], "model.num_heads"),
         (["train.optimizer=lbfgs"], "train.optimizer"),
     ],

@@ -68,9 +68,16 @@ def test_bit_identical_across_worker_counts_and_runtimes(ray_session, tmp_path):
     }
     ray2 = _final(tmp_path, "r2", **{"runtime.num_workers": 2}, **extra)
     ray1 = _final(tmp_path, "r1", **{"runtime.num_workers": 1}, **extra)
+    # one slice per worker vs. many small chunks handed out as workers free up
+    ray2c = _final(
+        tmp_path, "r2c", **{"runtime.num_workers": 2, "runtime.chunks_per_worker": 7}, **extra
+    )
+    ray2s = _final(
+        tmp_path, "r2s", **{"runtime.num_workers": 2, "runtime.chunks_per_worker": 1}, **extra
+    )
     local = _final(tmp_path, "l1", **{"runtime.name": "local"}, **extra)
     local3 = _final(tmp_path, "l3", **{"runtime.name": "local", "runtime.num_workers": 3}, **extra)
-    for other in (ray1, local, local3):
+    for other in (ray1, ray2c, ray2s, local, local3):
         assert set(other) == set(ray2)
         for c in ray2:
             for p in ray2[c]:

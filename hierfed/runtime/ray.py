@@ -162,59 +162,81 @@ class RayRuntime(Runtime):
         return self._get(self.actors[0].initial_state.remote(), "initial state")
 
     def train(self, jobs: Sequence[TrainJob], states: Any) -> tuple[list[ClientMeta], Any]:
+        """Contiguous chunks of the sorted jobs (``runtime.chunks_per_worker`` per worker), handed
+        out as workers free up: a worker that is slowed down (a busy machine, heavier clients)
+        takes fewer chunks. One chunk in flight per worker, so a dead worker costs one chunk.
+        Results come back in job order whatever finished first."""
         if jobs:
             self._round = jobs[0].round
         import ray
 
-        parts = split_even(jobs, len(self.actors))
-        subs = [
-            actor.train.options(num_returns=2).remote(part, states, 0)
-            for actor, part in zip(self.actors, parts)
-        ]
-        metas: list[ClientMeta] = []
-        update_refs = []
-        for i, part in enumerate(parts):
-            meta_ref, update_ref = subs[i]
+        chunks = split_even(jobs, len(self.actors) * max(1, self.cfg.chunks_per_worker))
+        metas: list[list[ClientMeta]] = [[] for _ in chunks]
+        update_refs: list[Any] = [None] * len(chunks)
+        pending: dict[Any, tuple[int, int, Any]] = {}  # meta ref -> (chunk, worker, update ref)
+        queue = iter(range(len(chunks)))
+
+        def submit(worker: int, chunk: int, attempt: int = 0) -> None:
+            meta_ref, update_ref = (
+                self.actors[worker]
+                .train.options(num_returns=2)
+                .remote(chunks[chunk], states, attempt)
+            )
+            pending[meta_ref] = (chunk, worker, update_ref)
+
+        for worker in range(len(self.actors)):
+            nxt = next(queue, None)
+            if nxt is not None:
+                submit(worker, nxt)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.cfg.round_timeout_s)
+            if not ready:
+                raise NodeFailure(
+                    "runtime",
+                    self._round,
+                    f"training exceeded runtime.round_timeout_s={self.cfg.round_timeout_s}",
+                )
+            chunk, worker, update_ref = pending.pop(ready[0])
+            part = chunks[chunk]
             try:
-                chunk = self._get(meta_ref, "training", allow_death=True)
+                metas[chunk] = self._get(ready[0], "training", allow_death=True)
             except _WorkerDied as died:
-                # the pool is restored either way; the slice is re-run or its clients count as failed
-                self._replace(i)
+                # the pool is restored either way; the chunk is re-run or its clients count as failed
+                self._replace(worker)
                 policy = self.cfg.on_worker_failure
                 self._events.append(
-                    f"round {self._round}: worker {i} died training {len(part)} clients "
+                    f"round {self._round}: worker {worker} died training {len(part)} clients "
                     f"({part[0].client_id}..); {policy}"
                 )
                 log.warning(
                     "round %d: worker %d died (%s); %s its %d clients",
                     self._round,
-                    i,
+                    worker,
                     died,
                     policy,
                     len(part),
                 )
                 if policy == "retry":
-                    meta_ref, update_ref = (
-                        self.actors[i].train.options(num_returns=2).remote(part, states, 1)
+                    submit(worker, chunk, 1)
+                    continue
+                metas[chunk] = [
+                    ClientMeta(
+                        j.client_id,
+                        j.parent_id,
+                        0,
+                        float("nan"),
+                        0,
+                        {},
+                        error=f"WorkerDied: {died}",
                     )
-                    chunk = self._get(meta_ref, "training (retry on a fresh worker)")
-                else:
-                    chunk = [
-                        ClientMeta(
-                            j.client_id,
-                            j.parent_id,
-                            0,
-                            float("nan"),
-                            0,
-                            {},
-                            error=f"WorkerDied: {died}",
-                        )
-                        for j in part
-                    ]
-                    update_ref = ray.put({})
-            metas += chunk
-            update_refs.append(update_ref)
-        return metas, update_refs
+                    for j in part
+                ]
+                update_ref = ray.put({})
+            update_refs[chunk] = update_ref
+            nxt = next(queue, None)
+            if nxt is not None:
+                submit(worker, nxt)
+        return [m for chunk_metas in metas for m in chunk_metas], update_refs
 
     def merge(self, tasks: Sequence[MergeTask], sources: Sequence[Any]) -> list[MergeResult]:
         flat: list[Any] = []
