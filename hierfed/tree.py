@@ -656,7 +656,8 @@ class TreeEngine:
         parent); dropped-out leaves and leaves whose training failed lose their links (they
         neither train nor mix nor send from then on). Leaves of one parent move in lockstep:
         each pass lasts as long as the slowest training plus, per mixing step, the slowest
-        exchange; the parent's deadline applies to the report that follows. Every exchange
+        member to send its neighbours their values; the parent's deadline applies to the
+        report that follows. Every exchange
         is a ledger record (``direction="peer"``, edge ``<leaf><-><leaf>``).
         """
         d2d = self.d2d
@@ -794,7 +795,6 @@ class TreeEngine:
                 )
             )
         ups: dict[str, Update] = {}
-        expectations: dict[str, Expectation] = {}
         for res in runtime.merge(emits, []):
             c, n = res.node_id, parent[res.node_id]
             up = sum(res.emitted_sizes.values()) if res.emitted is not None else 0
@@ -810,10 +810,14 @@ class TreeEngine:
                 )
             if res.emitted is not None and in_time:
                 ups[c] = res.emitted
-                # carried weights move between siblings: bounded by the group's rows, not the leaf's
-                expectations[c] = Expectation(
-                    c, frozenset(shared[c]), exact=True, max_weight=group_rows[n]
-                )
+        # every present student is expected (a failed one counts against the quorum, as without
+        # gossip); a late one is not merged. Carried weights move between siblings, so the bound
+        # on a weight is the group's rows, not the student's own.
+        expectations = {
+            c: Expectation(c, frozenset(shared[c]), exact=True, max_weight=group_rows[parent[c]])
+            for c in parent
+            if c not in stats.late
+        }
         return [ups], expectations
 
     def _record_d2d(
@@ -832,13 +836,14 @@ class TreeEngine:
     ) -> float:
         """Ledger records for one pass's mixing among ``members`` (one per direction of every
         live link, per step, of the components both ends send up); returns its simulated
-        seconds: per step, the slowest exchange (the sender's link, as in ``_peer_mix``).
+        seconds: per step, the slowest member to push everything it sends its neighbours
+        through its own link (so a denser graph costs more time, not only more bytes).
 
         ``wire``: the encoded sizes of the leaves' updates in the first pass, sent in its first
         step (every member knows the broadcast they apply to); later values go out raw."""
         total = 0.0
         for s in range(steps):
-            step_s = 0.0
+            out: dict[str, int] = defaultdict(int)
             for i, j in sorted(live):
                 a, b = members[i], members[j]
                 for src, dst in ((a, b), (b, a)):
@@ -850,13 +855,14 @@ class TreeEngine:
                     ledger.record(
                         round=rnd, src=src, dst=dst, edge=edge, direction="peer", sizes=sizes
                     )
-                    step_s = max(
-                        step_s,
-                        self.clock.transfer_s(
-                            src, sum(sizes.values()), rnd=rnd, key=(*key, "peer", s)
-                        ),
-                    )
-            total += step_s
+                    out[src] += sum(sizes.values())
+            total += max(
+                (
+                    self.clock.transfer_s(src, nbytes, rnd=rnd, key=(*key, "peer", s))
+                    for src, nbytes in sorted(out.items())
+                ),
+                default=0.0,
+            )
         return total
 
     def _account(

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hierfed import mixing
 from hierfed.config import load_config
-from hierfed.errors import ConfigError
+from hierfed.errors import ConfigError, NodeFailure
 from hierfed.model.m3t import build_model, model_spec
 from hierfed.registry import TOPOLOGIES
 from hierfed.runtime.local import LocalRuntime
@@ -177,6 +177,12 @@ def test_the_ledger_counts_every_exchange_and_the_clock_charges_it():
     )
     assert ups(peer) == ups(plain)
     assert peer.metrics[-1]["sim_time_s"] > plain.metrics[-1]["sim_time_s"]
+    # a student pushes all its exchanges through its own link: the complete graph (3 neighbours
+    # each) takes longer per step than the ring (2), and moves more bytes
+    dense = run(_cfg(**base, **_gossip("complete", steps=2, passes=2)), write=False)
+    assert dense.metrics[-1]["sim_time_s"] > peer.metrics[-1]["sim_time_s"]
+    ring_b, dense_b = (r.ledger.by_edge()["student<->student"] for r in (peer, dense))
+    assert dense_b > ring_b
 
 
 def test_dropped_students_neither_train_nor_mix_nor_report():
@@ -195,6 +201,23 @@ def test_dropped_students_neither_train_nor_mix_nor_report():
     assert res.metrics[-1]["dropped"] == len(absent)
     assert not (absent & peers)
     assert peers  # the others still gossip
+
+
+def test_a_failed_student_leaves_the_graph_and_counts_against_the_quorum():
+    bad = "global/inst-00/student-000"
+    extra = {
+        **_gossip("complete", passes=2),
+        "runtime.on_client_failure": "drop",
+        "runtime.faults": f"[raise:{bad}]",
+    }
+    ok = run(_cfg(**extra, **{"topology.tiers.institution.quorum": 0.6}), write=False)
+    assert ok.metrics[-1]["failed"] == 1
+    touched = {x for r in ok.ledger.records if r.direction != "down" for x in (r.src, r.dst)}
+    assert bad not in touched  # it never mixed nor reported
+    assert {"global/inst-00/student-001", "global/inst-00/student-002"} <= touched
+    with pytest.raises(NodeFailure, match="quorum") as info:
+        run(_cfg(**extra, **{"topology.tiers.institution.quorum": 0.9}), write=False)
+    assert info.value.node_id == "global/inst-00"
 
 
 def test_leaf_gossip_is_deterministic_and_bit_identical_on_ray(ray_session):
