@@ -103,7 +103,10 @@ class TierConfig:
     )
     straggler: str = "discard"  # past the deadline: discard (sent late, bytes counted, not merged) | drop (told to stop, sends nothing)
     # semi-decentralized: after each of its node-rounds, this tier's nodes mix what their parent
-    # aggregates with their siblings (device to device), peer_steps times on peer_graph; 0 = off
+    # aggregates with their siblings (device to device), peer_steps times on peer_graph; 0 = off.
+    # On the leaf tier (e.g. topology.tiers.student, listed explicitly: `default` never applies
+    # to leaves) the students of one parent train, then mix, local_rounds times per round of
+    # their parent before they report (docs/topologies.md)
     peer_steps: int = 0
     peer_graph: str = "ring"  # ring | torus | complete | random_regular | erdos_renyi | small_world
     quorum: float = (
@@ -128,10 +131,26 @@ class ClockConfig:
 @dataclass
 class TopologyConfig:
     name: str = "hierarchical"  # a registered topology
-    # per aggregating tier, by tier name (e.g. "institution", "global"); missing tiers use `default`
+    # per aggregating tier, by tier name (e.g. "institution", "global"); missing tiers use `default`.
+    # The leaf tier (e.g. "student") may be listed for device-to-device gossip only (leaf_peers)
     tiers: dict[str, TierConfig] = field(default_factory=dict)
     default: TierConfig = field(default_factory=TierConfig)
     options: dict[str, Any] = field(default_factory=dict)  # topology-specific options
+
+    def leaf_peers(self, leaf: str) -> TierConfig | None:
+        """The leaf tier's device-to-device gossip settings, or None when it is off.
+
+        On only where ``tiers.<leaf>`` is listed with ``peer_steps > 0``: ``default`` configures
+        aggregating tiers and never the leaves, so a config that sets ``default.peer_steps`` or
+        ``default.local_rounds`` keeps its meaning."""
+        tier = self.tiers.get(leaf)
+        return tier if tier is not None and tier.peer_steps > 0 else None
+
+    def leaf_passes(self, leaf: str) -> int:
+        """Training passes a leaf makes per round of its parent: the leaf tier's
+        ``local_rounds`` with leaf gossip on, else 1."""
+        tier = self.leaf_peers(leaf)
+        return tier.local_rounds if tier is not None else 1
 
 
 @dataclass

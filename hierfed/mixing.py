@@ -18,8 +18,13 @@ weight ``w_i`` (its training rows) and both ``y_i = w_i x_i`` and ``w_i`` are mi
 
     x_i <- (sum_j W_ij w_j x_j) / (sum_j W_ij w_j)
 
-which preserves ``sum_i y_i`` and ``sum_i w_i``. On the complete graph with Metropolis–Hastings
-weights ``W = 11^T / n``, so one step gives every node exactly FedAvg's sample-weighted mean.
+which preserves ``sum_i y_i`` and ``sum_i w_i`` when the mixed weights ``w_i' = sum_j W_ij w_j``
+are carried on to the next step (``push_sum_plan``, used by the leaf tier's device-to-device
+gossip in hierfed/tree.py). Callers that keep each node's weight fixed at ``w_i`` (the
+``gossip`` topology, inner-tier peer mixing) preserve the ``w``-weighted mean exactly only
+where all mixed values end up equal, e.g. after one step on the complete graph. On the complete
+graph with Metropolis–Hastings weights ``W = 11^T / n``, so one step gives every node exactly
+FedAvg's sample-weighted mean.
 
 Components that only some nodes hold are mixed among their holders, on the subgraph of
 links whose two ends share the component (``induced``), with the weights recomputed from the
@@ -365,6 +370,55 @@ def coefficients(M: np.ndarray, weights: Sequence[float]) -> np.ndarray:
     A[empty, :] = 0.0
     A[empty, np.flatnonzero(empty)] = 1.0
     return A
+
+
+MixRows = dict[str, list[tuple[tuple[str, ...], tuple[tuple[str, float], ...]]]]
+
+
+def push_sum_plan(
+    nodes: Sequence[str],
+    edges: Iterable[Edge],
+    carried: Mapping[str, Mapping[str, float]],
+    steps: int,
+    rule: str = "metropolis_hastings",
+) -> tuple[MixRows, dict[str, dict[str, float]]]:
+    """Push-sum mixing with *carried* weights: the rows for ``MixTask.groups`` and the new weights.
+
+    ``carried[node][c] > 0`` is the node's current weight for component ``c`` (absent: the
+    node does not hold ``c``; it neither sends nor receives it). Per component, holders mix on
+    the subgraph of ``edges`` whose two ends both hold it (``induced``), ``steps`` times with
+    the doubly-stochastic matrix of ``rule``; ``M`` is the composed matrix. Then
+    ``x_i' = (M y)_i / (M w)_i`` with ``y = w x`` (``coefficients``) and the node's new weight
+    is ``w_i' = (M w)_i``. Because ``M``'s columns sum to 1, ``sum_i w_i' x_i' = sum_i w_i x_i``
+    and ``sum_i w_i' = sum_i w_i``: a parent that takes the ``w``-weighted mean of its members
+    computes the same thing before and after the mixing, on any graph.
+
+    Returns ``(rows, weights)``: ``rows[node]`` lists ``(components, ((source, coef), ...))``
+    with sources sorted like ``nodes``, one entry per group of components held alike; a
+    holder without live links gets its identity row (it keeps its own value). Nodes holding
+    nothing get no entry. Pure numpy; the tensors are combined on the workers.
+    """
+    edges = frozenset(edges)
+    comps = sorted({c for held in carried.values() for c in held})
+    alike: dict[tuple[float, ...], list[str]] = {}
+    for c in comps:
+        ws = tuple(float(carried.get(x, {}).get(c, 0.0)) for x in nodes)
+        alike.setdefault(ws, []).append(c)
+    rows: MixRows = {}
+    weights: dict[str, dict[str, float]] = {}
+    for ws, cs in sorted(alike.items(), key=lambda kv: kv[1]):
+        labels = [True if w > 0 else None for w in ws]
+        W = mixing_matrix(len(nodes), induced(edges, labels), rule)
+        M = compose([W] * steps) if steps > 0 else np.eye(len(nodes))
+        A = coefficients(M, ws)
+        new_w = M @ np.asarray(ws, dtype=np.float64)
+        for i, x in enumerate(nodes):
+            if labels[i] is None:
+                continue
+            row = tuple((nodes[j], float(A[i, j])) for j in np.flatnonzero(A[i]).tolist())
+            rows.setdefault(x, []).append((tuple(cs), row))
+            weights.setdefault(x, {}).update({c: float(new_w[i]) for c in cs})
+    return rows, weights
 
 
 # ---------------------------------------------------------------- tensor math (workers)

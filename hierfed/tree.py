@@ -17,6 +17,13 @@ One parent-round of a tier node ``n`` at tier index ``l`` (``k = local_rounds`` 
 
 Components whose scope stops at n's tier are kept by n across rounds; ``local`` ones are
 kept per client and never sent.
+
+Semi-decentralized tiers. An inner tier with ``peer_steps > 0`` mixes what its parent
+aggregates among siblings after each node-round (``_peer_mix``). The leaf tier does the same
+device to device when ``topology.tiers.<leaf>.peer_steps > 0`` (``_train_leaves_d2d``): within
+one node-round of their parent the sampled students train from their own state, then mix with
+their neighbours on ``peer_graph``, ``local_rounds`` of the leaf tier times, and only then send
+``state - broadcast`` to the parent, weighted by their push-sum weights (hierfed.mixing).
 """
 
 from __future__ import annotations
@@ -25,15 +32,15 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from hierfed import mixing
 from hierfed.aggregators.robust import check_fanouts
 from hierfed.clock import Clock
-from hierfed.config import RunConfig
+from hierfed.config import RunConfig, TierConfig
 from hierfed.data.federation import Federation
-from hierfed.errors import DataError, NodeFailure
+from hierfed.errors import ConfigError, DataError, NodeFailure
 from hierfed.ledger import CommLedger
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.validate import Expectation
@@ -134,6 +141,9 @@ class TreeEngine:
             str, float
         ] = {}  # when a child's update reached its parent (from the broadcast)
         self._down_s: dict[str, float] = {}  # how long the broadcast to a child took
+        # device-to-device gossip among the leaves of one parent (None: off); checked now, not mid-run
+        self.d2d: TierConfig | None = cfg.topology.leaf_peers(tier_names[-1])
+        self._check_peer_settings()
 
     # ---------------------------------------------------------------- helpers
 
@@ -160,10 +170,14 @@ class TreeEngine:
         """A node's starting state: the parent's value of components merged above it, its own otherwise."""
         return {c: (parent_state[c] if self.level_of(c) < level else own[c]) for c in parent_state}
 
-    def sample(self, node: Node, rnd: int, key: tuple) -> list[str]:
+    def sample_size(self, node: Node) -> int:
+        """How many children ``node`` samples per node-round (``participation`` of its tier)."""
         p = self.cfg.tier(node.tier).participation
+        return min(len(node.children), max(1, int(math.ceil(p * len(node.children) - 1e-9))))
+
+    def sample(self, node: Node, rnd: int, key: tuple) -> list[str]:
         kids = node.children
-        m = max(1, int(math.ceil(p * len(kids) - 1e-9)))
+        m = self.sample_size(node)
         if m >= len(kids):
             return list(kids)
         rng = np_rng(self.cfg.seed, "sample", rnd, *key, node.id)
@@ -224,6 +238,79 @@ class TreeEngine:
         for c, v in self.local.get(client_id, {}).items():
             state[c] = v
         return state
+
+    def _check_peer_settings(self) -> None:
+        """ConfigError before any work for leaf-tier settings that would be ignored and for
+        peer graphs that cannot be built on the members they would connect.
+
+        The leaf tier does not aggregate: of ``topology.tiers.<leaf>`` only ``peer_steps``,
+        ``peer_graph``, ``local_rounds`` (training passes per round of the parent, with
+        gossip) and ``postprocess`` (applied to what leaves exchange) mean anything."""
+        leaf, above = self.tier_names[-1], self.tier_names[-2]
+        key = f"topology.tiers.{leaf}"
+        listed = self.cfg.topology.tiers.get(leaf)
+        if listed is not None:
+            plain = TierConfig()
+            kept = {
+                "peer_steps",
+                "peer_graph",
+                "local_rounds",
+                "postprocess",
+                "postprocess_options",
+            }
+            for f in fields(TierConfig):
+                value = getattr(listed, f.name)
+                if f.name not in kept and value != getattr(plain, f.name):
+                    raise ConfigError(
+                        f"{key}.{f.name}",
+                        value,
+                        f"the {leaf} tier does not aggregate, so this would be ignored; set it on "
+                        f"the tier above (topology.tiers.{above}.{f.name}). {key} takes only "
+                        "peer_steps, peer_graph, local_rounds and postprocess (device-to-device "
+                        "gossip, docs/topologies.md)",
+                    )
+            if listed.peer_steps == 0:
+                for name, off in (("local_rounds", 1), ("postprocess", [])):
+                    if getattr(listed, name) != off:
+                        raise ConfigError(
+                            f"{key}.{name}",
+                            getattr(listed, name),
+                            f"only means something with device-to-device gossip: set "
+                            f"{key}.peer_steps >= 1, or drop it (more local training: "
+                            "train.local_epochs)",
+                        )
+        for node in self.nodes.values():
+            if not node.children:
+                continue
+            first = node.children[0]
+            if first in self.leaves:
+                steps, graph = (self.d2d.peer_steps, self.d2d.peer_graph) if self.d2d else (0, "")
+                gkey = f"{key}.peer_graph"
+            else:
+                tier = self.nodes[first].tier
+                steps, graph = self.cfg.tier(tier).peer_steps, self.cfg.tier(tier).peer_graph
+                gkey = (
+                    f"topology.tiers.{tier}.peer_graph"
+                    if tier in self.cfg.topology.tiers
+                    else "topology.default.peer_graph"
+                )
+            m = self.sample_size(node)
+            if steps <= 0 or m < 2:
+                continue
+            try:
+                mixing.build_graph(
+                    mixing.GraphSpec(kind=graph),
+                    node.children[:m],
+                    np_rng(self.cfg.seed, "peer-graph-check", node.id),
+                )
+            except ConfigError as exc:
+                raise ConfigError(
+                    gkey,
+                    graph,
+                    f"cannot connect the {m} members '{node.id}' samples per node-round "
+                    f"({exc.fix}); use ring, torus or complete, or change "
+                    f"topology.tiers.{node.tier}.participation",
+                ) from None
 
     # ---------------------------------------------------------------- the round
 
@@ -286,9 +373,14 @@ class TreeEngine:
                 sampled[n] = [c for c in sampled[n] if c not in gone]
                 self.arrival.update({c: math.inf for c in gone})
             if child_level == len(self.tier_names) - 1:
-                sources, expectations = self._train_leaves(
-                    node_ids, sampled, cur, rnd, jkey, runtime, ledger, stats
-                )
+                if self.d2d is None:
+                    sources, expectations = self._train_leaves(
+                        node_ids, sampled, cur, rnd, jkey, runtime, ledger, stats
+                    )
+                else:
+                    sources, expectations = self._train_leaves_d2d(
+                        node_ids, drawn, sampled, cur, rnd, jkey, runtime, ledger, stats
+                    )
             else:
                 kids = [c for n in node_ids for c in sampled[n]]
                 kid_start = {
@@ -485,7 +577,8 @@ class TreeEngine:
     def _ordinal(self, key: tuple) -> int:
         """Which of its training passes in round ``rnd`` a leaf is on, from the local-round
         indices of the tiers above it. Keys training by this rather than by the tree path,
-        so trees that differ only by tiers with one local round train identically."""
+        so trees that differ only by tiers with one local round train identically. (With leaf
+        gossip, pass ``r`` of ``R`` per parent round is ``_ordinal(key) * R + r``.)"""
         o = 0
         for level, j in enumerate(key):
             k = self.cfg.tier(self.tier_names[level]).local_rounds if level > 0 else 1
@@ -532,6 +625,245 @@ class TreeEngine:
         for c in stats.late:
             expectations.pop(c, None)  # a late update is never merged (nor kept for later)
         return [updates], expectations
+
+    def _train_leaves_d2d(
+        self,
+        node_ids: list[str],
+        drawn: dict[str, list[str]],
+        sampled: dict[str, list[str]],
+        cur: dict[str, State],
+        rnd: int,
+        key: tuple,
+        runtime: Runtime,
+        ledger: CommLedger,
+        stats: RoundStats,
+    ) -> tuple[list[Any], dict[str, Expectation]]:
+        """Leaf gossip: one node-round of every parent in ``node_ids`` with device-to-device
+        mixing among its sampled leaves; returns the leaves' updates and expectations, like
+        ``_train_leaves``.
+
+        Repeated ``R = local_rounds`` times (of the leaf tier): every present leaf trains from
+        its own state (pass ``r`` keyed as ``_ordinal(key) * R + r``; its first state is the
+        broadcast, so with ``R = 1`` it trains exactly as without gossip); the leaf tier's
+        ``postprocess`` chain applies to that update; then the leaves of one parent mix the
+        components they send up with their neighbours on ``peer_graph``, ``peer_steps`` times
+        (push-sum with carried weights, ``mixing.push_sum_plan``; every new value is computed
+        on the workers before any is kept). Then each leaf sends ``state - broadcast`` with its
+        carried weights (its training rows at first) through the parent tier's chain. Mixing
+        never changes the ``w``-weighted sum the parent merges, on any graph.
+
+        The graph is drawn over the sampled leaves (``drawn``, keyed by seed, round and
+        parent); dropped-out leaves and leaves whose training failed lose their links (they
+        neither train nor mix nor send from then on). Leaves of one parent move in lockstep:
+        each pass lasts as long as the slowest training plus, per mixing step, the slowest
+        member to send its neighbours their values; the parent's deadline applies to the
+        report that follows. Every exchange
+        is a ledger record (``direction="peer"``, edge ``<leaf><-><leaf>``).
+        """
+        d2d = self.d2d
+        if d2d is None:
+            raise RuntimeError("_train_leaves_d2d needs topology.tiers.<leaf>.peer_steps > 0")
+        level = len(self.tier_names) - 1
+        leaf = self.tier_names[level]
+        edge = f"{leaf}<->{leaf}"
+        passes = d2d.local_rounds
+        first = self._ordinal(key) * passes
+        parent = {c: n for n in node_ids for c in sampled[n]}
+        shared = {c: self.sends_up(self.holds[c], level) for c in parent}
+        # each leaf's own values of what it sends up, and its push-sum weight for each
+        own: dict[str, State] = {c: {x: cur[parent[c]][x] for x in shared[c]} for c in parent}
+        carried = {c: dict.fromkeys(shared[c], self.nodes[c].max_weight) for c in parent}
+        graphs: dict[str, frozenset[mixing.Edge]] = {}
+        for n in node_ids:
+            graphs[n] = (
+                mixing.build_graph(
+                    mixing.GraphSpec(kind=d2d.peer_graph),
+                    drawn[n],
+                    np_rng(self.cfg.seed, "d2d-graph", rnd, *key, n),
+                )
+                if len(drawn[n]) > 1
+                else frozenset()
+            )
+        alive = set(parent)
+        trained: set[str] = set()
+        busy = dict.fromkeys(node_ids, 0.0)
+        for r in range(passes):
+            pkey = (*key, "d2d", r)
+            order = sorted(alive)
+            handle = runtime.put({c: {**cur[parent[c]], **own[c]} for c in order})
+            jobs = [
+                TrainJob(
+                    client_id=c,
+                    parent_id=c,  # starts from its own state (the handle is keyed by leaf)
+                    tier=leaf,  # the chain of what leaves send each other
+                    round=rnd,
+                    key=(rnd, first + r, c),
+                    trains=self.holds[c],
+                    sends=shared[c],
+                    local=self.local.get(c),
+                    privacy=self.privacy.get(c),
+                )
+                for c in order
+            ]
+            metas, updates = runtime.train(jobs, handle)
+            wire: dict[str, dict[str, int]] = {}
+            compute = dict.fromkeys(node_ids, 0.0)
+            for m in metas:
+                c = m.client_id
+                if m.error is not None:
+                    stats.failures.append((c, m.error.splitlines()[0]))
+                    self.arrival[c] = math.inf
+                    alive.discard(c)
+                    continue
+                if m.privacy is not None:
+                    self.privacy[c] = m.privacy
+                    stats.privacy[c] = m.privacy.report()
+                if m.local:
+                    self.local[c] = m.local
+                if m.privacy is not None and m.privacy.status == "budget_spent":
+                    continue  # sits this pass out (its DP budget is spent); still mixes
+                trained.add(c)
+                stats.loss_sum += m.loss * m.num_samples
+                stats.loss_rows += m.num_samples
+                wire[c] = m.sizes
+                busy_c = self.clock.compute_s(c, rnd=rnd, key=pkey)
+                compute[parent[c]] = max(compute[parent[c]], busy_c)
+            expect = {
+                c: Expectation(
+                    c, frozenset(shared[c]), exact=True, max_weight=self.nodes[c].max_weight
+                )
+                for c in wire
+                if shared[c]
+            }
+            tasks: list[MixTask] = []
+            for n in node_ids:
+                members = drawn[n]
+                live = frozenset(
+                    (i, j) for i, j in graphs[n] if members[i] in alive and members[j] in alive
+                )
+                plan, weights = mixing.push_sum_plan(
+                    members, live, {c: carried[c] for c in members if c in alive}, d2d.peer_steps
+                )
+                tasks += [
+                    MixTask(node_id=c, round=rnd, groups=tuple(plan[c]))
+                    for c in members
+                    if c in plan
+                ]
+                carried.update(weights)
+                mix_s = self._record_d2d(
+                    members,
+                    live,
+                    shared,
+                    own,
+                    wire if r == 0 else {},
+                    steps=d2d.peer_steps,
+                    rnd=rnd,
+                    key=pkey,
+                    ledger=ledger,
+                    edge=edge,
+                )
+                busy[n] += compute[n] + mix_s
+            rejected: set[tuple[str, str]] = set()
+            for mixed in runtime.mix(tasks, handle, expect, [updates]):
+                own[mixed.node_id] = {**own[mixed.node_id], **mixed.state}
+                rejected.update(mixed.rejected)
+            stats.rejections += sorted(rejected)
+        stats.participants += len(trained)
+        # report to the parent: state - broadcast, weighted by the carried weights, through the
+        # parent tier's chain (an emitting MergeTask with nothing to merge does exactly that)
+        group_rows = {n: sum(self.nodes[c].max_weight for c in sampled[n]) for n in node_ids}
+        emits = []
+        for c in sorted(alive):
+            n = parent[c]
+            if not shared[c]:
+                self.arrive(c, busy[n], 0, rnd, key, stats)
+                continue
+            emits.append(
+                MergeTask(
+                    node_id=c,
+                    tier=leaf,
+                    round=rnd,
+                    key=(*key, "d2d-report"),
+                    expectations=(),
+                    state={**cur[n], **own[c]},
+                    emit=True,
+                    start=cur[n],
+                    sends=shared[c],
+                    emit_weights=dict(carried[c]),
+                    parent_id=n,
+                    parent_tier=self.nodes[n].tier,
+                )
+            )
+        ups: dict[str, Update] = {}
+        for res in runtime.merge(emits, []):
+            c, n = res.node_id, parent[res.node_id]
+            up = sum(res.emitted_sizes.values()) if res.emitted is not None else 0
+            in_time = self.arrive(c, busy[n], up, rnd, key, stats)
+            if res.emitted is not None and (in_time or self.sends_late(c)):
+                ledger.record(
+                    round=rnd,
+                    src=c,
+                    dst=n,
+                    edge=self.edge(self.nodes[c]),
+                    direction="up",
+                    sizes=res.emitted_sizes,
+                )
+            if res.emitted is not None and in_time:
+                ups[c] = res.emitted
+        # every present student is expected (a failed one counts against the quorum, as without
+        # gossip); a late one is not merged. Carried weights move between siblings, so the bound
+        # on a weight is the group's rows, not the student's own.
+        expectations = {
+            c: Expectation(c, frozenset(shared[c]), exact=True, max_weight=group_rows[parent[c]])
+            for c in parent
+            if c not in stats.late
+        }
+        return [ups], expectations
+
+    def _record_d2d(
+        self,
+        members: list[str],
+        live: frozenset[mixing.Edge],
+        shared: dict[str, tuple[str, ...]],
+        own: dict[str, State],
+        wire: dict[str, dict[str, int]],
+        *,
+        steps: int,
+        rnd: int,
+        key: tuple,
+        ledger: CommLedger,
+        edge: str,
+    ) -> float:
+        """Ledger records for one pass's mixing among ``members`` (one per direction of every
+        live link, per step, of the components both ends send up); returns its simulated
+        seconds: per step, the slowest member to push everything it sends its neighbours
+        through its own link (so a denser graph costs more time, not only more bytes).
+
+        ``wire``: the encoded sizes of the leaves' updates in the first pass, sent in its first
+        step (every member knows the broadcast they apply to); later values go out raw."""
+        total = 0.0
+        for s in range(steps):
+            out: dict[str, int] = defaultdict(int)
+            for i, j in sorted(live):
+                a, b = members[i], members[j]
+                for src, dst in ((a, b), (b, a)):
+                    comps = [x for x in shared[src] if x in shared[dst]]
+                    if not comps:
+                        continue
+                    sent = wire.get(src, {}) if s == 0 else {}
+                    sizes = {x: int(sent.get(x, state_nbytes(own[src][x]))) for x in comps}
+                    ledger.record(
+                        round=rnd, src=src, dst=dst, edge=edge, direction="peer", sizes=sizes
+                    )
+                    out[src] += sum(sizes.values())
+            total += max(
+                (
+                    self.clock.transfer_s(src, nbytes, rnd=rnd, key=(*key, "peer", s))
+                    for src, nbytes in sorted(out.items())
+                ),
+                default=0.0,
+            )
+        return total
 
     def _account(
         self,

@@ -74,6 +74,8 @@ def planned_participations(cfg: Any, tier_names: tuple[str, ...]) -> int:
     per_round = 1
     for name in tier_names[1:-1]:
         per_round *= cfg.tier(name).local_rounds
+    # device-to-device gossip among the leaves: that many training passes per parent round
+    per_round *= cfg.topology.leaf_passes(tier_names[-1])
     return cfg.rounds * per_round
 
 
