@@ -337,6 +337,7 @@ class TreeEngine:
         k = self.cfg.tier(tier).local_rounds if level > 0 else 1
         cur = dict(start)
         weight_hist: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in node_ids}
+        samples = dict.fromkeys(node_ids, 0)  # training rows merged at each node, all node-rounds
         emitted: dict[str, Update] = {}
         child_level = level + 1
         for n in node_ids:
@@ -433,6 +434,7 @@ class TreeEngine:
             self._check_quorum(tasks, results, tier, rnd, stats)
             for res in results:
                 n = res.node_id
+                samples[n] += res.num_samples
                 cur[n] = res.state
                 self.agg_states[n], self.opt_states[n] = res.agg_state, res.opt_state
                 stats.rejections += [(s, f"{n}: {r}") for s, r in res.rejected]
@@ -468,6 +470,7 @@ class TreeEngine:
                         emit_weights=emit_w,
                         parent_id=node.parent or "",
                         parent_tier=self.nodes[node.parent].tier if node.parent else "",
+                        emit_samples=samples[n],
                     )
                 )
             for res in runtime.merge(emit_tasks, []):
@@ -792,6 +795,7 @@ class TreeEngine:
                     emit_weights=dict(carried[c]),
                     parent_id=n,
                     parent_tier=self.nodes[n].tier,
+                    emit_samples=int(self.nodes[c].max_weight),  # the leaf's training rows
                 )
             )
         ups: dict[str, Update] = {}

@@ -307,3 +307,37 @@ def test_a_graph_that_fits_more_students_is_accepted():
     # `default` configures aggregating tiers only: it never switches leaf gossip on
     topo = _build(**{"topology.default.peer_steps": 1})
     assert topo.engine.d2d is None
+
+
+class AllUploads(LocalRuntime):
+    """The in-process runtime, keeping every update that reaches any merge."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.uploads: dict[str, Update] = {}
+
+    def merge(self, tasks, sources):
+        if any(t.expectations for t in tasks):
+            for src in sources:
+                self.uploads.update(src)
+        return super().merge(tasks, sources)
+
+
+@pytest.mark.parametrize("gossip", [False, True])
+def test_uploads_name_the_training_rows_behind_them(gossip):
+    """Metadata only, but it must be right: a student's update carries its training rows and an
+    institution's the rows merged under it (before, both were 0 for emitted updates)."""
+    cfg = _cfg(**(_gossip("ring") if gossip else {}))
+    fed = build_federation(cfg)
+    spy = AllUploads(cfg.runtime)
+    spy.start(WorkerSetup(cfg, fed))
+    run(cfg, runtime=spy, write=False)
+    students = {k: u for k, u in spy.uploads.items() if "/student-" in k}
+    insts = {k: u for k, u in spy.uploads.items() if "/student-" not in k}
+    assert students and insts
+    for c, u in students.items():
+        assert u.meta.num_samples == fed.by_id[c].num_train
+    for i, u in insts.items():
+        assert u.meta.num_samples == sum(
+            s.meta.num_samples for c, s in students.items() if c.startswith(i + "/")
+        )

@@ -60,6 +60,7 @@ class MergeTask:
     emit_weights: dict[str, float] = field(default_factory=dict)  # weights of the emitted update
     parent_id: str = ""
     parent_tier: str = ""
+    emit_samples: int = 0  # training rows behind the emitted update (metadata, never math)
 
 
 @dataclass(frozen=True)

@@ -250,7 +250,7 @@ class WorkerCore:
                     {c: task.emit_weights[c] for c in sends},
                     sender=task.node_id,
                     round=task.round,
-                    num_samples=sum(u.meta.num_samples for u in accepted),
+                    num_samples=task.emit_samples or sum(u.meta.num_samples for u in accepted),
                 )
                 ptier = self.cfg.tier(task.parent_tier)
                 chain = build_chain(ptier.postprocess, ptier.postprocess_options)
