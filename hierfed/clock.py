@@ -122,20 +122,22 @@ class Clock:
         any_late: bool,
     ) -> float:
         """Training (until the slowest on-time node, or the deadline if someone was late), then
-        each mixing step as long as its slowest link; a peer link costs the slower of the two
-        nodes' access links."""
+        each mixing step until the slowest node has pushed everything it sends its neighbours
+        (``step_bytes``: bytes per directed link) through its own access link. The same rule
+        as device-to-device mixing inside a tree (hierfed/tree.py): a denser graph costs time,
+        not only bytes."""
         train = max((self.compute_s(n, rnd=rnd, key=("gossip",)) for n in compute), default=0.0)
         if any_late and deadline_s > 0:
             train = deadline_s
         total = train
         for s, links in enumerate(step_bytes):
+            out: dict[str, int] = {}
+            for (src, _dst), nbytes in sorted(links.items()):
+                out[src] = out.get(src, 0) + nbytes
             total += max(
                 (
-                    max(
-                        self.transfer_s(a, b, rnd=rnd, key=("peer", s)),
-                        self.transfer_s(d, b, rnd=rnd, key=("peer", s)),
-                    )
-                    for (a, d), b in sorted(links.items())
+                    self.transfer_s(src, nbytes, rnd=rnd, key=("peer", s))
+                    for src, nbytes in sorted(out.items())
                 ),
                 default=0.0,
             )

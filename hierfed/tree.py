@@ -550,7 +550,9 @@ class TreeEngine:
                     )
                     rows[m].append((tuple(cs), row))
             tasks += [MixTask(node_id=m, round=rnd, groups=tuple(rows[m])) for m in members]
-            step_s = 0.0
+            # a step lasts until the slowest member has pushed its values to all its neighbours
+            # through its own link (as for leaf gossip): a denser graph costs time, not only bytes
+            out: dict[str, int] = defaultdict(int)
             for i, j in sorted(edges):
                 a, b = members[i], members[j]
                 for src, dst in ((a, b), (b, a)):
@@ -564,12 +566,14 @@ class TreeEngine:
                             direction="peer",
                             sizes=sizes,
                         )
-                    step_s = max(
-                        step_s,
-                        self.clock.transfer_s(
-                            src, sum(sizes.values()), rnd=rnd, key=(*key, "peer")
-                        ),
-                    )
+                    out[src] += sum(sizes.values())
+            step_s = max(
+                (
+                    self.clock.transfer_s(src, nbytes, rnd=rnd, key=(*key, "peer"))
+                    for src, nbytes in sorted(out.items())
+                ),
+                default=0.0,
+            )
             for m in members:
                 self.elapsed[m] = self.elapsed.get(m, 0.0) + tcfg.peer_steps * step_s
         if not tasks:

@@ -204,3 +204,28 @@ def test_metrics_report_simulated_time_per_round_and_cumulative(tmp_path):
     assert all(r["sim_time_s"] > 0 for r in recs)
     assert recs[-1]["sim_time_total_s"] == pytest.approx(sum(r["sim_time_s"] for r in recs))
     assert res.metrics[-1]["dropped"] >= 0 and "late" in recs[0]
+
+
+def test_a_gossip_step_lasts_until_the_busiest_sender_has_pushed_everything():
+    """Per step, each node pushes all it sends through its own link: on the same nodes and
+    bytes per link, the complete graph (n-1 sends each) takes longer than the ring (2 each),
+    and a step costs exactly the slowest sender's transfer of its total."""
+    cfg = _cfg()
+    fed = build_federation(cfg)
+    clock = Clock(cfg, fed)
+    nodes = [c.id for c in fed.clients[:6]]
+    per_link = 50_000
+    ring = {
+        (a, b): per_link for i, a in enumerate(nodes) for b in (nodes[i - 1], nodes[(i + 1) % 6])
+    }
+    complete = {(a, b): per_link for a in nodes for b in nodes if a != b}
+
+    def step(links):
+        return clock.gossip_round_time(
+            1, compute={}, step_bytes=[links], deadline_s=0, any_late=False
+        )
+
+    assert step(complete) > step(ring) > 0
+    assert step(ring) == max(
+        clock.transfer_s(n, 2 * per_link, rnd=1, key=("peer", 0)) for n in nodes
+    )
