@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +58,46 @@ def task_loss(spec: TaskSpec, out: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return nn.functional.mse_loss(out, y.float())
 
 
+class PlainSGD:
+    """``torch.optim.SGD(params, lr)`` with no momentum and no weight decay, stepped with the
+    one kernel that SGD runs for it (``torch._foreach_add_(params, grads, alpha=-lr)``), so
+    results are bit-identical. It skips the optimizer's per-step bookkeeping: profiler ranges,
+    hooks, the param-group walk. For the small components a client trains, that bookkeeping
+    cost more than the step itself (0.22 ms of a 1 ms step on the benchmark MLP)."""
+
+    def __init__(self, params: Sequence[nn.Parameter], lr: float) -> None:
+        self.params = list(params)
+        self.lr = lr
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [p for p in self.params if p.grad is not None]
+        if not live:
+            return
+        grads = [p.grad for p in live]
+        if any(g.is_sparse for g in grads):  # type: ignore[union-attr]
+            for p, g in zip(live, grads):
+                p.add_(g, alpha=-self.lr)  # type: ignore[arg-type]
+        else:
+            torch._foreach_add_(live, grads, alpha=-self.lr)  # type: ignore[arg-type]
+
+
+def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> Any:
+    """The client's optimizer for ``train.optimizer``: Adam, SGD with momentum or weight
+    decay, or ``PlainSGD`` for plain SGD (the same math as torch's, with less overhead)."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.momentum == 0 and cfg.weight_decay == 0:
+        return PlainSGD(params, cfg.lr)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
+    )
+
+
 class ClientTrainer:
     """Trains and evaluates clients on one model skeleton; holds no per-client state."""
 
@@ -98,14 +139,7 @@ class ClientTrainer:
         params = model.set_trainable(trainable)
         model.train()
         cfg = self.cfg
-        if cfg.optimizer == "adam":
-            opt: torch.optim.Optimizer = torch.optim.Adam(
-                params, lr=cfg.lr, weight_decay=cfg.weight_decay
-            )
-        else:
-            opt = torch.optim.SGD(
-                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-            )
+        opt = make_optimizer(cfg, params)
         prox = None
         if cfg.fedprox_mu > 0:
             prox = [p.detach().clone() for p in params]
