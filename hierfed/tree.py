@@ -297,20 +297,31 @@ class TreeEngine:
             m = self.sample_size(node)
             if steps <= 0 or m < 2:
                 continue
-            try:
-                mixing.build_graph(
-                    mixing.GraphSpec(kind=graph),
-                    node.children[:m],
-                    np_rng(self.cfg.seed, "peer-graph-check", node.id),
-                )
-            except ConfigError as exc:
-                raise ConfigError(
-                    gkey,
-                    graph,
-                    f"cannot connect the {m} members '{node.id}' samples per node-round "
-                    f"({exc.fix}); use ring, torus or complete, or change "
-                    f"topology.tiers.{node.tier}.participation",
-                ) from None
+            # an inner tier's graph is built over the members left after dropouts, which can be
+            # any number from 2 to m; a leaf tier's over all it sampled (dropped leaves only
+            # lose their links)
+            dropout = self.cfg.tier(node.tier).dropout
+            sizes = range(2, m + 1) if first not in self.leaves and dropout > 0 else (m,)
+            for k in sizes:
+                try:
+                    mixing.build_graph(
+                        mixing.GraphSpec(kind=graph),
+                        node.children[:k],
+                        np_rng(self.cfg.seed, "peer-graph-check", node.id),
+                    )
+                except ConfigError as exc:
+                    left = (
+                        f"dropouts (topology.tiers.{node.tier}.dropout={dropout:g}) can leave "
+                        f"{k} of the {m} members '{node.id}' samples per node-round"
+                        if k < m
+                        else f"'{node.id}' samples {m} members per node-round"
+                    )
+                    raise ConfigError(
+                        gkey,
+                        graph,
+                        f"cannot connect them: {left} ({exc.fix}); use ring, torus or complete, "
+                        f"or change topology.tiers.{node.tier}.participation",
+                    ) from None
 
     # ---------------------------------------------------------------- the round
 

@@ -341,3 +341,21 @@ def test_uploads_name_the_training_rows_behind_them(gossip):
         assert u.meta.num_samples == sum(
             s.meta.num_samples for c, s in students.items() if c.startswith(i + "/")
         )
+
+
+def test_inner_peer_graph_must_connect_whatever_dropouts_leave():
+    """Institutions mix over those that did not drop out: with dropout on, every member count
+    from 2 up must be connectable, or the run would fail mid-way."""
+    inner = {
+        "data.num_institutions": 6,
+        "topology.tiers.institution.peer_steps": 1,
+        "topology.tiers.institution.peer_graph": "random_regular",
+    }
+    _build(**inner)  # six institutions: a random 3-regular graph exists
+    with pytest.raises(ConfigError, match="dropouts .* can leave 2 of the 6") as err:
+        _build(**inner, **{"topology.tiers.global.dropout": 0.2})
+    assert err.value.key == "topology.tiers.institution.peer_graph"
+    _build(
+        **{**inner, "topology.tiers.institution.peer_graph": "ring"},
+        **{"topology.tiers.global.dropout": 0.2},
+    )
