@@ -169,6 +169,8 @@ def test_round_metrics_report_consensus_and_node_quality():
         ({"topology.options.graph": "hypercube"}, "known graphs"),
         ({"topology.options.stepz": 2}, "gossip takes options"),
         ({"topology.options.graph": "random_regular", "topology.options.degree": 20}, "degree"),
+        # leaf gossip between aggregations belongs to trees; here it would be silently ignored
+        ({"topology.tiers.student.peer_steps": 1}, "topology.options.steps"),
     ],
 )
 def test_bad_graphs_are_rejected_before_any_work(options, match):

@@ -136,6 +136,14 @@ class GossipTopology(Topology):
             )
         self.root_tier = federation.tier_names[0]
         self.node_tier = federation.tier_names[-1]
+        if cfg.topology.leaf_peers(self.node_tier) is not None:
+            raise ConfigError(
+                f"topology.tiers.{self.node_tier}.peer_steps",
+                cfg.topology.tiers[self.node_tier].peer_steps,
+                "device-to-device gossip between aggregations is an option of tree topologies "
+                "(hierarchical, star); under gossip every node already mixes with its "
+                "neighbours: set topology.options.steps and topology.options.graph instead",
+            )
         self.edge_name = f"{self.node_tier}<->{self.node_tier}"
         self.tier_cfg = cfg.tier(self.root_tier)
         profiles = federation.by_id
