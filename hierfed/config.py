@@ -173,7 +173,8 @@ class RuntimeConfig:
     # (the round completes if every node's quorum is met)
     on_client_failure: str = "fail"
     # fault injection, for tests and drills: "raise:<client id>", "sleep:<client id>:<seconds>",
-    # "kill-worker:<round>:<client id>" (the worker training that client exits; first attempt only)
+    # "kill-worker:<round>:<client id>" (the worker training that client exits; first attempt only),
+    # "crash-worker:<round>:<client id>" (the same on every attempt)
     faults: list[str] = field(default_factory=list)
 
 
@@ -507,13 +508,14 @@ def validate_config(cfg: RunConfig) -> None:
         ok = (
             (kind == "raise" and len(parts) == 2)
             or (kind == "sleep" and len(parts) == 3)
-            or (kind == "kill-worker" and len(parts) == 3)
+            or (kind in ("kill-worker", "crash-worker") and len(parts) == 3)
         )
         if not ok:
             raise ConfigError(
                 "runtime.faults",
                 f,
-                "use raise:<client>, sleep:<client>:<seconds> or kill-worker:<round>:<client>",
+                "use raise:<client>, sleep:<client>:<seconds>, kill-worker:<round>:<client> or "
+                "crash-worker:<round>:<client>",
             )
     if cfg.checkpoint.every < 0:
         raise ConfigError(

@@ -4,6 +4,8 @@
 * ``sleep:<client id>:<seconds>`` — the client hangs that long (a stuck client);
 * ``kill-worker:<round>:<client id>`` — the worker process about to train that client in that
   round exits at once (a dead actor). Fires on the first attempt only, so a retried slice runs.
+* ``crash-worker:<round>:<client id>`` — the same on every attempt: a client that brings down
+  any process that trains it (e.g. a native crash); a retry cannot save the round.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Faults:
         self.raise_for: set[str] = set()
         self.sleep_for: dict[str, float] = {}
         self.kill_at: set[tuple[int, str]] = set()
+        self.crash_at: set[tuple[int, str]] = set()
         for spec in specs:
             kind, _, rest = spec.partition(":")
             if kind == "raise":
@@ -29,16 +32,18 @@ class Faults:
             elif kind == "sleep":
                 cid, _, secs = rest.rpartition(":")
                 self.sleep_for[cid] = float(secs)
-            elif kind == "kill-worker":
+            elif kind in ("kill-worker", "crash-worker"):
                 rnd, _, cid = rest.partition(":")
-                self.kill_at.add((int(rnd), cid))
+                (self.kill_at if kind == "kill-worker" else self.crash_at).add((int(rnd), cid))
 
     def __bool__(self) -> bool:
-        return bool(self.raise_for or self.sleep_for or self.kill_at)
+        return bool(self.raise_for or self.sleep_for or self.kill_at or self.crash_at)
 
     def before_slice(self, rnd: int, client_ids: Sequence[str], attempt: int) -> None:
         """Called by a worker before a training slice; may end the process."""
         if attempt == 0 and any((rnd, c) in self.kill_at for c in client_ids):
+            os._exit(17)
+        if any((rnd, c) in self.crash_at for c in client_ids):
             os._exit(17)
 
     def in_client(self, client_id: str) -> None:

@@ -153,3 +153,17 @@ def test_no_global_rng_is_drawn_from_during_a_run(tmp_path, monkeypatch):
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert np.random.get_state()[1].tolist() == np_state[1].tolist()
     assert random.getstate() == py_state
+
+
+@pytest.mark.ray
+def test_a_client_that_kills_every_worker_fails_the_run_instead_of_looping(ray_session, tmp_path):
+    """retry re-runs a dead worker's chunk once on a fresh worker; when that worker dies too,
+    the run stops with NodeFailure naming the retry (it must not retry forever)."""
+    ids = _clients()
+    cfg = _cfg(
+        tmp_path,
+        "crash",
+        **{"runtime.num_workers": 2, "runtime.faults": f"[crash-worker:1:{ids[0]}]", "rounds": 1},
+    )
+    with pytest.raises(NodeFailure, match="retry on a fresh worker"):
+        run(cfg, write=False)

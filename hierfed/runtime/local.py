@@ -37,6 +37,7 @@ class LocalRuntime(Runtime):
         self.core = WorkerCore(setup)
         # a "kill-worker" fault would end this very process: it only means something on Ray
         self.core.faults.kill_at.clear()
+        self.core.faults.crash_at.clear()
 
     @property
     def num_workers(self) -> int:

@@ -173,7 +173,8 @@ class RayRuntime(Runtime):
         chunks = split_even(jobs, len(self.actors) * max(1, self.cfg.chunks_per_worker))
         metas: list[list[ClientMeta]] = [[] for _ in chunks]
         update_refs: list[Any] = [None] * len(chunks)
-        pending: dict[Any, tuple[int, int, Any]] = {}  # meta ref -> (chunk, worker, update ref)
+        # meta ref -> (chunk, worker, update ref, attempt)
+        pending: dict[Any, tuple[int, int, Any, int]] = {}
         queue = iter(range(len(chunks)))
 
         def submit(worker: int, chunk: int, attempt: int = 0) -> None:
@@ -182,7 +183,7 @@ class RayRuntime(Runtime):
                 .train.options(num_returns=2)
                 .remote(chunks[chunk], states, attempt)
             )
-            pending[meta_ref] = (chunk, worker, update_ref)
+            pending[meta_ref] = (chunk, worker, update_ref, attempt)
 
         for worker in range(len(self.actors)):
             nxt = next(queue, None)
@@ -196,10 +197,12 @@ class RayRuntime(Runtime):
                     self._round,
                     f"training exceeded runtime.round_timeout_s={self.cfg.round_timeout_s}",
                 )
-            chunk, worker, update_ref = pending.pop(ready[0])
+            chunk, worker, update_ref, attempt = pending.pop(ready[0])
             part = chunks[chunk]
             try:
-                metas[chunk] = self._get(ready[0], "training", allow_death=True)
+                # a chunk whose retry kills its fresh worker too fails the run (NodeFailure)
+                what = "training" if attempt == 0 else "training (retry on a fresh worker)"
+                metas[chunk] = self._get(ready[0], what, allow_death=attempt == 0)
             except _WorkerDied as died:
                 # the pool is restored either way; the chunk is re-run or its clients count as failed
                 self._replace(worker)
