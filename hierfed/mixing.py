@@ -19,10 +19,11 @@ weight ``w_i`` (its training rows) and both ``y_i = w_i x_i`` and ``w_i`` are mi
     x_i <- (sum_j W_ij w_j x_j) / (sum_j W_ij w_j)
 
 which preserves ``sum_i y_i`` and ``sum_i w_i`` when the mixed weights ``w_i' = sum_j W_ij w_j``
-are carried on to the next step (``push_sum_plan``, used by the leaf tier's device-to-device
-gossip in hierfed/tree.py). Callers that keep each node's weight fixed at ``w_i`` (the
-``gossip`` topology, inner-tier peer mixing) preserve the ``w``-weighted mean exactly only
-where all mixed values end up equal, e.g. after one step on the complete graph. On the complete
+are carried on to the next step (``push_sum_plan``, used by both semi-decentralized options
+in hierfed/tree.py: inner-tier peer mixing and the leaf tier's device-to-device gossip). The
+``gossip`` topology keeps each node's weight fixed at ``w_i``, which preserves the
+``w``-weighted mean exactly only where all mixed values end up equal, e.g. after one step on
+the complete graph. On the complete
 graph with Metropolis–Hastings weights ``W = 11^T / n``, so one step gives every node exactly
 FedAvg's sample-weighted mean.
 

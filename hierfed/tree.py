@@ -405,12 +405,20 @@ class TreeEngine:
                     else {}
                 )
                 sources = [ups]
+                # with peer mixing, push-sum moves weight between siblings: a child's bound is
+                # then its sampled siblings' rows together, not its own
+                bound = {c: self.nodes[c].max_weight for c in kids}
+                if self.cfg.tier(self.tier_names[child_level]).peer_steps > 0:
+                    group: dict[str, float] = defaultdict(float)
+                    for c in kids:
+                        group[self._parent(c)] += self.nodes[c].max_weight
+                    bound = {c: group[self._parent(c)] for c in kids}
                 expectations = {
                     c: Expectation(
                         c,
                         frozenset(self.sends_up(list(cur[self._parent(c)]), child_level)),
                         exact=False,
-                        max_weight=self.nodes[c].max_weight,
+                        max_weight=bound[c],
                     )
                     for c in kids
                     if c in ups
@@ -456,7 +464,10 @@ class TreeEngine:
                         weight_hist[n][c].append(0.0)
             if level > 0 and self.cfg.tier(tier).peer_steps > 0:
                 last = {res.node_id: res.weights for res in results}
-                self._peer_mix(node_ids, cur, last, rnd, jkey, runtime, ledger)
+                mixed = self._peer_mix(node_ids, cur, last, rnd, jkey, runtime, ledger)
+                for n, ws in mixed.items():  # push-sum: weights move with the values
+                    for c, w in ws.items():
+                        weight_hist[n][c][-1] = w
         # emit each non-root node's update for its parent (on the workers: tensor math there);
         # its weight per component is the mean merged weight over the k node-rounds
         if level > 0:
@@ -527,12 +538,15 @@ class TreeEngine:
         key: tuple,
         runtime: Runtime,
         ledger: CommLedger,
-    ) -> None:
+    ) -> dict[str, dict[str, float]]:
         """Semi-decentralized: after a node-round, siblings (same parent) of this tier mix the
-        components their parent aggregates, ``peer_steps`` times on a ``peer_graph`` (hierfed.mixing),
-        each weighted by what the node merged of it this node-round (the ratio form, so the
-        parent's weighted mean is kept on the complete graph); every new state is computed
-        before any is set."""
+        components their parent aggregates, ``peer_steps`` times on a ``peer_graph``
+        (hierfed.mixing). Push-sum with carried weights, as for leaf gossip: each node enters
+        with what it merged of a component this node-round, and leaves with its value and
+        weight after mixing (``mixing.push_sum_plan``), so the weighted sum the parent merges
+        is the same as without mixing, on any graph. Nodes that merged nothing of a component
+        this node-round neither send nor receive it. Every new state is computed before any
+        is set. Returns the new weights (node -> component -> weight)."""
         level = self.nodes[node_ids[0]].level
         tier = self.nodes[node_ids[0]].tier
         tcfg = self.cfg.tier(tier)
@@ -540,6 +554,7 @@ class TreeEngine:
         for n in sorted(node_ids):
             groups[self.nodes[n].parent or ""].append(n)
         tasks = []
+        mixed_weights: dict[str, dict[str, float]] = {}
         for parent, members in sorted(groups.items()):
             if len(members) < 2:
                 continue
@@ -547,20 +562,16 @@ class TreeEngine:
             edges = mixing.build_graph(
                 spec, members, np_rng(self.cfg.seed, "peer-graph", rnd, *key, parent)
             )
-            M = mixing.compose([mixing.mixing_matrix(len(members), edges)] * tcfg.peer_steps)
             comps = self.sends_up(sorted(cur[members[0]]), level)
-            by_w: dict[tuple[float, ...], list[str]] = defaultdict(list)
-            for c in comps:
-                by_w[tuple(weights.get(m, {}).get(c, 0.0) for m in members)].append(c)
-            rows: dict[str, list] = defaultdict(list)
-            for ws, cs in sorted(by_w.items(), key=lambda kv: kv[1]):
-                A = mixing.coefficients(M, list(ws))
-                for i, m in enumerate(members):
-                    row = tuple(
-                        (members[j], float(A[i, j])) for j in range(len(members)) if A[i, j] != 0.0
-                    )
-                    rows[m].append((tuple(cs), row))
-            tasks += [MixTask(node_id=m, round=rnd, groups=tuple(rows[m])) for m in members]
+            carried = {
+                m: {c: w for c in comps if (w := weights.get(m, {}).get(c, 0.0)) > 0}
+                for m in members
+            }
+            plan, new_w = mixing.push_sum_plan(members, edges, carried, tcfg.peer_steps)
+            mixed_weights.update(new_w)
+            tasks += [
+                MixTask(node_id=m, round=rnd, groups=tuple(plan[m])) for m in members if m in plan
+            ]
             # a step lasts until the slowest member has pushed its values to all its neighbours
             # through its own link (as for leaf gossip): a denser graph costs time, not only bytes
             out: dict[str, int] = defaultdict(int)
@@ -587,10 +598,10 @@ class TreeEngine:
             )
             for m in members:
                 self.elapsed[m] = self.elapsed.get(m, 0.0) + tcfg.peer_steps * step_s
-        if not tasks:
-            return
-        for res in runtime.mix(tasks, runtime.put({n: cur[n] for n in node_ids}), {}, []):
-            cur[res.node_id] = {**cur[res.node_id], **res.state}
+        if tasks:
+            for res in runtime.mix(tasks, runtime.put({n: cur[n] for n in node_ids}), {}, []):
+                cur[res.node_id] = {**cur[res.node_id], **res.state}
+        return mixed_weights
 
     def _ordinal(self, key: tuple) -> int:
         """Which of its training passes in round ``rnd`` a leaf is on, from the local-round

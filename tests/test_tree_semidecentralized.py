@@ -78,3 +78,34 @@ def test_bad_peer_settings_are_rejected():
         load_config(None, tiny_overrides(**{"topology.tiers.institution.peer_graph": "star"}))
     with pytest.raises(ConfigError, match="peer_steps"):
         load_config(None, tiny_overrides(**{"topology.tiers.institution.peer_steps": -1}))
+
+
+def test_ring_peer_mixing_keeps_what_the_parent_merges():
+    """Push-sum with carried weights: on a ring of 5 institutions of unequal size, mixing moves
+    values and weights between neighbours but leaves the global merge where it is without
+    mixing (the ratio form with fixed weights kept it only on the complete graph)."""
+    base = {"data.num_institutions": 5}
+    plain, _, _ = _round(**base)
+    peer, led, _ = _round(
+        **base,
+        **{
+            "topology.tiers.institution.peer_steps": 2,
+            "topology.tiers.institution.peer_graph": "ring",
+        },
+    )
+    insts = [n for n in peer.engine.states if n.count("/") == 1]
+    comp = "adapter.backbone"
+    sizes = {n: peer.engine.nodes[n].max_weight for n in insts}
+    assert len(set(sizes.values())) > 1  # unequal institutions: the case fixed weights got wrong
+    moved = max(
+        float((peer.engine.states[n][comp][p] - plain.engine.states[n][comp][p]).abs().max())
+        for n in insts
+        for p in peer.engine.states[n][comp]
+    )
+    assert moved > 1e-4  # the institutions did mix
+    root_p, root_q = plain.engine.states["global"], peer.engine.states["global"]
+    for c in root_p:
+        for p in root_p[c]:
+            torch.testing.assert_close(root_q[c][p], root_p[c][p], atol=1e-5, rtol=1e-5)
+    peer_adapter = [r for r in led.records if r.direction == "peer" and r.component == comp]
+    assert len(peer_adapter) == 5 * 2 * 2  # 5 ring links, both ways, 2 steps
