@@ -167,12 +167,16 @@ def _unpack_update(
     weights: dict[str, float],
     meta: UpdateMeta,
 ) -> Update:
-    raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if buf else None
+    # (torch.frombuffer refuses an empty buffer: an update of empty tensors only)
+    raw = (
+        torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+        if buf
+        else torch.empty(0, dtype=torch.uint8)
+    )
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for c, p, dtype_name, shape, offset in layout:
         dtype = getattr(torch, dtype_name)
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        assert raw is not None
+        n = math.prod(shape) * dtype.itemsize
         # views of one buffer, then cloned: every tensor owns its storage, as after torch's pickle
         t = raw[offset : offset + n].view(dtype).reshape(shape).clone()
         tensors.setdefault(c, {})[p] = t

@@ -122,3 +122,6 @@ def test_pickle_round_trip_is_exact_and_independent():
     got = v.tensors["adapter.backbone"]["a"]
     got.add_(1.0)  # writable, and writing one tensor leaves the others alone
     assert torch.equal(v.tensors["adapter.backbone"]["b"], tensors["adapter.backbone"]["b"])
+    # an update of empty tensors only (an empty buffer) comes back too
+    e = pickle.loads(pickle.dumps(Update({"h": {"w": torch.zeros(0, 3)}}, {"h": 1.0})))
+    assert e.tensors["h"]["w"].shape == (0, 3)
