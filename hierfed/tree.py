@@ -614,6 +614,21 @@ class TreeEngine:
             o = o * k + int(j)
         return o
 
+    def _leaf_job(self, c: str, start_from: str, tier: str, rnd: int, ordinal: int) -> TrainJob:
+        """Leaf ``c``'s training job: from the state keyed ``start_from`` in the round's handle,
+        through ``tier``'s postprocess chain, keyed by its pass ``ordinal`` in the round."""
+        return TrainJob(
+            client_id=c,
+            parent_id=start_from,
+            tier=tier,
+            round=rnd,
+            key=(rnd, ordinal, c),
+            trains=self.holds[c],
+            sends=self.sends_up(self.holds[c], len(self.tier_names) - 1),
+            local=self.local.get(c),
+            privacy=self.privacy.get(c),
+        )
+
     def _train_leaves(
         self,
         node_ids: list[str],
@@ -631,19 +646,7 @@ class TreeEngine:
         for n in node_ids:
             for c in sampled[n]:
                 sends = self.sends_up(self.holds[c], level)
-                jobs.append(
-                    TrainJob(
-                        client_id=c,
-                        parent_id=n,
-                        tier=self.nodes[n].tier,
-                        round=rnd,
-                        key=(rnd, self._ordinal(key), c),
-                        trains=self.holds[c],
-                        sends=sends,
-                        local=self.local.get(c),
-                        privacy=self.privacy.get(c),
-                    )
-                )
+                jobs.append(self._leaf_job(c, n, self.nodes[n].tier, rnd, self._ordinal(key)))
                 expectations[c] = Expectation(
                     c, frozenset(sends), exact=True, max_weight=self.nodes[c].max_weight
                 )
@@ -720,20 +723,9 @@ class TreeEngine:
             pkey = (*key, "d2d", r)
             order = sorted(alive)
             handle = runtime.put({c: {**cur[parent[c]], **own[c]} for c in order})
-            jobs = [
-                TrainJob(
-                    client_id=c,
-                    parent_id=c,  # starts from its own state (the handle is keyed by leaf)
-                    tier=leaf,  # the chain of what leaves send each other
-                    round=rnd,
-                    key=(rnd, first + r, c),
-                    trains=self.holds[c],
-                    sends=shared[c],
-                    local=self.local.get(c),
-                    privacy=self.privacy.get(c),
-                )
-                for c in order
-            ]
+            # each starts from its own state (the handle is keyed by leaf); the leaf tier's
+            # chain applies to what leaves send each other
+            jobs = [self._leaf_job(c, c, leaf, rnd, first + r) for c in order]
             metas, updates = runtime.train(jobs, handle)
             wire: dict[str, dict[str, int]] = {}
             compute = dict.fromkeys(node_ids, 0.0)
