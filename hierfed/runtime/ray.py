@@ -170,7 +170,7 @@ class RayRuntime(Runtime):
             self._round = jobs[0].round
         import ray
 
-        chunks = split_even(jobs, len(self.actors) * max(1, self.cfg.chunks_per_worker))
+        chunks = split_even(jobs, len(self.actors) * self.cfg.chunks_per_worker)  # validated >= 1
         metas: list[list[ClientMeta]] = [[] for _ in chunks]
         update_refs: list[Any] = [None] * len(chunks)
         # meta ref -> (chunk, worker, update ref, attempt)
