@@ -394,8 +394,12 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(
             "model.backbone", m.backbone, f"give one of {BACKBONES.names()} or a model path"
         )
-    for k in ("d_model", "num_layers", "num_heads", "max_tokens", "text_len", "lora_rank"):
+    for k in ("d_model", "num_layers", "num_heads", "max_tokens", "text_len"):
         _positive_int(f"model.{k}", getattr(m, k))
+    if not isinstance(m.lora_rank, int) or isinstance(m.lora_rank, bool) or m.lora_rank < 0:
+        raise ConfigError(
+            "model.lora_rank", m.lora_rank, "must be an integer >= 0 (0 builds no LoRA adapter)"
+        )
     if m.d_model % m.num_heads:
         raise ConfigError("model.num_heads", m.num_heads, f"must divide model.d_model={m.d_model}")
     _positive("model.lora_alpha", m.lora_alpha)
@@ -405,9 +409,11 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(
             "model.prompt_tokens", m.prompt_tokens, "must be >= 0 (0 disables prompts)"
         )
-    if not m.lora_targets:
+    if m.lora_rank > 0 and not m.lora_targets:
         raise ConfigError(
-            "model.lora_targets", m.lora_targets, "name at least one module, e.g. [q_proj, v_proj]"
+            "model.lora_targets",
+            m.lora_targets,
+            "name at least one module, e.g. [q_proj, v_proj] (or set model.lora_rank=0 for no adapter)",
         )
     for cls_name, rank in m.resource_ranks.items():
         if cls_name not in m.resources:

@@ -119,3 +119,72 @@ def test_lora_dropout_is_live_in_training_and_keyed(tmp_path):
     drops = [m for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.Dropout)]
     assert drops and all(m.training for m in drops)
     assert not model.backbone.training
+
+
+def test_rank_zero_builds_no_adapter_and_trains_the_rest(tmp_path):
+    """``model.lora_rank=0``: no adapter component, the whole backbone frozen, and a run
+    trains encoders, prompts and heads; ``model.lora_targets`` may then be empty."""
+    from hierfed.simulation import run
+
+    over = tiny_overrides(
+        **{"runtime.name": "local", "model.lora_rank": 0, "model.lora_targets": "[]", "rounds": 1}
+    )
+    cfg = load_config(None, over, out=str(tmp_path))
+    fed = build_federation(cfg)
+    model = build_model(cfg.model, fed, cfg.seed)
+    spec = model_spec(model, fed, cfg.model)
+    assert ADAPTER not in spec.components and not any(
+        "lora_" in n for n, _ in model.backbone.named_parameters()
+    )
+    assert all(ADAPTER not in spec.holds(c) for c in fed.clients)
+    result = run(cfg, write=False)
+    assert set(result.final_state) == set(spec.components)
+    start = model.component_state()
+    changed = [
+        c
+        for c in start
+        if any(not torch.equal(result.final_state[c][k], start[c][k]) for k in start[c])
+    ]
+    assert {c.split(".")[0] for c in changed} == {"encoder", "head", "prompt"}
+
+
+def test_rank_zero_never_imports_peft():
+    """peft (and transformers behind it) costs ~3 s of import per process; a run without
+    adapters must not load it. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from hierfed.config import load_config\n"
+        "from hierfed.model.m3t import build_model\n"
+        "from hierfed.simulation import build_federation\n"
+        "from hierfed.runtime.worker import WorkerCore\n"
+        "from tests.conftest import tiny_overrides\n"
+        "cfg = load_config(None, tiny_overrides(**{'model.lora_rank': 0}))\n"
+        "build_model(cfg.model, build_federation(cfg), cfg.seed)\n"
+        "print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_lora_rank_is_checked_and_targets_required_only_with_an_adapter():
+    import pytest
+
+    from hierfed.config import validate_config
+    from hierfed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.lora_rank"):
+        validate_config(load_config(None, tiny_overrides(**{"model.lora_rank": -1})))
+    with pytest.raises(ConfigError, match="model.lora_targets"):
+        validate_config(load_config(None, tiny_overrides(**{"model.lora_targets": "[]"})))
+    with pytest.raises(ConfigError, match="model.resource_ranks"):
+        validate_config(
+            load_config(
+                None,
+                tiny_overrides(**{"model.lora_rank": 0, "model.resource_ranks": "{full: 2}"}),
+            )
+        )

@@ -183,7 +183,7 @@ def load_hf(
         {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     )
     missing = [t for t in cfg.lora_targets if t not in linear]
-    if missing == list(cfg.lora_targets):
+    if cfg.lora_rank > 0 and missing == list(cfg.lora_targets):
         raise ConfigError(
             "model.lora_targets",
             list(cfg.lora_targets),

@@ -1,6 +1,10 @@
 """The multi-modal multi-task (M3T) model: encoders -> [prompt | tokens] -> frozen backbone
 with LoRA -> pooled -> one head per task.
 
+``model.lora_rank: 0`` builds no adapter: the backbone stays wholly frozen and clients train
+encoders, prompts and heads only (a linear-probe style baseline). peft, which pulls in
+transformers (about 3 s of import per process), is then never imported.
+
 One instance (a *skeleton*) holds every component of the federation; a client trains only
 the subset ``ModelSpec.holds(profile)`` picks, so a worker can serve client after client
 without rebuilding anything. Component state crosses the federation boundary through
@@ -13,12 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from peft import (
-    LoraConfig,
-    get_peft_model_state_dict,
-    inject_adapter_in_model,
-    set_peft_model_state_dict,
-)
 from torch import nn
 
 from hierfed.config import ModelConfig
@@ -110,18 +108,24 @@ class M3TModel(nn.Module):
         self.backbone = backbone
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        lora = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft accepts a float scale
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_targets),
-        )
-        try:
-            inject_adapter_in_model(lora, self.backbone)
-        except ValueError as exc:
-            raise ConfigError(
-                "model.lora_targets", list(cfg.lora_targets), f"peft could not inject LoRA: {exc}"
-            ) from None
+        self.has_adapter = cfg.lora_rank > 0
+        if self.has_adapter:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lora = LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft accepts a float scale
+                lora_dropout=cfg.lora_dropout,
+                target_modules=list(cfg.lora_targets),
+            )
+            try:
+                inject_adapter_in_model(lora, self.backbone)
+            except ValueError as exc:
+                raise ConfigError(
+                    "model.lora_targets",
+                    list(cfg.lora_targets),
+                    f"peft could not inject LoRA: {exc}",
+                ) from None
         self.encoders = nn.ModuleDict()
         for name, spec in modalities.items():
             if spec.kind == "tabular":
@@ -163,7 +167,7 @@ class M3TModel(nn.Module):
         return out
 
     def component_names(self) -> list[str]:
-        return sorted([*self.component_modules(), ADAPTER])
+        return sorted([*self.component_modules(), *([ADAPTER] if self.has_adapter else [])])
 
     def component_parameters(self, component: str) -> list[nn.Parameter]:
         if component == ADAPTER:
@@ -186,6 +190,8 @@ class M3TModel(nn.Module):
             ):  # fast path: the same tensors peft / state_dict would give, without rebuilding dicts
                 out[c] = {k: v.detach().clone() for k, v in live[c].items()}
             elif c == ADAPTER:
+                from peft import get_peft_model_state_dict
+
                 sd = get_peft_model_state_dict(self.backbone)
                 out[c] = {k: v.detach().clone() for k, v in sd.items()}
             else:
@@ -219,6 +225,8 @@ class M3TModel(nn.Module):
             if (
                 c == ADAPTER
             ):  # mismatching keys or shapes: the library paths raise the precise error
+                from peft import set_peft_model_state_dict
+
                 res = set_peft_model_state_dict(self.backbone, dict(params))
                 if res.unexpected_keys:  # type: ignore[attr-defined]
                     raise ValueError(f"{c}: unexpected keys {res.unexpected_keys[:3]}")  # type: ignore[attr-defined]
@@ -247,7 +255,11 @@ class M3TModel(nn.Module):
                     else dict(mod.state_dict(keep_vars=True))
                 )
             by_ptr = {p.data_ptr(): p for n, p in self.backbone.named_parameters() if "lora_" in n}
-            sd = get_peft_model_state_dict(self.backbone)
+            sd: dict[str, torch.Tensor] = {}
+            if self.has_adapter:
+                from peft import get_peft_model_state_dict
+
+                sd = get_peft_model_state_dict(self.backbone)
             if sd and all(
                 v.data_ptr() in by_ptr and by_ptr[v.data_ptr()].shape == v.shape
                 for v in sd.values()
@@ -302,28 +314,40 @@ class M3TModel(nn.Module):
     def forward(self, inputs: Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
         spec = self.tasks[task]
         parts: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
+        masks: list[torch.Tensor | int] = []  # per modality: a text mask, or a token count
         batch = next(iter(inputs.values())).shape[0]
         if self.prompt_tokens:
             parts.append(self.prompts[task].unsqueeze(0).expand(batch, -1, -1))
-            masks.append(
-                torch.ones(batch, self.prompt_tokens, dtype=torch.bool, device=parts[-1].device)
-            )
         for m in spec.modalities:
             x = inputs[m]
             enc = self.encoders[m]
             tok = enc(x, self.backbone) if isinstance(enc, TextEncoder) else enc(x)
             parts.append(tok)
-            if self.modalities[m].kind == "text":
-                masks.append(x != 0)
-            else:
-                masks.append(torch.ones(batch, tok.shape[1], dtype=torch.bool, device=tok.device))
-        tokens = torch.cat(parts, dim=1)
-        mask = torch.cat(masks, dim=1)
-        mask[:, 0] = True  # never an all-masked row
+            masks.append(x != 0 if self.modalities[m].kind == "text" else tok.shape[1])
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        width = tokens.shape[1]
+        has_text = any(isinstance(k, torch.Tensor) for k in masks)
+        if has_text:  # built out of place: under DP-SGD's vmap the text masks are batched
+            dev = tokens.device
+            mask = torch.cat(
+                [torch.ones(batch, self.prompt_tokens, dtype=torch.bool, device=dev)]
+                + [
+                    k
+                    if isinstance(k, torch.Tensor)
+                    else torch.ones(batch, k, dtype=torch.bool, device=dev)
+                    for k in masks
+                ],
+                dim=1,
+            )
+            mask[:, 0] = True  # never an all-masked row
+        else:
+            mask = torch.ones(batch, width, dtype=torch.bool, device=tokens.device)
         h = self.backbone(tokens, mask)
-        w = mask.unsqueeze(-1).float()
-        pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+        if has_text:
+            w = mask.unsqueeze(-1).float()
+            pooled = (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+        else:  # every token counts: the same sum and divisor without the weight tensor
+            pooled = h.sum(1) / float(width)
         out = self.heads[task](pooled)
         return out if spec.kind == "classification" else out.squeeze(-1)
 
@@ -353,7 +377,8 @@ def _build_model(cfg: ModelConfig, federation: Federation, seed: int) -> M3TMode
             init_module(holder, seed, name)
         else:
             init_module(mod, seed, name)
-    init_module(_LoraView(model.backbone), seed, ADAPTER)
+    if model.has_adapter:
+        init_module(_LoraView(model.backbone), seed, ADAPTER)
     model.freeze_backbone()
     return model
 
