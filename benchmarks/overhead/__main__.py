@@ -22,7 +22,7 @@ def _one(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    w = Workload(args.clients, args.participation, args.rounds, args.seed)
+    w = Workload(args.clients, args.participation, args.rounds, args.seed, args.lora_rank)
     rec = IMPLS[args.impl](w, out)
     (out / "record.json").write_text(json.dumps(rec, indent=1))
     return 0
@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     ) as prog:
         task = prog.add_task("overhead", total=len(cases))
         for impl, n, p in cases:
-            w = Workload(n, p, args.rounds, args.seed)
+            w = Workload(n, p, args.rounds, args.seed, args.lora_rank)
             prog.update(task, description=f"{impl} {w.tag}")
             case_dir = out / "runs" / f"{impl}-{w.tag}"
             cmd = [
@@ -69,6 +69,8 @@ def _run(args: argparse.Namespace) -> int:
                 str(args.rounds),
                 "--seed",
                 str(args.seed),
+                "--lora-rank",
+                str(args.lora_rank),
                 "--out",
                 str(case_dir),
             ]
@@ -88,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
                 "participation": p,
                 "rounds": args.rounds,
                 "seed": args.seed,
+                "lora_rank": args.lora_rank,
                 "wall_s": wall,
                 "peak_rss_gib": mem.peak_gib,
                 "peak_procs": mem.peak_procs,
@@ -129,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--rounds", type=int, default=5)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="0 (default): the plain small MLP; r > 0: add a rank-r peft LoRA adapter on fc1",
+    )
     r.add_argument("--timeout", type=float, default=1800)
     r.add_argument("--out", default="benchmarks/out/overhead")
     o = sub.add_parser("one", help="(internal) run one implementation in this process")
@@ -137,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--participation", type=float, required=True)
     o.add_argument("--rounds", type=int, default=5)
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="0 (default): the plain small MLP; r > 0: add a rank-r peft LoRA adapter on fc1",
+    )
     o.add_argument("--out", required=True)
     rep = sub.add_parser("report", help="rebuild REPORT.md / results.csv from results.json")
     rep.add_argument("out")

@@ -25,7 +25,8 @@ def steady_round_s(round_s: list[float]) -> float | None:
 
 
 def _max_diff(out: Path, rec: dict[str, Any]) -> float | None:
-    tag = f"n{rec['clients']}-p{int(round(rec['participation'] * 100))}"
+    lora = f"-lora{rec['lora_rank']}" if rec.get("lora_rank") else ""
+    tag = f"n{rec['clients']}-p{int(round(rec['participation'] * 100))}{lora}"
     mine = out / "runs" / f"{rec['impl']}-{tag}" / "final.npy"
     floor = out / "runs" / f"floor-{tag}" / "final.npy"
     if not (mine.is_file() and floor.is_file()):
@@ -69,11 +70,13 @@ def write_report(out: Path) -> None:
         return "—" if x is None else format(x, fmt)
 
     m0, m1 = data["machine_before"], data["machine_after"]
+    rank = data["records"][0].get("lora_rank", 4)  # results from before the option had r=4
+    fc1 = f"frozen fc1 32x32 + peft LoRA r={rank}" if rank else "frozen fc1 32x32 (no adapter)"
     lines = [
         "# Engine overhead: plain loop (floor) vs hierfed vs Flower",
         "",
         "One FedAvg workload three ways with the same math: N clients x 100 rows, the `mlp` model on",
-        "`mlp-bench` (Linear 16->64, frozen fc1 32x32 + LoRA r=4, GELU, mean-pool, Linear 32->4), SGD lr 0.1,",
+        f"`mlp-bench` (Linear 16->64, {fc1}, GELU, mean-pool, Linear 32->4), SGD lr 0.1,",
         f"E=2 local epochs, batch 32, {data['records'][0]['rounds']} rounds. floor = one process, one thread;",
         "hierfed = star topology, Ray runtime, one worker actor per CPU; Flower = `run_simulation`, Ray",
         "backend, `client_resources.num_cpus=1` (one ClientApp actor per CPU). Each case runs in a fresh process.",

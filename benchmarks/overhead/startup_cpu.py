@@ -1,6 +1,6 @@
 """Start-up CPU budget of hierfed on the overhead workload.
 
-``python -m benchmarks.overhead.startup_cpu [--clients 1000]`` runs hierfed's star on the Ray
+``python -m benchmarks.overhead.startup_cpu [--clients 1000] [--lora-rank 0]`` runs hierfed's star on the Ray
 runtime for one round and, the moment round 0 may start, sums user+system CPU time over the
 whole process tree (this driver, Ray's daemons and the worker actors), per process name.
 With P CPUs, start-up can be no shorter than total CPU / P however well things overlap.
@@ -31,6 +31,7 @@ def _tree_cpu(me: psutil.Process) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.overhead.startup_cpu")
     ap.add_argument("--clients", type=int, default=1000)
+    ap.add_argument("--lora-rank", type=int, default=0, help="as in `overhead run --lora-rank`")
     args = ap.parse_args(argv)
     me = psutil.Process()
     imports_wall = time.time() - me.create_time()
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             seen["wall"] = time.time() - me.create_time()
             seen["cpu"] = _tree_cpu(me)
 
-    run(workload_config(Workload(args.clients, 1.0, rounds=1)), on_event=on_event, write=False)
+    run(
+        workload_config(Workload(args.clients, 1.0, rounds=1, lora_rank=args.lora_rank)),
+        on_event=on_event,
+        write=False,
+    )
     cpu = seen["cpu"]
     cores = psutil.cpu_count() or 1
     print(f"driver imports: wall {imports_wall:.2f} s, CPU {imports_cpu:.2f} s")

@@ -33,10 +33,14 @@ class Workload:
     participation: float
     rounds: int = 5
     seed: int = 0
+    # 0: the plain small MLP (tabular encoder and head trained, frozen fc1, no peft);
+    # r > 0: the same MLP with a rank-r peft LoRA adapter on fc1 trained as well
+    lora_rank: int = 0
 
     @property
     def tag(self) -> str:
-        return f"n{self.clients}-p{int(round(self.participation * 100))}"
+        lora = f"-lora{self.lora_rank}" if self.lora_rank else ""
+        return f"n{self.clients}-p{int(round(self.participation * 100))}{lora}"
 
 
 def workload_config(
@@ -53,6 +57,7 @@ def workload_config(
         "eval.every": w.rounds,
         "topology.default.participation": w.participation,
         "runtime.name": runtime,
+        "model.lora_rank": w.lora_rank,
     }
     return load_config(
         None, [f"{k}={v}" for k, v in ov.items()] + list(extra), topology="star", out=out
