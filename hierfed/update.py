@@ -96,12 +96,35 @@ class Update:
     def sum(updates: Iterable[Update]) -> Update | None:
         """Sum in sorted sender order, so the float result does not depend on arrival order."""
         ordered = sorted(updates, key=lambda u: u.meta.senders)
-        if not ordered:
-            return None
-        total = ordered[0]
-        for u in ordered[1:]:
-            total = total + u
-        return total
+        if len(ordered) <= 1:
+            return ordered[0] if ordered else None
+        # the same additions in the same order as ``ordered[0] + ordered[1] + ...``, into
+        # accumulators this method owns (so in place), and the sender set built once: folding
+        # with ``+`` copies every dict and re-sorts the growing sender tuple, quadratic in n
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        weights: dict[str, float] = {}
+        senders: set[str] = set()
+        rnd, samples = ordered[0].meta.round, 0
+        for u in ordered:
+            for c, params in u.tensors.items():
+                mine = tensors.get(c)
+                if mine is None:
+                    tensors[c] = {p: t.clone() for p, t in params.items()}
+                    weights[c] = u.weights[c]
+                    continue
+                if mine.keys() != params.keys():
+                    raise ValueError(f"component '{c}' has different parameters in the two updates")
+                for p, t in params.items():
+                    acc = mine[p]
+                    if acc.dtype == t.dtype and acc.shape == t.shape:
+                        acc.add_(t)
+                    else:  # type promotion or broadcasting: exactly what ``+`` does
+                        mine[p] = acc + t
+                weights[c] = weights[c] + u.weights[c]
+            senders.update(u.meta.senders)
+            rnd = max(rnd, u.meta.round)
+            samples += u.meta.num_samples
+        return Update(tensors, weights, UpdateMeta(tuple(sorted(senders)), rnd, samples))
 
     def mean(self) -> State:
         """Divide once: the weighted mean delta of every component with positive weight."""

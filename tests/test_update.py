@@ -91,6 +91,35 @@ def test_hierarchical_mean_equals_flat_mean_and_order_does_not_matter(clients, g
         assert torch.equal(flat.tensors[c]["w"], again.tensors[c]["w"])
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(client, min_size=1, max_size=12), st.randoms())
+def test_sum_is_the_left_fold_of_add_bit_for_bit_and_leaves_inputs_alone(clients, rnd):
+    """``Update.sum`` accumulates in place for speed; it must give exactly the bits, weights
+    and metadata of ``u0 + u1 + ...`` in sender order, with mixed dtypes promoting like ``+``."""
+    ups = []
+    for i, (w, v, has_enc) in enumerate(clients):
+        comps = {"head": {"w": torch.tensor(v, dtype=torch.float32)}}
+        if has_enc:  # encoder deltas arrive in float64 from some senders and float32 from others
+            dt = torch.float64 if i % 2 else torch.float32
+            comps["enc"] = {"w": torch.tensor(v, dtype=dt) * 3}
+        ups.append(Update.from_delta(comps, w, sender=f"s{i:02d}", round=i % 3, num_samples=i))
+    before = [{c: p["w"].clone() for c, p in u.tensors.items()} for u in ups]
+    shuffled = list(ups)
+    rnd.shuffle(shuffled)
+    got = Update.sum(shuffled)
+    want = ups[0]
+    for u in ups[1:]:
+        want = want + u
+    assert got is not None
+    assert got.meta == want.meta and got.weights == want.weights
+    assert got.tensors.keys() == want.tensors.keys()
+    for c in want.tensors:
+        g, w_ = got.tensors[c]["w"], want.tensors[c]["w"]
+        assert g.dtype == w_.dtype and torch.equal(g, w_)
+    for u, b in zip(ups, before):
+        assert all(torch.equal(u.tensors[c]["w"], b[c]) for c in b)
+
+
 def test_pickle_round_trip_is_exact_and_independent():
     """Updates cross process boundaries (Ray's object store) packed into one buffer: every
     dtype, shape (incl. 0-d and empty) and value must come back exactly, in separate storage."""
