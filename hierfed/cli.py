@@ -140,7 +140,13 @@ def _run(console: Console, args: argparse.Namespace) -> int:
 
     def on_event(kind: str, data: dict[str, Any]) -> None:
         nonlocal task_id
-        if kind == "start":
+        if kind == "launch":
+            console.print(
+                f"starting the {data['runtime']} runtime's workers (each builds the model) ...",
+                style="dim",
+                highlight=False,
+            )
+        elif kind == "start":
             f = data["federation"]
             console.print(
                 f"[bold]hierfed[/] {cfg.topology.name} on {f['dataset']}: tiers {f['tiers']}, "
@@ -149,7 +155,7 @@ def _run(console: Console, args: argparse.Namespace) -> int:
                 highlight=False,
             )
             progress.start()
-            task_id = progress.add_task("rounds", total=cfg.rounds, info="starting workers")
+            task_id = progress.add_task("rounds", total=cfg.rounds, info="evaluating round 0")
         elif kind == "round":
             g = data.get("global") or {}
             info = "  ".join(f"{t}={v:.3f}" for t, v in sorted(g.items()))

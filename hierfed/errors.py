@@ -17,6 +17,9 @@ class ConfigError(HierfedError, ValueError):
         self.key, self.value, self.fix = key, value, fix
         super().__init__(f"config key '{key}' = {value!r}: {fix}")
 
+    def __reduce__(self) -> tuple:  # crosses processes (a Ray worker's skeleton build) intact
+        return (type(self), (self.key, self.value, self.fix))
+
 
 class RegistryError(HierfedError, KeyError):
     """An unknown plug-in name was requested from a Registry."""
@@ -36,6 +39,9 @@ class UpdateRejected(HierfedError):
         self.sender, self.reason = sender, reason
         super().__init__(f"update from '{sender}' rejected: {reason}")
 
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.sender, self.reason))
+
 
 class NodeFailure(HierfedError):
     """A node (client, worker, aggregator) failed during a round.
@@ -46,6 +52,9 @@ class NodeFailure(HierfedError):
     def __init__(self, node_id: str, round: int, cause: str) -> None:
         self.node_id, self.round, self.cause = node_id, round, cause
         super().__init__(f"node '{node_id}' failed in round {round}: {cause}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.node_id, self.round, self.cause))
 
 
 class CheckpointError(HierfedError):

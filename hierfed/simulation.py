@@ -21,8 +21,6 @@ from hierfed.config import RunConfig, to_yaml, validate_config
 from hierfed.data.federation import Federation
 from hierfed.errors import CheckpointError
 from hierfed.ledger import CommLedger
-from hierfed.model.m3t import build_model, model_spec
-from hierfed.model.spec import ModelSpec
 from hierfed.privacy.accountant import privacy_metrics
 from hierfed.registry import DATASETS, TOPOLOGIES
 from hierfed.resume import (
@@ -120,49 +118,51 @@ def run(
     emit = on_event or (lambda kind, data: None)
     t0 = time.perf_counter()
     fed = build_federation(cfg)
-    model = build_model(cfg.model, fed, cfg.seed)
-    spec: ModelSpec = model_spec(model, fed, cfg.model)
-    initial = model.component_state()
-    del model
-    topo: Topology = TOPOLOGIES.get(cfg.topology.name)(cfg=cfg, federation=fed, spec=spec)
-    topo.init(initial)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
-    if write:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
-    ledger = CommLedger()
-    metrics: list[dict[str, Any]] = []
-    start_round, sim_total = 1, 0.0
-    dp_seen: dict[str, dict[str, Any]] = {}  # latest DP report per client (cumulative epsilon)
-    if resume:
+    ck: dict[str, Any] | None = None
+    if resume:  # checked before any worker starts
         ck = read_latest(out_dir)
         if ck.get("config") != _fingerprint(cfg):
             raise CheckpointError(
                 f"the checkpoint in '{out_dir}' was written with another config; resume with the "
                 "run folder's own config.yaml (python -m hierfed run --resume RUN_DIR)"
             )
-        topo.load_state_dict(ck["topology"])
-        metrics, ledger = list(ck["metrics"]), ledger_from_columns(ck["ledger"])
-        start_round, sim_total, dp_seen = (
-            int(ck["round"]) + 1,
-            float(ck["sim_total"]),
-            dict(ck["dp_seen"]),
-        )
     own_runtime = runtime is None
     rt = runtime or make_runtime(cfg.runtime)
     summary = fed.summary()
-    emit(
-        "start",
-        {
-            "federation": summary,
-            "trainable": spec.trainable_numel(),
-            "backbone": spec.backbone_numel,
-            "tiers": list(topo.tier_names),
-        },
-    )
     try:
         if own_runtime:
+            emit("launch", {"runtime": rt.name, "federation": summary})
             rt.start(WorkerSetup(cfg, fed))
+        # The model is built where it trains: worker 0 hands over the spec and the initial
+        # state, so the driver never loads a backbone or peft (seconds of start-up each).
+        spec, initial = rt.model_info()
+        topo: Topology = TOPOLOGIES.get(cfg.topology.name)(cfg=cfg, federation=fed, spec=spec)
+        topo.init(initial)
+        if write:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
+        ledger = CommLedger()
+        metrics: list[dict[str, Any]] = []
+        start_round, sim_total = 1, 0.0
+        dp_seen: dict[str, dict[str, Any]] = {}  # latest DP report per client (cumulative epsilon)
+        if ck is not None:
+            topo.load_state_dict(ck["topology"])
+            metrics, ledger = list(ck["metrics"]), ledger_from_columns(ck["ledger"])
+            start_round, sim_total, dp_seen = (
+                int(ck["round"]) + 1,
+                float(ck["sim_total"]),
+                dict(ck["dp_seen"]),
+            )
+        emit(
+            "start",
+            {
+                "federation": summary,
+                "trainable": spec.trainable_numel(),
+                "backbone": spec.backbone_numel,
+                "tiers": list(topo.tier_names),
+            },
+        )
         startup_s = time.perf_counter() - t0
         if start_round == 1:
             rec0 = {

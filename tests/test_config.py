@@ -75,3 +75,20 @@ def test_unknown_aggregator_message_lists_known_names():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="no such file"):
         load_config("/nonexistent/x.yaml")
+
+
+def test_errors_survive_pickling_with_their_fields():
+    """Errors cross process boundaries (a Ray worker builds the model): they must come back
+    as the same class with the same fields and message."""
+    import pickle
+
+    from hierfed.errors import NodeFailure, UpdateRejected
+
+    for err in (
+        ConfigError("model.lora_targets", ["x"], "name a linear layer"),
+        UpdateRejected("global/a/s-1", "shape (2,) != expected (3,)"),
+        NodeFailure("worker", 3, "it died"),
+    ):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+        assert vars(back) == vars(err)

@@ -87,3 +87,15 @@ def test_bit_identical_across_worker_counts_and_runtimes(ray_session, tmp_path):
         not torch.equal(ray2["head.digit"][p], other_seed["head.digit"][p])
         for p in ray2["head.digit"]
     )
+
+
+def test_a_bad_model_config_comes_back_from_the_workers_as_a_config_error(ray_session, tmp_path):
+    """Workers build the model (the driver does not), so a model the config cannot build
+    fails there; the user still gets the ConfigError naming the key, and no run folder."""
+    from hierfed.errors import ConfigError
+
+    cfg = _cfg(tmp_path, "star", **{"model.lora_targets": "[no_such_layer]", "rounds": 1})
+    with pytest.raises(ConfigError, match="model.lora_targets") as info:
+        run(cfg)
+    assert info.value.key == "model.lora_targets" and info.value.value == ["no_such_layer"]
+    assert not (tmp_path / "star").exists()

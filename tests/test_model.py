@@ -188,3 +188,25 @@ def test_lora_rank_is_checked_and_targets_required_only_with_an_adapter():
                 tiny_overrides(**{"model.lora_rank": 0, "model.resource_ranks": "{full: 2}"}),
             )
         )
+
+
+def test_a_run_builds_the_model_only_where_it_trains(tmp_path, monkeypatch):
+    """The driver takes the spec and initial state from worker 0: with the in-process
+    runtime, one run builds exactly one model, and gets the same result as before."""
+    from hierfed.model import m3t
+    from hierfed.simulation import run
+
+    built = []
+    original = m3t.M3TModel.__init__
+
+    def counting(self, **kw):
+        built.append(1)
+        original(self, **kw)
+
+    monkeypatch.setattr(m3t.M3TModel, "__init__", counting)
+    cfg = load_config(None, tiny_overrides(**{"runtime.name": "local", "rounds": 1}))
+    result = run(cfg, write=False)
+    assert len(built) == 1
+    fed = build_federation(cfg)
+    spec = model_spec(build_model(cfg.model, fed, cfg.seed), fed, cfg.model)
+    assert set(result.final_state) == set(spec.components)

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from hierfed.config import RuntimeConfig
+from hierfed.model.spec import ModelSpec
 from hierfed.runtime.jobs import (
     AverageTask,
     ClientMeta,
@@ -64,8 +65,15 @@ class Runtime(ABC):
         """Share ``obj`` with all workers once (the object store for Ray); returns a handle."""
 
     @abstractmethod
+    def model_info(self) -> tuple[ModelSpec, State]:
+        """The model's spec and initial state (every component), as worker 0 built them.
+
+        The driver takes both from here instead of building a skeleton of its own: a
+        pretrained backbone and peft are then loaded only where training happens."""
+
     def initial_state(self) -> State:
         """The initial trainable state (every component), as worker 0 built it."""
+        return self.model_info()[1]
 
     @abstractmethod
     def train(self, jobs: Sequence[TrainJob], states: Any) -> tuple[list[ClientMeta], Any]:

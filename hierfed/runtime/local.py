@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hierfed.config import RuntimeConfig
+from hierfed.model.spec import ModelSpec
 from hierfed.runtime.base import Runtime, split_even
 from hierfed.runtime.jobs import (
     AverageTask,
@@ -51,8 +52,8 @@ class LocalRuntime(Runtime):
             raise RuntimeError("LocalRuntime.start() was not called")
         return self.core
 
-    def initial_state(self) -> State:
-        return self._core().initial_state()
+    def model_info(self) -> tuple[ModelSpec, State]:
+        return self._core().model_info()
 
     def train(self, jobs: Sequence[TrainJob], states: Any) -> tuple[list[ClientMeta], Any]:
         metas: list[ClientMeta] = []

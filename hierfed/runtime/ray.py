@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hierfed.config import RuntimeConfig
-from hierfed.errors import NodeFailure
+from hierfed.errors import ConfigError, DataError, NodeFailure
+from hierfed.model.spec import ModelSpec
 from hierfed.runtime.base import Runtime, split_even
 from hierfed.runtime.jobs import (
     AverageTask,
@@ -43,13 +44,21 @@ class _WorkerShell:
     """Ray actor body: builds the WorkerCore and forwards calls to it."""
 
     def __init__(self, setup: WorkerSetup) -> None:
-        self.core = WorkerCore(setup)
+        # an error building the skeleton (e.g. a ConfigError for model.lora_targets) is kept
+        # and raised by ready(), so the driver gets it as such rather than as a dead actor
+        self.error: BaseException | None = None
+        try:
+            self.core = WorkerCore(setup)
+        except Exception as exc:
+            self.error = exc
 
     def ready(self) -> int:
+        if self.error is not None:
+            raise self.error
         return os.getpid()
 
-    def initial_state(self) -> State:
-        return self.core.initial_state()
+    def model_info(self) -> tuple[ModelSpec, State]:
+        return self.core.model_info()
 
     def train(self, jobs, states, attempt=0):
         return self.core.train(jobs, states, attempt)
@@ -149,6 +158,8 @@ class RayRuntime(Runtime):
             ) from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            if isinstance(cause, (ConfigError, DataError)):  # the user's input: say so as is
+                raise cause from None
             raise NodeFailure(
                 "worker", self._round, f"{what}: {type(cause).__name__}: {cause}"
             ) from None
@@ -158,8 +169,8 @@ class RayRuntime(Runtime):
 
         return ray.put(obj)
 
-    def initial_state(self) -> State:
-        return self._get(self.actors[0].initial_state.remote(), "initial state")
+    def model_info(self) -> tuple[ModelSpec, State]:
+        return self._get(self.actors[0].model_info.remote(), "model spec and initial state")
 
     def train(self, jobs: Sequence[TrainJob], states: Any) -> tuple[list[ClientMeta], Any]:
         """Contiguous chunks of the sorted jobs (``runtime.chunks_per_worker`` per worker), handed

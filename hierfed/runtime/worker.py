@@ -96,9 +96,15 @@ class WorkerCore:
         self.profiles = self.fed.by_id
         self.attack = build_attack(self.cfg, self.fed)  # None unless the config simulates attackers
         self.faults = Faults(self.cfg.runtime.faults)
+        self._initial = to_cpu(self.model.component_state())  # as built, before any training
 
     def initial_state(self) -> State:
-        return to_cpu(self.model.component_state())
+        """Every component's starting value, as the seed built them (training never changes it)."""
+        return {c: {k: t.clone() for k, t in p.items()} for c, p in self._initial.items()}
+
+    def model_info(self) -> tuple[ModelSpec, State]:
+        """What the driver needs of the model (spec and initial state) without building it."""
+        return self.spec, self.initial_state()
 
     # ---------------------------------------------------------------- training
 
