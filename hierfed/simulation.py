@@ -21,7 +21,7 @@ from hierfed.config import RunConfig, to_yaml, validate_config
 from hierfed.data.federation import Federation
 from hierfed.errors import CheckpointError
 from hierfed.ledger import CommLedger
-from hierfed.privacy.accountant import privacy_metrics
+from hierfed.privacy.accountant import gossip_uncovered, privacy_metrics
 from hierfed.registry import DATASETS, TOPOLOGIES
 from hierfed.resume import (
     config_fingerprint,
@@ -139,6 +139,8 @@ def run(
         spec, initial = rt.model_info()
         topo: Topology = TOPOLOGIES.get(cfg.topology.name)(cfg=cfg, federation=fed, spec=spec)
         topo.init(initial)
+        for edge, why in gossip_uncovered(cfg, topo.tier_names).items():
+            log.warning("client-level DP into tier '%s': %s", edge, why)
         if write:
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))

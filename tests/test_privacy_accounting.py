@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from opacus.accountants import RDPAccountant
 
@@ -156,3 +158,35 @@ def test_accountant_state_survives_a_checkpoint_round_trip():
         back["global/inst-00/student-000"].after(((1.2, 0.5, 8),)).epsilon
         == s.after(((1.2, 0.5, 8),)).epsilon
     )
+
+
+@pytest.mark.parametrize(
+    "gossip, edge, unit",
+    [
+        ({"topology.tiers.student.peer_steps": 1}, "institution", "student"),  # students, D2D
+        ({"topology.tiers.institution.peer_steps": 1}, "global", "institution"),  # inner tier
+    ],
+)
+def test_client_level_report_claims_no_bound_where_the_senders_gossip(gossip, edge, unit):
+    """Senders that mix with each other exchange un-noised values, and each update sent up
+    carries neighbours' data: the per-sender accounting does not hold, so the report must
+    say epsilon = inf and why, not print the bound it computes without gossip."""
+    base = {
+        f"topology.tiers.{edge}.postprocess": "[gaussian]",
+        f"topology.tiers.{edge}.postprocess_options.gaussian.noise_multiplier": 1.5,
+    }
+    tiers = ("global", "institution", "student")
+    plain = client_level_report(load_config(None, tiny_overrides(**base)), tiers, 3)
+    assert math.isfinite(plain[edge]["epsilon"]) and "not_covered" not in plain[edge]
+    cfg = load_config(None, tiny_overrides(**base, **gossip))
+    rep = client_level_report(cfg, tiers, 3)[edge]
+    assert rep["epsilon"] == math.inf and rep["unit"] == unit
+    assert "gossip" in rep["not_covered"] and "peer_steps" in rep["not_covered"]
+    # gossip in another tier leaves this edge's bound alone
+    other = (
+        {"topology.tiers.institution.peer_steps": 1}
+        if unit == "student"
+        else {"topology.tiers.student.peer_steps": 1}
+    )
+    rep2 = client_level_report(load_config(None, tiny_overrides(**base, **other)), tiers, 3)
+    assert rep2[edge]["epsilon"] == plain[edge]["epsilon"]

@@ -113,6 +113,7 @@ def client_level_report(
     """
     out: dict[str, dict[str, Any]] = {}
     per_round = 1
+    uncovered = gossip_uncovered(cfg, tier_names)
     for lvl, name in enumerate(tier_names[:-1]):
         tier = cfg.tier(name)
         if lvl > 0:
@@ -138,6 +139,40 @@ def client_level_report(
             "sample_rate": q,
             "steps": steps,
         }
+        if name in uncovered:  # no bound is claimed: say so, and why
+            out[name]["epsilon"] = math.inf
+            out[name]["not_covered"] = uncovered[name]
+    return out
+
+
+def gossip_uncovered(cfg: Any, tier_names: Sequence[str]) -> dict[str, str]:
+    """Tier edges whose client-level DP (``gaussian``) the senders' own gossip undoes.
+
+    When the members of the sending tier mix with each other (``peer_steps`` on an inner
+    tier, or ``topology.tiers.<leaf>.peer_steps`` for device-to-device leaves), they exchange
+    un-noised values, and each update sent up carries its neighbours' data as well as the
+    sender's: the per-sender Gaussian accounting holds for neither. The report then gives
+    epsilon = inf with this reason instead of a bound it cannot back."""
+    out: dict[str, str] = {}
+    topo = getattr(cfg, "topology", None)
+    if topo is None or getattr(topo, "name", "") == "gossip":
+        return out
+    for lvl, name in enumerate(tier_names[:-1]):
+        if "gaussian" not in cfg.tier(name).postprocess:
+            continue
+        unit = tier_names[lvl + 1]
+        if unit == tier_names[-1]:
+            peers = topo.leaf_peers(unit)
+            key = f"topology.tiers.{unit}.peer_steps"
+        else:
+            peers = cfg.tier(unit) if cfg.tier(unit).peer_steps > 0 else None
+            key = f"peer_steps of tier {unit}"
+        if peers is not None:
+            out[name] = (
+                f"the {unit} nodes gossip among themselves ({key}={peers.peer_steps}): they "
+                "exchange un-noised values, and every update sent up mixes the neighbours' "
+                "data, so no client-level epsilon is claimed for this edge"
+            )
     return out
 
 
