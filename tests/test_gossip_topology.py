@@ -248,3 +248,20 @@ def test_light_clients_receive_the_encoders_they_use_but_do_not_train():
         )
         assert topo._weight(n, w) == 0.0  # its untrained copy carries no weight in the mix
     assert moved > 1e-4
+
+
+def test_model_update_attackers_reach_their_gossip_neighbours():
+    """On the gossip topology there is no parent: attackers act through what they send their
+    neighbours. A scaling attack must change the result (it was silently a no-op before)."""
+    from hierfed.simulation import run
+
+    def final(**extra):
+        over = {"runtime.name": "local", "rounds": 1, **extra}
+        cfg = load_config(None, tiny_overrides(**over), topology="gossip")
+        return run(cfg, write=False).final_state
+
+    clean = final()
+    attacked = final(**{"attack.name": "scaling", "attack.fraction": 0.34})
+    assert any(not torch.equal(clean[c][p], attacked[c][p]) for c in clean for p in clean[c])
+    # the clean run is reproducible, so the difference is the attack's
+    assert all(torch.equal(clean[c][p], final()[c][p]) for c in clean for p in clean[c])

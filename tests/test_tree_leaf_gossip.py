@@ -226,6 +226,9 @@ def test_leaf_gossip_is_deterministic_and_bit_identical_on_ray(ray_session):
         "data.students_per_institution": 4,
         "topology.tiers.institution.participation": 0.75,
         "topology.tiers.institution.dropout": 0.2,
+        # attackers corrupt what they send their peers as well (WorkerCore.mix)
+        "attack.name": "sign_flip",
+        "attack.fraction": 0.25,
     }
     loc1 = run(_cfg(**extra, **{"runtime.num_workers": 1}), write=False)
     loc3 = run(_cfg(**extra, **{"runtime.num_workers": 3}), write=False)
@@ -359,3 +362,47 @@ def test_inner_peer_graph_must_connect_whatever_dropouts_leave():
         **{**inner, "topology.tiers.institution.peer_graph": "ring"},
         **{"topology.tiers.global.dropout": 0.2},
     )
+
+
+def test_attackers_corrupt_what_they_send_their_peers():
+    """A model-update attacker sends its neighbours the corrupted update too, not only its
+    institution: with sign_flip, the attacker's half-step value a benign neighbour mixes
+    in is start - mean delta. Benign senders' values are untouched."""
+    from hierfed.postprocess.validate import Expectation
+    from hierfed.runtime.jobs import MixTask, TrainJob
+    from hierfed.runtime.worker import WorkerCore
+
+    cfg = _cfg(**_gossip("complete"), **{"attack.name": "sign_flip", "attack.fraction": 0.34})
+    fed = build_federation(cfg)
+    core = WorkerCore(WorkerSetup(cfg, fed))
+    assert core.attack is not None
+    bad = sorted(core.attack.malicious)[0]
+    inst = bad.rsplit("/", 1)[0]
+    good = next(
+        c.id
+        for c in fed.clients
+        if c.id.startswith(inst + "/") and c.id not in core.attack.malicious
+    )
+    holds = {c: core.spec.holds(fed.by_id[c]) for c in (bad, good)}
+    state = core.initial_state()
+    jobs = [
+        TrainJob(c, "global", "student", 1, (1, i, c), holds[c], holds[c], None, None)
+        for i, c in enumerate(sorted((bad, good)))
+    ]
+    _, ups = core.train(jobs, {"global": state})
+    shared = tuple(sorted(set(holds[bad]) & set(holds[good])))
+    assert shared
+    expect = {c: Expectation(c, frozenset(holds[c]), True, 1e9) for c in (bad, good)}
+    task = MixTask(good, 1, ((shared, tuple(sorted(((bad, 0.5), (good, 0.5))))),))
+    starts = {bad: state, good: state}
+    attacked = core.mix([task], starts, expect, ups)[0].state
+    core.attack = None
+    honest = core.mix([task], starts, expect, ups)[0].state
+    d_bad, d_good = ups[bad].mean(), ups[good].mean()
+    for c in shared:
+        for p, s0 in state[c].items():
+            want = 0.5 * (s0 + d_good[c][p]) + 0.5 * (s0 - d_bad[c][p])
+            assert torch.allclose(attacked[c][p], want, atol=1e-6), f"{c}/{p}"
+            fair = 0.5 * (s0 + d_good[c][p]) + 0.5 * (s0 + d_bad[c][p])
+            assert torch.allclose(honest[c][p], fair, atol=1e-6), f"{c}/{p}"
+    assert any(not torch.equal(attacked[c][p], honest[c][p]) for c in shared for p in state[c])

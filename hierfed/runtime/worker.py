@@ -288,10 +288,24 @@ class WorkerCore:
     ) -> list[MixResult]:
         """Mix each task's node (hierfed.mixing): every source's update is validated once and
         turned into its half-step value ``start + mean delta``; a missing or rejected update
-        leaves the source at its start. Inputs are not mutated."""
-        pool: dict[str, Update] = {}
+        leaves the source at its start. Inputs are not mutated.
+
+        Simulated attackers (model-update attacks) corrupt what they send their peers too:
+        one colluding view over every expected sender of the call, applied before validation,
+        as a parent's merge does (``attack_pool``)."""
+        received: dict[str, Update] = {}
         for src in sources:
-            pool.update(src)
+            received.update(src)
+        pool: Mapping[str, Update] = received
+        if self.attack is not None and tasks and expectations:
+            pool = attack_pool(
+                self.attack,
+                sorted(expectations),
+                pool,
+                node_id="peers",
+                round=tasks[0].round,
+                seed=self.cfg.seed,
+            )
         half: dict[str, State] = {}
         rejected: dict[str, str] = {}
 
