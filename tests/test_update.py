@@ -94,8 +94,10 @@ def test_hierarchical_mean_equals_flat_mean_and_order_does_not_matter(clients, g
 @settings(max_examples=40, deadline=None)
 @given(st.lists(client, min_size=1, max_size=12), st.randoms())
 def test_sum_is_the_left_fold_of_add_bit_for_bit_and_leaves_inputs_alone(clients, rnd):
-    """``Update.sum`` accumulates in place for speed; it must give exactly the bits, weights
-    and metadata of ``u0 + u1 + ...`` in sender order, with mixed dtypes promoting like ``+``."""
+    """``Update.sum`` (and ``+``, which shares its fold) accumulates in place for speed; it
+    must give exactly the bits of plain tensor ``+`` applied per component in sender order
+    (mixed dtypes promoting as tensor ``+`` does), the summed weights and the merged
+    metadata, and leave its inputs alone. The reference below uses no Update arithmetic."""
     ups = []
     for i, (w, v, has_enc) in enumerate(clients):
         comps = {"head": {"w": torch.tensor(v, dtype=torch.float32)}}
@@ -107,15 +109,29 @@ def test_sum_is_the_left_fold_of_add_bit_for_bit_and_leaves_inputs_alone(clients
     shuffled = list(ups)
     rnd.shuffle(shuffled)
     got = Update.sum(shuffled)
-    want = ups[0]
-    for u in ups[1:]:
-        want = want + u
+    # reference: per component, tensor + and float + in sender order (ups is sorted by sender)
+    want_t: dict[str, torch.Tensor] = {}
+    want_w: dict[str, float] = {}
+    for u in ups:
+        for c, params in u.tensors.items():
+            want_t[c] = params["w"] if c not in want_t else want_t[c] + params["w"]
+            want_w[c] = u.weights[c] if c not in want_w else want_w[c] + u.weights[c]
     assert got is not None
-    assert got.meta == want.meta and got.weights == want.weights
-    assert got.tensors.keys() == want.tensors.keys()
-    for c in want.tensors:
-        g, w_ = got.tensors[c]["w"], want.tensors[c]["w"]
+    assert got.meta == UpdateMeta(
+        tuple(u.meta.senders[0] for u in ups),
+        max(u.meta.round for u in ups),
+        sum(u.meta.num_samples for u in ups),
+    )
+    assert got.weights == want_w and got.tensors.keys() == want_t.keys()
+    for c, w_ in want_t.items():
+        g = got.tensors[c]["w"]
         assert g.dtype == w_.dtype and torch.equal(g, w_)
+    pair = ups[0] + ups[-1] if len(ups) > 1 else None  # + is the same fold of two
+    if pair is not None:
+        for c in pair.tensors:
+            a, b = ups[0].tensors.get(c), ups[-1].tensors.get(c)
+            ref = a["w"] + b["w"] if a and b else (a or b)["w"]  # type: ignore[index]
+            assert torch.equal(pair.tensors[c]["w"], ref)
     for u, b in zip(ups, before):
         assert all(torch.equal(u.tensors[c]["w"], b[c]) for c in b)
 
