@@ -329,13 +329,13 @@ class M3TModel(nn.Module):
         has_text = any(isinstance(k, torch.Tensor) for k in masks)
         if has_text:  # built out of place: under DP-SGD's vmap the text masks are batched
             dev = tokens.device
+            counts = [self.prompt_tokens, *masks] if self.prompt_tokens else masks
             mask = torch.cat(
-                [torch.ones(batch, self.prompt_tokens, dtype=torch.bool, device=dev)]
-                + [
+                [
                     k
                     if isinstance(k, torch.Tensor)
                     else torch.ones(batch, k, dtype=torch.bool, device=dev)
-                    for k in masks
+                    for k in counts
                 ],
                 dim=1,
             )

@@ -154,8 +154,8 @@ def gossip_uncovered(cfg: Any, tier_names: Sequence[str]) -> dict[str, str]:
     sender's: the per-sender Gaussian accounting holds for neither. The report then gives
     epsilon = inf with this reason instead of a bound it cannot back."""
     out: dict[str, str] = {}
-    topo = getattr(cfg, "topology", None)
-    if topo is None or getattr(topo, "name", "") == "gossip":
+    topo = cfg.topology
+    if topo.name == "gossip":  # no tiers to send up to: its mixing is the whole algorithm
         return out
     for lvl, name in enumerate(tier_names[:-1]):
         if "gaussian" not in cfg.tier(name).postprocess:

@@ -71,10 +71,6 @@ class Runtime(ABC):
         The driver takes both from here instead of building a skeleton of its own: a
         pretrained backbone and peft are then loaded only where training happens."""
 
-    def initial_state(self) -> State:
-        """The initial trainable state (every component), as worker 0 built it."""
-        return self.model_info()[1]
-
     @abstractmethod
     def train(self, jobs: Sequence[TrainJob], states: Any) -> tuple[list[ClientMeta], Any]:
         """Train ``jobs`` (sorted by client id) from ``states`` (a handle of parent id -> State).
