@@ -91,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
                 "rounds": args.rounds,
                 "seed": args.seed,
                 "lora_rank": args.lora_rank,
+                "tag": w.tag,  # the case's folder under runs/ is f"{impl}-{tag}"
                 "wall_s": wall,
                 "peak_rss_gib": mem.peak_gib,
                 "peak_procs": mem.peak_procs,
@@ -132,12 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--rounds", type=int, default=5)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument(
-        "--lora-rank",
-        type=int,
-        default=0,
-        help="0 (default): the plain small MLP; r > 0: add a rank-r peft LoRA adapter on fc1",
-    )
     r.add_argument("--timeout", type=float, default=1800)
     r.add_argument("--out", default="benchmarks/out/overhead")
     o = sub.add_parser("one", help="(internal) run one implementation in this process")
@@ -146,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--participation", type=float, required=True)
     o.add_argument("--rounds", type=int, default=5)
     o.add_argument("--seed", type=int, default=0)
-    o.add_argument(
-        "--lora-rank",
-        type=int,
-        default=0,
-        help="0 (default): the plain small MLP; r > 0: add a rank-r peft LoRA adapter on fc1",
-    )
     o.add_argument("--out", required=True)
+    for sp in (r, o):
+        sp.add_argument(
+            "--lora-rank",
+            type=int,
+            default=0,
+            help="0 (default): the plain small MLP; r > 0: add a rank-r peft LoRA adapter on fc1",
+        )
     rep = sub.add_parser("report", help="rebuild REPORT.md / results.csv from results.json")
     rep.add_argument("out")
     args = p.parse_args(argv)

@@ -25,8 +25,10 @@ def steady_round_s(round_s: list[float]) -> float | None:
 
 
 def _max_diff(out: Path, rec: dict[str, Any]) -> float | None:
-    lora = f"-lora{rec['lora_rank']}" if rec.get("lora_rank") else ""
-    tag = f"n{rec['clients']}-p{int(round(rec['participation'] * 100))}{lora}"
+    tag = rec.get("tag")
+    if tag is None:  # written before records stored their tag: Workload.tag's format then
+        lora = f"-lora{rec['lora_rank']}" if rec.get("lora_rank") else ""
+        tag = f"n{rec['clients']}-p{int(round(rec['participation'] * 100))}{lora}"
     mine = out / "runs" / f"{rec['impl']}-{tag}" / "final.npy"
     floor = out / "runs" / f"floor-{tag}" / "final.npy"
     if not (mine.is_file() and floor.is_file()):
