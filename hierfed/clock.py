@@ -12,8 +12,8 @@ The cost model (``clock`` section of the config) is deliberately simple:
   per-round jitter. Every draw is keyed by ``(seed, "clock", ...)``, so times are a pure
   function of the seed.
 
-Nothing here sleeps or measures real time; topologies ask the clock how long their
-transfers and training would take and decide who missed a deadline. Uncompressed or
+Nothing here sleeps or measures real time; the channels (hierfed/engine/channel.py, the
+only callers) ask it how long transfers and training would take, and apply deadlines. Uncompressed or
 compressed, the bytes charged are the ones the ledger records.
 
 Example::
@@ -30,7 +30,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
@@ -101,44 +101,3 @@ class Clock:
             return 0.0
         bw, lat = self.link(node_id)
         return (lat + nbytes / bw) * self._jitter(node_id, rnd, key, "link-jitter")
-
-    # ---------------------------------------------------------------- gossip
-
-    def late_gossip_nodes(
-        self, rnd: int, trainers: Mapping[str, object], deadline_s: float
-    ) -> set[str]:
-        """Trainers whose local training ends after ``deadline_s`` (0 = no deadline)."""
-        if deadline_s <= 0:
-            return set()
-        return {n for n in trainers if self.compute_s(n, rnd=rnd, key=("gossip",)) > deadline_s}
-
-    def gossip_round_time(
-        self,
-        rnd: int,
-        *,
-        compute: Mapping[str, object],
-        step_bytes: Sequence[Mapping[tuple[str, str], int]],
-        deadline_s: float,
-        any_late: bool,
-    ) -> float:
-        """Training (until the slowest on-time node, or the deadline if someone was late), then
-        each mixing step until the slowest node has pushed everything it sends its neighbours
-        (``step_bytes``: bytes per directed link) through its own access link. The same rule
-        as device-to-device mixing inside a tree (hierfed/tree.py): a denser graph costs time,
-        not only bytes."""
-        train = max((self.compute_s(n, rnd=rnd, key=("gossip",)) for n in compute), default=0.0)
-        if any_late and deadline_s > 0:
-            train = deadline_s
-        total = train
-        for s, links in enumerate(step_bytes):
-            out: dict[str, int] = {}
-            for (src, _dst), nbytes in sorted(links.items()):
-                out[src] = out.get(src, 0) + nbytes
-            total += max(
-                (
-                    self.transfer_s(src, nbytes, rnd=rnd, key=("peer", s))
-                    for src, nbytes in sorted(out.items())
-                ),
-                default=0.0,
-            )
-        return total

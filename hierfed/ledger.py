@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ class CommLedger:
         self.records: list[Transfer] = list(records)
 
     def record(
-        self, *, round: int, src: str, dst: str, edge: str, direction: str, sizes: dict[str, int]
+        self, *, round: int, src: str, dst: str, edge: str, direction: str, sizes: Mapping[str, int]
     ) -> None:
         """Record one transfer of several components (``sizes``: component -> bytes)."""
         if direction not in ("up", "down", "peer"):  # peer: a gossip exchange between neighbours

@@ -19,6 +19,7 @@ from typing import Any
 from hierfed.checkpoint import atomic_write_text, save_state
 from hierfed.config import RunConfig, to_yaml, validate_config
 from hierfed.data.federation import Federation
+from hierfed.engine import ChannelSet, RoundContext, require_no_failures
 from hierfed.errors import CheckpointError
 from hierfed.ledger import CommLedger
 from hierfed.privacy.accountant import gossip_uncovered, privacy_metrics
@@ -35,7 +36,6 @@ from hierfed.runtime.base import Runtime, make_runtime
 from hierfed.runtime.jobs import EvalJob
 from hierfed.runtime.worker import WorkerSetup
 from hierfed.topology import Topology
-from hierfed.tree import require_no_failures
 from hierfed.update import State
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ def run(
                 f"the checkpoint in '{out_dir}' was written with another config; resume with the "
                 "run folder's own config.yaml (python -m hierfed run --resume RUN_DIR)"
             )
+    topo_cls = TOPOLOGIES.get(cfg.topology.name)
+    topo_cls.check(cfg, fed)  # every topology and tier setting, before any worker starts
     own_runtime = runtime is None
     rt = runtime or make_runtime(cfg.runtime)
     summary = fed.summary()
@@ -137,7 +139,7 @@ def run(
         # The model is built where it trains: worker 0 hands over the spec and the initial
         # state, so the driver never loads a backbone or peft (seconds of start-up each).
         spec, initial = rt.model_info()
-        topo: Topology = TOPOLOGIES.get(cfg.topology.name)(cfg=cfg, federation=fed, spec=spec)
+        topo: Topology = topo_cls(cfg=cfg, federation=fed, spec=spec)
         topo.init(initial)
         for edge, why in gossip_uncovered(cfg, topo.tier_names).items():
             log.warning("client-level DP into tier '%s': %s", edge, why)
@@ -156,6 +158,7 @@ def run(
                 float(ck["sim_total"]),
                 dict(ck["dp_seen"]),
             )
+        channels = ChannelSet(cfg, fed, ledger)
         emit(
             "start",
             {
@@ -179,11 +182,11 @@ def run(
             emit("resume", {"round": start_round - 1})
         for rnd in range(start_round, cfg.rounds + 1):
             t_round = time.perf_counter()
-            stats = topo.run_round(rnd, rt, ledger)
-            # a failed client fails the run, unless failures are tolerated (then quorums decide)
-            require_no_failures(
-                stats, rnd, tolerate=lambda _s: cfg.runtime.on_client_failure == "drop"
+            stats = topo.run_round(
+                RoundContext(round=rnd, runtime=rt, channels=channels, clients=topo.clients)
             )
+            # a failed client fails the run, unless failures are tolerated (then quorums decide)
+            require_no_failures(stats, rnd, tolerate=cfg.runtime.on_client_failure == "drop")
             rec: dict[str, Any] = {
                 "round": rnd,
                 "train_loss": stats.train_loss,

@@ -4,39 +4,47 @@ A topology is a class registered under a name, by entry point (group ``hierfed.t
 how a third-party package adds one; see examples/hierfed-plugin-example) or with
 ``TOPOLOGIES.add`` / ``TOPOLOGIES.register``. ``simulation.run`` drives it::
 
-    topo = TopologyClass(cfg=cfg, federation=fed, spec=spec)  # build the node graph; reject bad
-                                                              # config here (ConfigError), before work
+    TopologyClass.check(cfg, fed)                  # config against the federation: ConfigError
+                                                   # here, before any worker starts
+    topo = TopologyClass(cfg=cfg, federation=fed, spec=spec)  # build the node graph
     topo.init(initial_state)                       # every component's starting values
+    channels = ChannelSet(cfg, fed, ledger)        # one Channel per edge (hierfed.engine)
     for rnd in 1..cfg.rounds:
-        stats = topo.run_round(rnd, runtime, ledger)   # -> hierfed.tree.RoundStats
+        ctx = RoundContext(round=rnd, runtime=runtime, channels=channels, clients=topo.clients)
+        stats = topo.run_round(ctx)                # -> RoundStats (ctx.stats)
         topo.round_metrics()                       # extra per-round metrics for metrics.jsonl
     topo.global_state()                            # State evaluated as "the global model"
     topo.personalized_state(client_id)             # State a client would deploy
 
 What a topology may do in ``run_round``:
 
-* call only the Runtime interface: ``put`` (share states once), ``train`` (TrainJobs: clients
-  train on the workers and return pre-weighted Updates), ``merge`` (MergeTasks: validate,
-  aggregate, server step on the workers), ``mix`` / ``average`` (gossip mixing on the
-  workers) and ``evaluate``; it holds no tensor math and makes no ``ray.*`` calls;
-* draw randomness only from ``hierfed.seeding`` keyed by (seed, round, node, purpose);
-* ask ``hierfed.clock.Clock`` how long transfers and training take (simulated time);
-* record every transfer in the CommLedger (``direction`` up, down or peer).
+* call only the Runtime interface (``ctx.runtime``): ``put`` (share states once), ``train``
+  (TrainJobs: clients train on the workers and return pre-weighted Updates), ``merge``
+  (MergeTasks: validate, aggregate, server step on the workers), ``mix`` / ``average`` (peer
+  mixing on the workers) and ``evaluate``; it holds no tensor math and makes no ``ray.*`` calls;
+* draw randomness only from ``hierfed.seeding`` keyed by (seed, round, node, purpose), and
+  sample members with ``hierfed.engine.sampling``;
+* move everything across an edge through ``ctx.channels`` (ledger and simulated clock);
+* fold every trained client's result into the round with ``ctx.stats.absorb`` (which carries
+  its DP accountant and local components in ``ctx.clients``).
 
-What it returns: a ``RoundStats`` with ``participants``, ``failures`` (client, cause),
-``rejections``, the training loss sums, ``dropped`` and ``late`` clients and
+What it returns: ``ctx.stats``, a ``RoundStats`` with ``participants``, ``failures`` (client,
+cause), ``rejections``, the training loss sums, ``dropped`` and ``late`` clients and
 ``sim_time_s`` (the round's simulated wall-clock time). ``round_metrics`` may add any
 JSON-able numbers (gossip adds ``consensus_distance`` and per-node quality).
 
-A tree topology only says which path each client takes to the root; ``TreeTopology``'s
-engine does the rest. A runnable example, registering and running a plug-in topology::
+A tree topology subclasses ``hierfed.engine.tree.TreeTopology`` and only says which path
+each client takes to the root (a classmethod ``tree``); the engine does the rest. A runnable example, registering and running a
+plug-in topology::
 
     >>> from hierfed.config import load_config
+    >>> from hierfed.engine.tree import TreeTopology
     >>> from hierfed.registry import TOPOLOGIES
     >>> from hierfed.simulation import run
     >>> class Flat(TreeTopology):
     ...     name = "doc-flat"
-    ...     def tree(self, federation):
+    ...     @classmethod
+    ...     def tree(cls, federation):
     ...         root, leaf = federation.tier_names[0], federation.tier_names[-1]
     ...         return {c.id: (root, c.id) for c in federation.clients}, (root, leaf)
     >>> TOPOLOGIES.add("doc-flat", Flat)
@@ -58,11 +66,14 @@ from typing import Any
 
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
-from hierfed.ledger import CommLedger
+from hierfed.engine.context import RoundContext
+from hierfed.engine.stats import ClientStore, RoundStats
+from hierfed.errors import CheckpointError
 from hierfed.model.spec import ModelSpec
-from hierfed.runtime.base import Runtime
-from hierfed.tree import RoundStats, TreeEngine
 from hierfed.update import State
+
+#: what every topology carries between rounds, whatever its own ``carried`` says
+CLIENT_STATE = ("clients.local", "clients.privacy")
 
 
 class Topology(ABC):
@@ -70,12 +81,20 @@ class Topology(ABC):
 
     def __init__(self, *, cfg: RunConfig, federation: Federation, spec: ModelSpec) -> None:
         self.cfg, self.federation, self.spec = cfg, federation, spec
+        self.clients = ClientStore()  # DP accountants and local components, per client
+
+    @classmethod
+    def check(cls, cfg: RunConfig, federation: Federation) -> None:
+        """Check the config against the federation before any worker starts (ConfigError
+        naming the key, the value and the fix). Needs no model: the run calls it first.
+        A topology without settings of its own to check keeps this one."""
+        return None
 
     @abstractmethod
     def init(self, initial: State) -> None: ...
 
     @abstractmethod
-    def run_round(self, rnd: int, runtime: Runtime, ledger: CommLedger) -> RoundStats: ...
+    def run_round(self, ctx: RoundContext) -> RoundStats: ...
 
     @abstractmethod
     def global_state(self) -> State: ...
@@ -95,7 +114,7 @@ class Topology(ABC):
     def state_dict(self) -> dict[str, Any]:
         """The carried state, by attribute path (not copied: pack it before mutating)."""
         out = {}
-        for path in self.carried:
+        for path in (*CLIENT_STATE, *self.carried):
             obj: Any = self
             for part in path.split("."):
                 obj = getattr(obj, part)
@@ -104,14 +123,14 @@ class Topology(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned; every carried path must be present."""
-        missing = set(self.carried) - set(state)
+        paths = (*CLIENT_STATE, *self.carried)
+        missing = set(paths) - set(state)
         if missing:
-            from hierfed.errors import CheckpointError
-
             raise CheckpointError(
-                f"checkpoint lacks topology state {sorted(missing)}; it was written by another topology or version"
+                f"checkpoint lacks topology state {sorted(missing)}; it was written by another "
+                "topology or version"
             )
-        for path in self.carried:
+        for path in paths:
             *parents, leaf = path.split(".")
             obj: Any = self
             for part in parents:
@@ -121,59 +140,3 @@ class Topology(ABC):
     @property
     def tier_names(self) -> tuple[str, ...]:
         return self.federation.tier_names
-
-
-class TreeTopology(Topology):
-    """A topology that is a tree of aggregating tiers; subclasses say how to build the tree."""
-
-    def __init__(self, *, cfg: RunConfig, federation: Federation, spec: ModelSpec) -> None:
-        super().__init__(cfg=cfg, federation=federation, spec=spec)
-        paths, tiers = self.tree(federation)
-        self._tiers = tiers
-        tree_spec = spec if tiers == federation.tier_names else _respec(spec, tiers)
-        self.engine = TreeEngine(
-            cfg=cfg, federation=federation, spec=tree_spec, paths=paths, tier_names=tiers
-        )
-
-    @abstractmethod
-    def tree(self, federation: Federation) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
-        """Client id -> path (root first, client last), and the tier names of the tree."""
-
-    @property
-    def tier_names(self) -> tuple[str, ...]:
-        return self._tiers
-
-    carried = (
-        "engine.states",
-        "engine.local",
-        "engine.privacy",
-        "engine.agg_states",
-        "engine.opt_states",
-    )
-
-    def init(self, initial: State) -> None:
-        self.engine.init(initial)
-
-    def run_round(self, rnd: int, runtime: Runtime, ledger: CommLedger) -> RoundStats:
-        return self.engine.run_round(rnd, runtime, ledger)
-
-    def global_state(self) -> State:
-        return self.engine.states[self.engine.root]
-
-    def personalized_state(self, client_id: str) -> State:
-        return self.engine.personalized_state(client_id)
-
-
-def _respec(spec: ModelSpec, tiers: tuple[str, ...]) -> ModelSpec:
-    """The spec for a tree with other tiers: tier scopes that the tree lacks fall back to
-    the nearest kept tier above them (``local`` and ``global`` keep their meaning)."""
-    from dataclasses import replace
-
-    comps = {}
-    for name, c in spec.components.items():
-        scope = c.scope
-        if scope not in ("global", "local") and scope not in tiers:
-            keep = [t for t in spec.tier_names[: spec.tier_names.index(scope)] if t in tiers]
-            scope = keep[-1] if keep and keep[-1] != tiers[0] else "global"
-        comps[name] = replace(c, scope=scope)
-    return replace(spec, components=comps, tier_names=tiers)

@@ -51,3 +51,14 @@ def tiny_cfg(tmp_path):
         )
 
     return make
+
+
+def play(topo, rnd, runtime, ledger):
+    """One round of ``topo`` as the run loop plays it (fresh channels on ``ledger``); returns
+    the round's context (``.stats``, ``.times``)."""
+    from hierfed.engine import ChannelSet, RoundContext
+
+    channels = ChannelSet(topo.cfg, topo.federation, ledger)
+    ctx = RoundContext(round=rnd, runtime=runtime, channels=channels, clients=topo.clients)
+    topo.run_round(ctx)
+    return ctx

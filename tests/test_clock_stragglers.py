@@ -9,6 +9,7 @@ import torch
 
 from hierfed.clock import Clock
 from hierfed.config import load_config
+from hierfed.engine import ChannelSet, Message
 from hierfed.errors import ConfigError
 from hierfed.ledger import CommLedger
 from hierfed.model.m3t import build_model, model_spec
@@ -19,7 +20,7 @@ from hierfed.runtime.local import LocalRuntime
 from hierfed.runtime.worker import WorkerCore, WorkerSetup
 from hierfed.simulation import build_federation, run
 from hierfed.update import Update
-from tests.conftest import tiny_overrides
+from tests.conftest import play, tiny_overrides
 
 
 def _cfg(topology="hierarchical", **extra):
@@ -55,8 +56,9 @@ def _rounds(cfg, rounds=2):
     rt = SpyRuntime(cfg.runtime)
     rt.start(WorkerSetup(cfg, fed))
     ledger = CommLedger()
-    stats = [topo.run_round(r, rt, ledger) for r in range(1, rounds + 1)]
-    return topo, rt, ledger, stats
+    ctxs = [play(topo, r, rt, ledger) for r in range(1, rounds + 1)]
+    topo.last_times = ctxs[-1].times  # the last round's simulated arrivals
+    return topo, rt, ledger, [c.stats for c in ctxs]
 
 
 def test_clock_is_keyed_and_heterogeneous_across_institutions():
@@ -113,7 +115,7 @@ def test_bad_clock_and_tier_values_are_rejected():
 def _deadline(**extra):
     """A deadline between the fastest and the slowest student's arrival in round 1."""
     topo, *_ = _rounds(_cfg(**extra), rounds=1)
-    times = sorted(topo.engine.arrival[c] for c in topo.engine.leaves)
+    times = sorted(topo.last_times.arrival[c] for c in topo.engine.leaves)
     return round((times[2] + times[-2]) / 2, 4)
 
 
@@ -220,10 +222,11 @@ def test_a_gossip_step_lasts_until_the_busiest_sender_has_pushed_everything():
     }
     complete = {(a, b): per_link for a in nodes for b in nodes if a != b}
 
+    channel = ChannelSet(cfg, fed, CommLedger()).peers("student")
+
     def step(links):
-        return clock.gossip_round_time(
-            1, compute={}, step_bytes=[links], deadline_s=0, any_late=False
-        )
+        messages = [Message(a, b, {"c": n}) for (a, b), n in sorted(links.items())]
+        return channel.exchange(messages, rnd=1, key=("peer", 0))
 
     assert step(complete) > step(ring) > 0
     assert step(ring) == max(

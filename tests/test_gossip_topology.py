@@ -14,7 +14,7 @@ from hierfed.registry import TOPOLOGIES
 from hierfed.runtime.local import LocalRuntime
 from hierfed.runtime.worker import WorkerSetup
 from hierfed.simulation import build_federation
-from tests.conftest import tiny_overrides
+from tests.conftest import play, tiny_overrides
 
 
 def _cfg(topology="gossip", **extra):
@@ -37,7 +37,7 @@ def _round(cfg, rounds=1):
     rt = LocalRuntime(cfg.runtime)
     rt.start(WorkerSetup(cfg, fed))
     ledger = CommLedger()
-    stats = [topo.run_round(r, rt, ledger) for r in range(1, rounds + 1)]
+    stats = [play(topo, r, rt, ledger).stats for r in range(1, rounds + 1)]
     return topo, ledger, stats
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from hierfed import plugins  # noqa: F401
 from hierfed.config import load_config
+from hierfed.engine import RoundStats
 from hierfed.ledger import CommLedger
 from hierfed.model.m3t import build_model, model_spec
 from hierfed.registry import TOPOLOGIES
@@ -16,8 +17,7 @@ from hierfed.runtime.local import LocalRuntime
 from hierfed.runtime.worker import WorkerSetup
 from hierfed.simulation import build_federation
 from hierfed.topology import Topology
-from hierfed.tree import RoundStats
-from tests.conftest import tiny_overrides
+from tests.conftest import play, tiny_overrides
 
 
 @pytest.mark.parametrize("name", TOPOLOGIES.names())
@@ -33,7 +33,7 @@ def test_every_topology_honours_the_contract(name):
     rt = LocalRuntime(cfg.runtime)
     rt.start(WorkerSetup(cfg, fed))
     ledger = CommLedger()
-    stats = topo.run_round(1, rt, ledger)
+    stats = play(topo, 1, rt, ledger).stats
     assert isinstance(stats, RoundStats)
     assert stats.participants > 0 and not stats.failures
     assert math.isfinite(stats.train_loss) and stats.sim_time_s > 0

@@ -13,7 +13,7 @@ from hierfed.registry import TOPOLOGIES
 from hierfed.runtime.base import make_runtime
 from hierfed.runtime.worker import WorkerSetup
 from hierfed.simulation import build_federation, run
-from tests.conftest import tiny_overrides
+from tests.conftest import play, tiny_overrides
 
 
 def _cfg(tmp_path, **extra):
@@ -38,7 +38,7 @@ def _rounds(cfg, rounds: int):
     ledger = CommLedger()
     try:
         for r in range(1, rounds + 1):
-            topo.run_round(r, rt, ledger)
+            play(topo, r, rt, ledger)
     finally:
         rt.shutdown()
     return topo, ledger, initial, fed
@@ -79,7 +79,7 @@ def test_local_components_never_appear_in_the_ledger(tmp_path):
     assert not any(r.component.startswith("prompt.") for r in ledger.records)
     assert any(r.component.startswith("head.") for r in ledger.records)
     for c in fed.clients:
-        own = topo.engine.local[c.id]
+        own = topo.clients.local[c.id]
         assert set(own) == {f"prompt.{t}" for t in c.tasks}
         p = f"prompt.{c.tasks[0]}"
         assert not _eq(own[p], initial[p])  # trained, kept at the client

@@ -17,7 +17,7 @@ from hierfed.runtime.local import LocalRuntime
 from hierfed.runtime.worker import WorkerSetup
 from hierfed.simulation import build_federation, run
 from hierfed.update import Update
-from tests.conftest import tiny_overrides
+from tests.conftest import play, tiny_overrides
 
 DEEP = {"data.options.regions": 2, "data.options.courses_per_institution": 2}
 
@@ -120,7 +120,7 @@ def test_a_four_tier_tree_ends_at_the_flat_weighted_mean_of_its_clients():
     topo.init(x0)
     rt = CollectingRuntime(cfg.runtime)
     rt.start(WorkerSetup(cfg, fed))
-    topo.run_round(1, rt, CommLedger())
+    play(topo, 1, rt, CommLedger())
     assert len(topo.tier_names) == 5 and len(rt.updates) == len(fed.clients)
     flat = Update.sum(rt.updates.values()).mean()
     got = topo.global_state()

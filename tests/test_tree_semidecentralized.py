@@ -14,7 +14,7 @@ from hierfed.registry import TOPOLOGIES
 from hierfed.runtime.local import LocalRuntime
 from hierfed.runtime.worker import WorkerSetup
 from hierfed.simulation import build_federation
-from tests.conftest import tiny_overrides
+from tests.conftest import play, tiny_overrides
 
 
 def _round(**extra):
@@ -28,7 +28,7 @@ def _round(**extra):
     rt = LocalRuntime(cfg.runtime)
     rt.start(WorkerSetup(cfg, fed))
     ledger = CommLedger()
-    stats = topo.run_round(1, rt, ledger)
+    stats = play(topo, 1, rt, ledger).stats
     return topo, ledger, stats
 
 

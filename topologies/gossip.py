@@ -41,7 +41,6 @@ payload, and the raw size otherwise.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Hashable
 from typing import Any
@@ -49,18 +48,19 @@ from typing import Any
 import numpy as np
 
 from hierfed import mixing
-from hierfed.clock import Clock
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
+from hierfed.engine.channel import Message
+from hierfed.engine.context import RoundContext
+from hierfed.engine.sampling import dropouts, sample
+from hierfed.engine.stats import RoundStats
 from hierfed.errors import ConfigError, DataError
-from hierfed.ledger import CommLedger
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.validate import Expectation
 from hierfed.runtime.base import Runtime
 from hierfed.runtime.jobs import AverageTask, EvalJob, MixTask, TrainJob
 from hierfed.seeding import np_rng
 from hierfed.topology import Topology
-from hierfed.tree import RoundStats
 from hierfed.update import State, state_nbytes
 
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -108,6 +108,18 @@ def parse_options(options: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
+def graph_spec(opts: dict[str, Any]) -> mixing.GraphSpec:
+    """The graph the parsed options describe."""
+    return mixing.GraphSpec(
+        kind=str(opts["graph"]),
+        degree=int(opts["degree"]),
+        p=float(opts["p"]),
+        k=int(opts["k"]),
+        beta=float(opts["beta"]),
+        edges=tuple((str(a), str(b)) for a, b in (tuple(e) for e in opts["edges"])),
+    )
+
+
 def uses(spec: ModelSpec, profile: Any) -> tuple[str, ...]:
     """Every component a client's model needs for its modalities and tasks, whatever it trains."""
     out = []
@@ -124,35 +136,40 @@ class GossipTopology(Topology):
     """Serverless consensus over a graph of clients; see the module docstring."""
 
     name = "gossip"
-    carried = ("states", "local", "mean")  # what a checkpoint saves between rounds
+    carried = ("states", "mean")  # what a checkpoint saves between rounds (and self.clients)
 
-    def __init__(self, *, cfg: RunConfig, federation: Federation, spec: ModelSpec) -> None:
-        super().__init__(cfg=cfg, federation=federation, spec=spec)
-        self.opts = parse_options(dict(cfg.topology.options))
-        self.nodes: list[str] = [c.id for c in federation.clients]  # sorted by id
-        if len(self.nodes) < 2:
-            raise DataError(
-                f"gossip needs at least 2 clients, the federation has {len(self.nodes)}"
-            )
-        self.root_tier = federation.tier_names[0]
-        self.node_tier = federation.tier_names[-1]
-        if cfg.topology.leaf_peers(self.node_tier) is not None:
+    @classmethod
+    def check(cls, cfg: RunConfig, federation: Federation) -> None:
+        opts = parse_options(dict(cfg.topology.options))
+        nodes = [c.id for c in federation.clients]
+        if len(nodes) < 2:
+            raise DataError(f"gossip needs at least 2 clients, the federation has {len(nodes)}")
+        leaf = federation.tier_names[-1]
+        if cfg.topology.leaf_peers(leaf) is not None:
             raise ConfigError(
-                f"topology.tiers.{self.node_tier}.peer_steps",
-                cfg.topology.tiers[self.node_tier].peer_steps,
+                f"topology.tiers.{leaf}.peer_steps",
+                cfg.topology.tiers[leaf].peer_steps,
                 "device-to-device gossip between aggregations is an option of tree topologies "
                 "(hierarchical, star); under gossip every node already mixes with its "
                 "neighbours: set topology.options.steps and topology.options.graph instead",
             )
-        self.edge_name = f"{self.node_tier}<->{self.node_tier}"
+        # built (and checked: connected, no self-loops) before any work starts
+        mixing.build_graph(graph_spec(opts), nodes, np_rng(cfg.seed, "gossip-graph"))
+
+    def __init__(self, *, cfg: RunConfig, federation: Federation, spec: ModelSpec) -> None:
+        super().__init__(cfg=cfg, federation=federation, spec=spec)
+        self.check(cfg, federation)
+        self.opts = parse_options(dict(cfg.topology.options))
+        self.nodes: list[str] = [c.id for c in federation.clients]  # sorted by id
+        self.root_tier = federation.tier_names[0]
+        self.node_tier = federation.tier_names[-1]
         self.tier_cfg = cfg.tier(self.root_tier)
         profiles = federation.by_id
         self.num_train = {n: profiles[n].num_train for n in self.nodes}
         self.tasks = {n: profiles[n].tasks for n in self.nodes}
         self.holds = {n: spec.holds(profiles[n]) for n in self.nodes}  # what a node trains
-        self.uses = {
-            n: uses(spec, profiles[n]) for n in self.nodes
-        }  # what its model needs (a copy of each)
+        # what its model needs (a copy of each)
+        self.uses = {n: uses(spec, profiles[n]) for n in self.nodes}
         leaf = len(federation.tier_names) - 1
         # a component's sharing label at a node: the ancestor at its scope's tier (absent: not shared)
         self.shared: dict[str, tuple[str, ...]] = {}
@@ -164,21 +181,11 @@ class GossipTopology(Topology):
                 if lvl < leaf:
                     self.labels[c][n] = "/".join(path[: lvl + 1])
             self.shared[n] = tuple(c for c in self.holds[n] if n in self.labels.get(c, {}))
-        self.graph_spec = mixing.GraphSpec(
-            kind=str(self.opts["graph"]),
-            degree=int(self.opts["degree"]),
-            p=float(self.opts["p"]),
-            k=int(self.opts["k"]),
-            beta=float(self.opts["beta"]),
-            edges=tuple((str(a), str(b)) for a, b in (tuple(e) for e in self.opts["edges"])),
-        )
-        # built (and checked: connected, no self-loops) before any work starts
+        self.graph_spec = graph_spec(self.opts)
         self.graph = mixing.build_graph(
             self.graph_spec, self.nodes, np_rng(cfg.seed, "gossip-graph")
         )
-        self.clock = Clock(cfg, federation)
         self.states: dict[str, State] = {}
-        self.local: dict[str, State] = {}
         self.mean: State = {}
         self._metrics: dict[str, Any] = {}
 
@@ -212,24 +219,22 @@ class GossipTopology(Topology):
         )
 
     def _draw(self, rnd: int) -> tuple[list[str], list[str]]:
-        """(online nodes, nodes that train): dropouts and participation, keyed by seed and round."""
-        p_drop = self.tier_cfg.dropout
-        online = list(self.nodes)
-        if p_drop > 0:
-            u = np_rng(self.cfg.seed, "dropout", rnd, self.root_tier).random(len(self.nodes))
-            online = [n for n, x in zip(self.nodes, u) if x >= p_drop]
-        m = max(1, int(math.ceil(self.tier_cfg.participation * len(self.nodes) - 1e-9)))
-        if m >= len(self.nodes):
-            chosen = set(self.nodes)
-        else:
-            rng = np_rng(self.cfg.seed, "sample", rnd, 0, self.root_tier)
-            chosen = {self.nodes[i] for i in rng.choice(len(self.nodes), size=m, replace=False)}
+        """(online nodes, nodes that train): dropouts and participation, keyed by seed and
+        round, by the same rules as a tree's root (hierfed.engine.sampling)."""
+        seed, root, tier = self.cfg.seed, self.root_tier, self.tier_cfg
+        gone = dropouts(seed=seed, node=root, members=self.nodes, p=tier.dropout, rnd=rnd, key=())
+        online = [n for n in self.nodes if n not in gone]
+        chosen = set(
+            sample(
+                seed=seed, node=root, members=self.nodes, p=tier.participation, rnd=rnd, key=(0,)
+            )
+        )
         return online, [n for n in online if n in chosen]
 
-    def run_round(self, rnd: int, runtime: Runtime, ledger: CommLedger) -> RoundStats:
-        stats = RoundStats()
+    def run_round(self, ctx: RoundContext) -> RoundStats:
+        stats, rnd = ctx.stats, ctx.round
         online, trainers = self._draw(rnd)
-        starts = runtime.put(self.states)
+        starts = ctx.runtime.put(self.states)
         jobs = [
             TrainJob(
                 client_id=n,
@@ -239,25 +244,22 @@ class GossipTopology(Topology):
                 key=(rnd, 0, n),
                 trains=self.holds[n],
                 sends=self.shared[n],
+                privacy=ctx.clients.privacy.get(n),
             )
             for n in trainers
         ]
-        metas, updates = runtime.train(jobs, starts)
+        metas, updates = ctx.runtime.train(jobs, starts)
         sizes: dict[str, dict[str, int]] = {}
-        compute: dict[str, int] = {}
+        compute: dict[str, float] = {}
         for m in metas:
-            if m.error is not None:
-                stats.failures.append((m.client_id, m.error.splitlines()[0]))
+            if stats.failed(m) or not stats.absorb(m, ctx.clients):
                 continue
             stats.participants += 1
-            stats.loss_sum += m.loss * m.num_samples
-            stats.loss_rows += m.num_samples
             sizes[m.client_id] = m.sizes
-            compute[m.client_id] = m.num_samples
-            if m.local:
-                self.local[m.client_id] = m.local
+            compute[m.client_id] = ctx.channels.compute_s(m.client_id, rnd=rnd, key=("gossip",))
         # a straggler past the deadline: its update is discarded (it mixes its old state)
-        late = self.clock.late_gossip_nodes(rnd, compute, self.tier_cfg.deadline_s)
+        deadline = self.tier_cfg.deadline_s
+        late = {n for n, t in compute.items() if deadline > 0 and t > deadline}
         stats.late += sorted(late)
         expectations = {
             n: Expectation(
@@ -268,18 +270,28 @@ class GossipTopology(Topology):
         }
         tasks, step_edges = self._mix_tasks(rnd, online)
         # only expected updates are mixed: a late node's update is ignored by the workers
-        results = runtime.mix(tasks, starts, expectations, [updates])
+        results = ctx.runtime.mix(tasks, starts, expectations, [updates])
         new_states = {n: dict(s) for n, s in self.states.items()}
         seen_rejections: set[tuple[str, str]] = set()
         for res in results:
             new_states[res.node_id].update(res.state)
             seen_rejections.update(res.rejected)
-        for n, loc in self.local.items():
+        for n, loc in ctx.clients.local.items():
             new_states[n].update(loc)
         stats.rejections += sorted(seen_rejections)
         self.states = new_states  # every node commits only now
-        exchanges, step_bytes = self._record(rnd, ledger, step_edges, sizes, late)
-        dist, mean = runtime.average(
+        # training until the slowest on-time node (the deadline if someone was late), then
+        # each mixing step as the peer channel clocks it
+        train = max((t for n, t in compute.items() if n not in late), default=0.0)
+        stats.sim_time_s = deadline if late and deadline > 0 else train
+        exchanges = 0
+        for s, edges in enumerate(step_edges):
+            messages = self._messages(edges, sizes if s == 0 else {}, late)
+            exchanges += len(messages)
+            stats.sim_time_s += ctx.channels.peers(self.node_tier).exchange(
+                messages, rnd=rnd, key=("peer", s)
+            )
+        dist, mean = ctx.runtime.average(
             AverageTask(
                 labels={c: dict(v) for c, v in self.labels.items()},
                 weights={
@@ -287,23 +299,16 @@ class GossipTopology(Topology):
                     for c, v in self.labels.items()
                 },
             ),
-            runtime.put(self.states),
+            ctx.runtime.put(self.states),
         )
         self.mean = mean
-        stats.sim_time_s = self.clock.gossip_round_time(
-            rnd,
-            compute={n: c for n, c in compute.items() if n not in late},
-            step_bytes=step_bytes,
-            deadline_s=self.tier_cfg.deadline_s,
-            any_late=bool(late),
-        )
         self._metrics = {
             "consensus_distance": dist,
             "gossip_exchanges": exchanges,
             "online_nodes": len(online),
         }
         if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.rounds:
-            self._metrics.update(self._evaluate_nodes(rnd, runtime))
+            self._metrics.update(self._evaluate_nodes(rnd, ctx.runtime))
         return stats
 
     def _weight(self, n: str, c: str) -> float:
@@ -357,40 +362,33 @@ class GossipTopology(Topology):
         ]
         return tasks, step_edges
 
-    def _record(
-        self,
-        rnd: int,
-        ledger: CommLedger,
-        step_edges: list[frozenset[mixing.Edge]],
-        sizes: dict[str, dict[str, int]],
-        late: set[str],
-    ) -> tuple[int, list[dict[tuple[str, str], int]]]:
-        """One ledger record per direction of every live link in every step; returns the count
-        and, per step, the bytes on each directed link (for the clock)."""
-        count = 0
-        per_step = []
-        for s, edges in enumerate(step_edges):
-            links: dict[tuple[str, str], int] = {}
-            for i, j in sorted(edges):
-                a, b = self.nodes[i], self.nodes[j]
-                for src, dst in ((a, b), (b, a)):
-                    comps = [
-                        c
-                        for c in self.uses[src]
-                        if src in self.labels.get(c, {})
-                        and self.labels[c].get(dst) == self.labels[c][src]
-                    ]
-                    if not comps:
-                        continue
-                    wire = sizes.get(src, {}) if s == 0 and src not in late else {}
-                    sz = {c: int(wire.get(c, state_nbytes(self.states[src][c]))) for c in comps}
-                    ledger.record(
-                        round=rnd, src=src, dst=dst, edge=self.edge_name, direction="peer", sizes=sz
+    def _messages(
+        self, edges: frozenset[mixing.Edge], wire: dict[str, dict[str, int]], late: set[str]
+    ) -> list[Message]:
+        """One step's transfers: per direction of every live link, the components both ends
+        share. Bytes are a trained node's encoded update (``wire``, first step, not late) and
+        the raw size otherwise."""
+        out = []
+        for i, j in sorted(edges):
+            a, b = self.nodes[i], self.nodes[j]
+            for src, dst in ((a, b), (b, a)):
+                comps = [
+                    c
+                    for c in self.uses[src]
+                    if src in self.labels.get(c, {})
+                    and self.labels[c].get(dst) == self.labels[c][src]
+                ]
+                if not comps:
+                    continue
+                sent = wire.get(src, {}) if src not in late else {}
+                out.append(
+                    Message(
+                        src,
+                        dst,
+                        {c: int(sent.get(c, state_nbytes(self.states[src][c]))) for c in comps},
                     )
-                    links[(src, dst)] = sum(sz.values())
-                    count += 1
-            per_step.append(links)
-        return count, per_step
+                )
+        return out
 
     def _evaluate_nodes(self, rnd: int, runtime: Runtime) -> dict[str, Any]:
         """Every (or a keyed subset of) node's model on the global held-out set, for its tasks."""

@@ -8,11 +8,12 @@ aggregator, participation fraction, local rounds and server optimizer from
 from __future__ import annotations
 
 from hierfed.data.federation import Federation
-from hierfed.topology import TreeTopology
+from hierfed.engine.tree import TreeTopology
 
 
 class HierarchicalTopology(TreeTopology):
     name = "hierarchical"
 
-    def tree(self, federation: Federation) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+    @classmethod
+    def tree(cls, federation: Federation) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
         return {c.id: c.path for c in federation.clients}, federation.tier_names

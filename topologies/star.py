@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hierfed.data.federation import Federation
-from hierfed.topology import TreeTopology
+from hierfed.engine.tree import TreeTopology
 
 
 class StarTopology(TreeTopology):
@@ -11,6 +11,7 @@ class StarTopology(TreeTopology):
 
     name = "star"
 
-    def tree(self, federation: Federation) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+    @classmethod
+    def tree(cls, federation: Federation) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
         root, leaf = federation.tier_names[0], federation.tier_names[-1]
         return {c.id: (root, c.id) for c in federation.clients}, (root, leaf)

@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from hierfed.client import _batch, task_loss
     from hierfed.config import load_config
+    from hierfed.engine.walk import TreeEngine  # noqa: F401  (the same import graph as a run)
     from hierfed.runtime.jobs import TrainJob
     from hierfed.runtime.local import LocalRuntime
     from hierfed.runtime.worker import WorkerSetup
     from hierfed.simulation import build_federation
-    from hierfed.tree import TreeEngine  # noqa: F401  (the same import graph as a run)
 
     register_backbone(args.config_json)
     device = torch.device(args.device)

@@ -8,7 +8,7 @@ star in which the root tier is called ``hub`` — configure it with ``topology.t
 from __future__ import annotations
 
 from hierfed.data.federation import Federation
-from hierfed.topology import TreeTopology
+from hierfed.engine.tree import TreeTopology
 
 
 class ExampleStar(TreeTopology):
@@ -16,6 +16,7 @@ class ExampleStar(TreeTopology):
 
     name = "example-star"
 
-    def tree(self, federation: Federation) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+    @classmethod
+    def tree(cls, federation: Federation) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
         leaf = federation.tier_names[-1]
         return {c.id: ("hub", c.id) for c in federation.clients}, ("hub", leaf)
