@@ -1,7 +1,9 @@
 """Plug-ins for the engine benchmarks: the ``mlp-bench`` dataset and the ``mlp`` backbone.
 
-Registered through entry points (``hierfed.datasets`` / ``hierfed.backbones`` in setup.cfg),
-so Ray workers find them the same way a third-party plug-in is found.
+Not library plug-ins: they register when this module is imported, and a run that uses them
+names the module in its config (``plugins: [benchmarks.mlp_bench]``, part of
+``MLP_OVERRIDES``), so the driver and every Ray worker import it; ``python -m hierfed list``
+does not show them.
 
 ``mlp-bench`` is a synthetic, single-modality tabular federation: ``global -> institution ->
 student``, ``num_institutions * students_per_institution`` clients with exactly
@@ -24,6 +26,7 @@ from hierfed.config import DataConfig, ModelConfig
 from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec
 from hierfed.model.backbone import Backbone
 from hierfed.model.init import init_module
+from hierfed.registry import BACKBONES, DATASETS
 from hierfed.seeding import np_rng
 
 N_FEATURES = 16
@@ -113,8 +116,15 @@ def build_mlp(cfg: ModelConfig, seed: int) -> Backbone:
     return bb
 
 
+for _registry, _name, _obj in (
+    (DATASETS, "mlp-bench", build_mlp_bench),
+    (BACKBONES, "mlp", build_mlp),
+):
+    _registry.add(_name, _obj)
+
 # overrides that turn a RunConfig into the benchmark's small MLP on mlp-bench
 MLP_OVERRIDES = {
+    "plugins": "[benchmarks.mlp_bench]",
     "data.name": "mlp-bench",
     "data.samples_per_student": 100,
     "data.test_fraction": 0.1,

@@ -235,6 +235,9 @@ class RunConfig:
     seed: int = 0
     rounds: int = 5  # rounds of the root tier
     out: str | None = None  # run folder; None = runs/<timestamp>-<topology>
+    # modules imported in the driver and every worker before plug-ins are looked up: where a
+    # workload outside the library registers (e.g. [benchmarks.mlp_bench])
+    plugins: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -346,7 +349,7 @@ def _registered(key: str, registry: Any, name: str) -> None:
 
 def validate_config(cfg: RunConfig) -> None:
     """Check ranges and plug-in names; raises ConfigError before any work starts."""
-    from hierfed import plugins  # noqa: F401  (registers the built-in plug-ins)
+    from hierfed import plugins  # registers the built-in plug-ins
     from hierfed.registry import (
         AGGREGATORS,
         BACKBONES,
@@ -356,6 +359,7 @@ def validate_config(cfg: RunConfig) -> None:
         TOPOLOGIES,
     )
 
+    plugins.import_modules(cfg.plugins)  # workloads registered outside the library
     _positive_int("rounds", cfg.rounds)
     if not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise ConfigError("seed", cfg.seed, "must be an integer >= 0")

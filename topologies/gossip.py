@@ -256,7 +256,7 @@ class GossipTopology(Topology):
                 continue
             stats.participants += 1
             sizes[m.client_id] = m.sizes
-            compute[m.client_id] = ctx.channels.compute_s(m.client_id, rnd=rnd, key=("gossip",))
+            compute[m.client_id] = ctx.channels.training_s(m.client_id, rnd=rnd, key=("gossip",))
         # a straggler past the deadline: its update is discarded (it mixes its old state)
         deadline = self.tier_cfg.deadline_s
         late = {n for n, t in compute.items() if deadline > 0 and t > deadline}

@@ -208,6 +208,6 @@ class ChannelSet:
     def peers(self, tier: str) -> Channel:
         return self.edge(tier, tier)
 
-    def compute_s(self, client_id: str, *, rnd: int, key: Sequence[object]) -> float:
+    def training_s(self, client_id: str, *, rnd: int, key: Sequence[object]) -> float:
         """Simulated seconds of a client's local training in this (round, key)."""
         return self.clock.compute_s(client_id, rnd=rnd, key=key)

@@ -71,7 +71,7 @@ def train(
             rnd=ctx.round,
             child=c,
             parent=m.parent_id,
-            busy_s=ctx.channels.compute_s(c, rnd=ctx.round, key=ctx.key),
+            busy_s=ctx.channels.training_s(c, rnd=ctx.round, key=ctx.key),
             sizes=m.sizes,
             key=ctx.key,
         )
@@ -141,7 +141,7 @@ def train_d2d(
                 continue  # sits this pass out (its DP budget is spent); still mixes
             trained.add(c)
             wire[c] = m.sizes
-            busy_c = ctx.channels.compute_s(c, rnd=ctx.round, key=pkey)
+            busy_c = ctx.channels.training_s(c, rnd=ctx.round, key=pkey)
             compute[parent[c]] = max(compute[parent[c]], busy_c)
         expect = {c: _expect(eng, c, eng.nodes[c].max_weight) for c in wire if shared[c]}
         mix_s = d2d_mix(

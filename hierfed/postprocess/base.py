@@ -8,6 +8,7 @@ Example::
 
     >>> import torch
     >>> from hierfed.update import Update
+    >>> from hierfed.postprocess.clip import Clip
     >>> u = Update.from_delta({"head.t": {"w": torch.tensor([3.0, 4.0])}}, 2.0, sender="s", round=0)
     >>> ctx = PostContext("s", "global", "global", 0, 0)
     >>> out, sizes = apply_chain([Clip({"max_norm": 1.0})], u, ctx)

@@ -78,8 +78,9 @@ class WorkerCore:
     """Builds the skeleton once; trains slices of clients, merges tier nodes, evaluates."""
 
     def __init__(self, setup: WorkerSetup) -> None:
-        from hierfed import plugins  # noqa: F401  (registers built-ins inside Ray workers)
+        from hierfed import plugins  # registers built-ins inside Ray workers
 
+        plugins.import_modules(setup.cfg.plugins)
         torch.set_num_threads(setup.threads)
         self.cfg = setup.cfg
         self.fed = setup.federation

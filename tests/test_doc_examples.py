@@ -1,0 +1,29 @@
+"""Every ``>>>`` example in the library's docstrings runs and shows what it says (issue 12)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = sorted(
+    ".".join(p.relative_to(ROOT).with_suffix("").parts)
+    for folder in ("hierfed", "topologies")
+    for p in (ROOT / folder).rglob("*.py")
+    if ">>>" in p.read_text()
+)
+
+
+def test_the_examples_are_found():
+    assert len(MODULES) >= 12 and "hierfed.update" in MODULES
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name.removesuffix(".__init__"))
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {name} failed"
