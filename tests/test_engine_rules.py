@@ -136,3 +136,47 @@ def test_an_unimportable_plugin_module_is_a_config_error():
 
     with pytest.raises(ConfigError, match="plugins"):
         load_config(None, ["plugins=[no_such_module_here]"])
+
+
+def test_an_inner_nodes_state_goes_to_a_worker_once_per_node_round():
+    """Its update for the parent leaves with its last merge (no second trip just to emit),
+    unless siblings mix between that merge and the emit."""
+    from collections import Counter
+
+    from hierfed.config import load_config
+    from hierfed.ledger import CommLedger
+    from hierfed.model.m3t import build_model, model_spec
+    from hierfed.registry import TOPOLOGIES
+    from hierfed.runtime.local import LocalRuntime
+    from hierfed.runtime.worker import WorkerSetup
+    from hierfed.simulation import build_federation
+    from tests.conftest import play, tiny_overrides
+
+    class Counting(LocalRuntime):
+        trips: Counter = Counter()
+
+        def merge(self, tasks, sources):
+            Counting.trips.update(t.node_id for t in tasks)
+            return super().merge(tasks, sources)
+
+    def trips(**extra):
+        over = {"runtime.name": "local", "topology.tiers.institution.local_rounds": 2, **extra}
+        cfg = load_config(None, tiny_overrides(**over), topology="hierarchical")
+        fed = build_federation(cfg)
+        model = build_model(cfg.model, fed, cfg.seed)
+        topo = TOPOLOGIES.get("hierarchical")(
+            cfg=cfg, federation=fed, spec=model_spec(model, fed, cfg.model)
+        )
+        topo.init(model.component_state())
+        rt = Counting(cfg.runtime)
+        rt.start(WorkerSetup(cfg, fed))
+        Counting.trips = Counter()
+        play(topo, 1, rt, CommLedger())
+        return {n: k for n, k in Counting.trips.items() if n.count("/") == 1}
+
+    assert set(trips().values()) == {2}  # two node-rounds, two trips
+    mixing = {
+        "topology.tiers.institution.peer_steps": 1,
+        "topology.tiers.institution.peer_graph": "complete",
+    }
+    assert set(trips(**mixing).values()) == {3}  # the emit follows the mixing

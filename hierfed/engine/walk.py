@@ -38,7 +38,7 @@ from hierfed.engine.stats import ClientStore, RoundStats, quorum_failure
 from hierfed.errors import NodeFailure
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.validate import Expectation
-from hierfed.runtime.jobs import MergeTask
+from hierfed.runtime.jobs import MergeResult, MergeTask
 from hierfed.update import State, Update, state_nbytes
 
 log = logging.getLogger(__name__)
@@ -144,16 +144,31 @@ class TreeEngine:
         )
         for n in node_ids:
             ctx.times.elapsed[n] = 0.0
+        # without sibling mixing a node's update leaves with its last merge (one trip to a
+        # worker); mixing comes between the last merge and the emit, so then it is its own task
+        fold = level > 0 and self.cfg.tier(tier).peer_steps == 0
+        results: list[MergeResult] = []
         for j in range(k):
-            self._node_round(node_ids, run, ctx.at(j))
-        emitted = self._emit(node_ids, run, start, ctx) if level > 0 else {}
+            last = fold and j == k - 1
+            results = self._node_round(node_ids, run, ctx.at(j), emit_from=start if last else None)
+        emitted = {}
+        if level > 0:
+            emitted = self._report(results if fold else self._emit(node_ids, run, start, ctx), ctx)
         for n in node_ids:
             self.states[n] = run.cur[n]
         return emitted
 
-    def _node_round(self, node_ids: list[str], run: LevelRun, ctx: RoundContext) -> None:
+    def _node_round(
+        self,
+        node_ids: list[str],
+        run: LevelRun,
+        ctx: RoundContext,
+        *,
+        emit_from: dict[str, State] | None,
+    ) -> list[MergeResult]:
         """Node-round ``ctx.key[-1]`` of every node in ``node_ids``: sample, broadcast, the
-        members' work, merge, and (with ``peer_steps``) sibling mixing."""
+        members' work, merge (emitting from ``emit_from`` when given), and (with
+        ``peer_steps``) sibling mixing."""
         level = self.nodes[node_ids[0]].level
         tier = self.tier_names[level]
         tcfg = self.cfg.tier(tier)
@@ -196,7 +211,7 @@ class TreeEngine:
         for n in node_ids:
             channel = ctx.channels.edge(self.nodes[self.nodes[n].children[0]].tier, tier)
             ctx.times.elapsed[n] += channel.waited(ctx.times, drawn[n])
-        self._merge(node_ids, sampled, expect, sources, run, ctx)
+        return self._merge(node_ids, sampled, expect, sources, run, ctx, emit_from=emit_from)
 
     def _broadcast(
         self,
@@ -269,7 +284,9 @@ class TreeEngine:
         sources: list[Any],
         run: LevelRun,
         ctx: RoundContext,
-    ) -> None:
+        *,
+        emit_from: dict[str, State] | None,
+    ) -> list[MergeResult]:
         """Validate, aggregate and step every node on the workers; quorum; sibling mixing."""
         level = self.nodes[node_ids[0]].level
         tier = self.tier_names[level]
@@ -283,6 +300,7 @@ class TreeEngine:
                 state=run.cur[n],
                 agg_state=self.agg_states.get(n),
                 opt_state=self.opt_states.get(n),
+                **(self._emit_fields(n, run, emit_from[n], folded=True) if emit_from else {}),
             )
             for n in node_ids
         ]
@@ -310,39 +328,54 @@ class TreeEngine:
             for n, ws in mixed.items():  # push-sum: weights move with the values
                 for c, w in ws.items():
                     run.weights[n][c][-1] = w
+        return results
+
+    def _emit_fields(self, n: str, run: LevelRun, start: State, *, folded: bool) -> dict[str, Any]:
+        """What a MergeTask needs to emit node ``n``'s update for its parent: its weight per
+        component is the mean merged weight over the tier's ``local_rounds`` node-rounds (a
+        folded emit gets the earlier node-rounds' weights and adds its own merge's)."""
+        node = self.nodes[n]
+        sends = self.sends_up(list(run.cur[n]), node.level)
+        hist = run.weights[n]
+        k = self.cfg.tier(node.tier).local_rounds
+        fields: dict[str, Any] = {
+            "emit": True,
+            "start": start,
+            "sends": sends,
+            "parent_id": node.parent or "",
+            "parent_tier": self.nodes[node.parent].tier if node.parent else "",
+            "emit_samples": run.samples[n],
+        }
+        if folded:
+            fields["emit_prior"] = {c: tuple(hist[c]) for c in sends}
+            fields["local_rounds"] = k
+        else:
+            fields["emit_weights"] = {c: sum(hist[c]) / k for c in sends if sum(hist[c]) > 0}
+        return fields
 
     def _emit(
         self, node_ids: list[str], run: LevelRun, start: dict[str, State], ctx: RoundContext
-    ) -> dict[str, Update]:
-        """Each node's update for its parent (tensor math on the workers): its weight per
-        component is the mean merged weight over the ``k`` node-rounds; then its report."""
-        level = self.nodes[node_ids[0]].level
-        tier = self.tier_names[level]
-        k = self.cfg.tier(tier).local_rounds
-        tasks = []
-        for n in node_ids:
-            node = self.nodes[n]
-            sends = self.sends_up(list(run.cur[n]), level)
-            hist = run.weights[n]
-            tasks.append(
-                MergeTask(
-                    node_id=n,
-                    tier=tier,
-                    round=ctx.round,
-                    key=(*ctx.key, "emit"),
-                    expectations=(),
-                    state=run.cur[n],
-                    emit=True,
-                    start=start[n],
-                    sends=sends,
-                    emit_weights={c: sum(hist[c]) / k for c in sends if sum(hist[c]) > 0},
-                    parent_id=node.parent or "",
-                    parent_tier=self.nodes[node.parent].tier if node.parent else "",
-                    emit_samples=run.samples[n],
-                )
+    ) -> list[MergeResult]:
+        """Each node's update for its parent after sibling mixing (tensor math on a worker)."""
+        tier = self.nodes[node_ids[0]].tier
+        tasks = [
+            MergeTask(
+                node_id=n,
+                tier=tier,
+                round=ctx.round,
+                key=(*ctx.key, "emit"),
+                expectations=(),
+                state=run.cur[n],
+                **self._emit_fields(n, run, start[n], folded=False),
             )
+            for n in node_ids
+        ]
+        return ctx.runtime.merge(tasks, [])
+
+    def _report(self, results: list[MergeResult], ctx: RoundContext) -> dict[str, Update]:
+        """Each node reports its emitted update to its parent through the up channel."""
         emitted: dict[str, Update] = {}
-        for res in ctx.runtime.merge(tasks, []):
+        for res in results:
             node = self.nodes[res.node_id]
             parent = self.graph.parent(res.node_id)
             in_time = ctx.channels.edge(node.tier, self.nodes[parent].tier).report(

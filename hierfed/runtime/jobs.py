@@ -61,6 +61,12 @@ class MergeTask:
     parent_id: str = ""
     parent_tier: str = ""
     emit_samples: int = 0  # training rows behind the emitted update (metadata, never math)
+    # the emit folded into the last node-round's merge (one trip to a worker, not two): the
+    # merged weights of the earlier node-rounds per component; the worker adds this merge's and
+    # emits with their mean over ``local_rounds`` (``emit_weights`` and ``emit_samples`` then
+    # count only the earlier node-rounds)
+    emit_prior: dict[str, tuple[float, ...]] | None = None
+    local_rounds: int = 1
 
 
 @dataclass(frozen=True)

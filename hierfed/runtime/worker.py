@@ -248,16 +248,20 @@ class WorkerCore:
             state, opt_state = opt.step(state, merged.mean(), opt_state)
         emitted: Update | None = None
         sizes: dict[str, int] = {}
+        emit_weights, emit_samples = task.emit_weights, task.emit_samples
+        if task.emit_prior is not None:  # folded: this node-round's merge counts too
+            emit_weights = _mean_weights(task, weights)
+            emit_samples += sum(u.meta.num_samples for u in accepted)
         if task.emit and task.start is not None:
-            sends = [c for c in task.sends if task.emit_weights.get(c, 0) > 0]
+            sends = [c for c in task.sends if emit_weights.get(c, 0) > 0]
             if sends:
                 delta = state_sub({c: state[c] for c in sends}, task.start)
                 emitted = Update.from_delta(
                     delta,
-                    {c: task.emit_weights[c] for c in sends},
+                    {c: emit_weights[c] for c in sends},
                     sender=task.node_id,
                     round=task.round,
-                    num_samples=task.emit_samples or sum(u.meta.num_samples for u in accepted),
+                    num_samples=emit_samples or sum(u.meta.num_samples for u in accepted),
                 )
                 ptier = self.cfg.tier(task.parent_tier)
                 chain = build_chain(ptier.postprocess, ptier.postprocess_options)
@@ -368,3 +372,16 @@ class WorkerCore:
             )
             out.append((job.name, res))
         return out
+
+
+def _mean_weights(task: MergeTask, merged: Mapping[str, float]) -> dict[str, float]:
+    """A folded emit's weight per component: the mean merged weight over the node's
+    ``local_rounds`` node-rounds (the earlier ones from the task, this one from ``merged``),
+    summed in node-round order; components with no weight are not sent."""
+    prior = task.emit_prior or {}
+    out = {}
+    for c in task.sends:
+        total = sum([*prior.get(c, ()), merged.get(c, 0.0)])
+        if total > 0:
+            out[c] = total / task.local_rounds
+    return out
