@@ -148,8 +148,14 @@ def _run(console: Console, args: argparse.Namespace) -> int:
             )
         elif kind == "start":
             f = data["federation"]
+            # the tiers the topology runs (star skips the middle ones), with the members of each
+            used = {t: n for t, n in f["tiers"].items() if t in data["tiers"]}
+            skipped = [t for t in f["tiers"] if t not in data["tiers"]]
+            tiers = ", ".join(f"{t} {n}" for t, n in used.items())
+            if skipped:
+                tiers += f" (the data's {', '.join(skipped)} tier{'s' * (len(skipped) > 1)} unused)"
             console.print(
-                f"[bold]hierfed[/] {cfg.topology.name} on {f['dataset']}: tiers {f['tiers']}, "
+                f"[bold]hierfed[/] {cfg.topology.name} on {f['dataset']}: tiers {tiers}, "
                 f"{f['train_rows']} training rows, tasks {', '.join(f['tasks'])}; trainable "
                 f"{data['trainable']:,} parameters on a frozen {data['backbone']:,}-parameter backbone",
                 highlight=False,

@@ -44,3 +44,20 @@ def test_bad_values_fail_fast_in_a_fresh_process():
 def test_report_of_a_missing_folder_is_a_clear_error(capsys, tmp_path):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a finished run folder" in capsys.readouterr().out
+
+
+def test_the_start_line_names_the_tiers_the_topology_runs(tmp_path, capsys):
+    small = ["runtime.name=local", "rounds=1", "data.num_institutions=2", "model.d_model=16"]
+    small += ["model.num_layers=1", "model.num_heads=2", "eval.personalized=false"]
+    for topology, shown, unused in (
+        ("star", "tiers global 1, student 12", "institution"),
+        ("gossip", "tiers global 1, student 12", "institution"),
+        ("hierarchical", "tiers global 1, institution 2, student 12", None),
+    ):
+        out = str(tmp_path / topology)
+        assert main(["run", "--topology", topology, "--out", out, *small]) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert shown in text
+        assert ("unused" in text) == (unused is not None)
+        if unused:
+            assert f"the data's {unused} tier unused" in text
