@@ -21,19 +21,21 @@ if TYPE_CHECKING:
     from hierfed.engine.walk import TreeEngine
 
 
-def job(eng: TreeEngine, c: str, *, start_from: str, tier: str, ordinal: int, rnd: int) -> TrainJob:
+def job(
+    eng: TreeEngine, c: str, *, start_from: str, tier: str, ordinal: int, ctx: RoundContext
+) -> TrainJob:
     """Leaf ``c``'s training job: from the state keyed ``start_from`` in the round's handle,
     through ``tier``'s postprocess chain, keyed by its pass ``ordinal`` in the round."""
     return TrainJob(
         client_id=c,
         parent_id=start_from,
         tier=tier,
-        round=rnd,
-        key=(rnd, ordinal, c),
+        round=ctx.round,
+        key=(ctx.round, ordinal, c),
         trains=eng.holds[c],
         sends=eng.sends_up(eng.holds[c], eng.graph.leaf_level),
-        local=eng.clients.local.get(c),
-        privacy=eng.clients.privacy.get(c),
+        local=ctx.clients.local.get(c),
+        privacy=ctx.clients.privacy.get(c),
     )
 
 
@@ -56,7 +58,7 @@ def train(
     for n in node_ids:
         for c in sampled[n]:
             tier = eng.nodes[n].tier
-            jobs.append(job(eng, c, start_from=n, tier=tier, ordinal=ordinal, rnd=ctx.round))
+            jobs.append(job(eng, c, start_from=n, tier=tier, ordinal=ordinal, ctx=ctx))
             expect[c] = _expect(eng, c, eng.nodes[c].max_weight)
     jobs.sort(key=lambda j: j.client_id)
     metas, updates = ctx.runtime.train(jobs, ctx.runtime.put({n: cur[n] for n in node_ids}))
@@ -75,7 +77,7 @@ def train(
             sizes=m.sizes,
             key=ctx.key,
         )
-        if ctx.stats.absorb(m, eng.clients):
+        if ctx.stats.absorb(m, ctx.clients):
             ctx.stats.participants += 1
     for c in ctx.times.late:
         expect.pop(c, None)  # a late update is never merged (nor kept for later)
@@ -125,24 +127,9 @@ def train_d2d(
         handle = ctx.runtime.put({c: {**cur[parent[c]], **own[c]} for c in order})
         # each starts from its own state (the handle is keyed by leaf); the leaf tier's
         # chain applies to what leaves send each other
-        jobs = [
-            job(eng, c, start_from=c, tier=leaf, ordinal=first + r, rnd=ctx.round) for c in order
-        ]
+        jobs = [job(eng, c, start_from=c, tier=leaf, ordinal=first + r, ctx=ctx) for c in order]
         metas, updates = ctx.runtime.train(jobs, handle)
-        wire: dict[str, dict[str, int]] = {}
-        compute = dict.fromkeys(node_ids, 0.0)
-        for m in metas:
-            c = m.client_id
-            if ctx.stats.failed(m):
-                ctx.times.never([c])
-                alive.discard(c)
-                continue
-            if not ctx.stats.absorb(m, eng.clients):
-                continue  # sits this pass out (its DP budget is spent); still mixes
-            trained.add(c)
-            wire[c] = m.sizes
-            busy_c = ctx.channels.training_s(c, rnd=ctx.round, key=pkey)
-            compute[parent[c]] = max(compute[parent[c]], busy_c)
+        wire, compute = _absorb_pass(metas, node_ids, parent, alive, trained, ctx, pkey)
         expect = {c: _expect(eng, c, eng.nodes[c].max_weight) for c in wire if shared[c]}
         mix_s = d2d_mix(
             eng,
@@ -173,6 +160,34 @@ def train_d2d(
     return [ups], expect
 
 
+def _absorb_pass(
+    metas: list[Any],
+    node_ids: list[str],
+    parent: dict[str, str],
+    alive: set[str],
+    trained: set[str],
+    ctx: RoundContext,
+    pkey: tuple,
+) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
+    """Fold one training pass into the round; returns the trained leaves' wire sizes and, per
+    parent, its slowest leaf's training time. Failed leaves leave ``alive``."""
+    wire: dict[str, dict[str, int]] = {}
+    compute = dict.fromkeys(node_ids, 0.0)
+    for m in metas:
+        c = m.client_id
+        if ctx.stats.failed(m):
+            ctx.times.never([c])
+            alive.discard(c)
+            continue
+        if not ctx.stats.absorb(m, ctx.clients):
+            continue  # sits this pass out (its DP budget is spent); still mixes
+        trained.add(c)
+        wire[c] = m.sizes
+        busy_c = ctx.channels.training_s(c, rnd=ctx.round, key=pkey)
+        compute[parent[c]] = max(compute[parent[c]], busy_c)
+    return wire, compute
+
+
 def _report(
     eng: TreeEngine,
     alive: list[str],
@@ -201,14 +216,12 @@ def _report(
             report(c, None)
             continue
         emits.append(
-            MergeTask(
-                node_id=c,
+            MergeTask.emitting(
+                c,
                 tier=leaf,
                 round=ctx.round,
                 key=(*ctx.key, "d2d-report"),
-                expectations=(),
                 state={**cur[n], **own[c]},
-                emit=True,
                 start=cur[n],
                 sends=shared[c],
                 emit_weights=dict(carried[c]),

@@ -123,6 +123,10 @@ class TreeEngine:
     # ---------------------------------------------------------------- the round
 
     def run_round(self, ctx: RoundContext) -> RoundStats:
+        if ctx.clients is not self.clients:
+            raise ValueError(
+                "a round's context must carry its topology's client store (topo.clients)"
+            )
         root = self.root
         self._run_level([root], {root: self.states[root]}, ctx)
         ctx.stats.sim_time_s = ctx.times.elapsed[root]
@@ -184,7 +188,7 @@ class TreeEngine:
             )
             for n in node_ids
         }
-        self._broadcast(node_ids, sampled, run.cur, child_level, ctx)
+        self._broadcast(sampled, run.cur, ctx)
         # dropouts vanish after the broadcast: they neither train nor report
         drawn = {n: list(sampled[n]) for n in node_ids}
         for n in node_ids:
@@ -205,7 +209,7 @@ class TreeEngine:
             else:
                 sources, expect = leaves.train_d2d(self, node_ids, drawn, sampled, run.cur, ctx)
         else:
-            sources, expect = self._inner_members(node_ids, sampled, run.cur, child_level, ctx)
+            sources, expect = self._inner_members(sampled, run, ctx)
         # the node-round lasts until its last on-time member reported, or until the deadline
         # when a sampled member dropped out or was late
         for n in node_ids:
@@ -214,17 +218,14 @@ class TreeEngine:
         return self._merge(node_ids, sampled, expect, sources, run, ctx, emit_from=emit_from)
 
     def _broadcast(
-        self,
-        node_ids: list[str],
-        sampled: dict[str, list[str]],
-        cur: dict[str, State],
-        child_level: int,
-        ctx: RoundContext,
+        self, sampled: dict[str, list[str]], cur: dict[str, State], ctx: RoundContext
     ) -> None:
-        """Each sampled member gets its parent's state: only the components it uses from
-        above (a leaf's local components are never sent: it starts them from the skeleton)."""
-        for n in node_ids:
-            for c in sampled[n]:
+        """Each sampled member (``sampled``: node -> members) gets its parent's state: only the
+        components it uses from above (a leaf's local components are never sent: it starts
+        them from the skeleton)."""
+        child_level = self.nodes[next(iter(sampled))].level + 1
+        for n, members in sampled.items():
+            for c in members:
                 comps = [
                     x
                     for x in (self.holds[c] if c in self.leaves else cur[n])
@@ -241,16 +242,12 @@ class TreeEngine:
                 )
 
     def _inner_members(
-        self,
-        node_ids: list[str],
-        sampled: dict[str, list[str]],
-        cur: dict[str, State],
-        child_level: int,
-        ctx: RoundContext,
+        self, sampled: dict[str, list[str]], run: LevelRun, ctx: RoundContext
     ) -> tuple[list[Any], dict[str, Expectation]]:
-        """Sampled inner members run their own parent-round; their emitted updates and what
-        each is expected to send."""
-        kids = [c for n in node_ids for c in sampled[n]]
+        """Sampled inner members (``sampled``: node -> members) run their own parent-round;
+        their emitted updates and what each is expected to send."""
+        cur, child_level = run.cur, self.nodes[next(iter(sampled))].level + 1
+        kids = [c for members in sampled.values() for c in members]
         kid_start = {
             c: self.take_from_parent(cur[self.graph.parent(c)], self.states[c], child_level)
             for c in kids
@@ -300,7 +297,11 @@ class TreeEngine:
                 state=run.cur[n],
                 agg_state=self.agg_states.get(n),
                 opt_state=self.opt_states.get(n),
-                **(self._emit_fields(n, run, emit_from[n], folded=True) if emit_from else {}),
+                **(
+                    {"emit": True, **self._emit_fields(n, run, emit_from[n], folded=True)}
+                    if emit_from
+                    else {}
+                ),
             )
             for n in node_ids
         ]
@@ -339,7 +340,6 @@ class TreeEngine:
         hist = run.weights[n]
         k = self.cfg.tier(node.tier).local_rounds
         fields: dict[str, Any] = {
-            "emit": True,
             "start": start,
             "sends": sends,
             "parent_id": node.parent or "",
@@ -359,12 +359,11 @@ class TreeEngine:
         """Each node's update for its parent after sibling mixing (tensor math on a worker)."""
         tier = self.nodes[node_ids[0]].tier
         tasks = [
-            MergeTask(
-                node_id=n,
+            MergeTask.emitting(
+                n,
                 tier=tier,
                 round=ctx.round,
                 key=(*ctx.key, "emit"),
-                expectations=(),
                 state=run.cur[n],
                 **self._emit_fields(n, run, start[n], folded=False),
             )

@@ -68,6 +68,16 @@ class MergeTask:
     emit_prior: dict[str, tuple[float, ...]] | None = None
     local_rounds: int = 1
 
+    @classmethod
+    def emitting(
+        cls, node_id: str, *, tier: str, round: int, key: tuple, **fields: Any
+    ) -> MergeTask:
+        """A task that merges nothing and only emits ``node_id``'s update for its parent
+        (``fields``: ``state``, ``start``, ``sends``, the emit's weights and parent)."""
+        return cls(
+            node_id=node_id, tier=tier, round=round, key=key, expectations=(), emit=True, **fields
+        )
+
 
 @dataclass(frozen=True)
 class MergeResult:
