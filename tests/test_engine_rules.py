@@ -64,14 +64,18 @@ import sys
 import ray
 from hierfed.config import load_config
 from hierfed.errors import HierfedError
+from hierfed.model.m3t import M3TModel
 from hierfed.simulation import run
+built = []
+init = M3TModel.__init__
+M3TModel.__init__ = lambda self, *a, **k: built.append(1) or init(self, *a, **k)
 cfg = load_config(None, sys.argv[2:], topology=sys.argv[1])
 try:
     run(cfg, write=False)
 except HierfedError as exc:
     print("refused:", type(exc).__name__, exc)
 print("ray started:", ray.is_initialized())
-print("model built:", "hierfed.model.m3t" in sys.modules)
+print("model built:", bool(built))
 """
 
 
@@ -82,7 +86,7 @@ print("model built:", "hierfed.model.m3t" in sys.modules)
         (
             "hierarchical",
             ["topology.tiers.institution.aggregator=krum", "data.students_per_institution=3"],
-            "krum",
+            "institution.options.f",
         ),
         (
             "hierarchical",
