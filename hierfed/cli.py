@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _list(console: Console) -> int:
     from hierfed import plugins  # noqa: F401
+    from hierfed.attacks import ATTACKS
     from hierfed.registry import (
         AGGREGATORS,
         BACKBONES,
@@ -111,7 +112,15 @@ def _list(console: Console) -> int:
     table = Table(title="registered plug-ins")
     table.add_column("kind")
     table.add_column("names")
-    for reg in (TOPOLOGIES, AGGREGATORS, SERVER_OPTIMIZERS, POSTPROCESSORS, DATASETS, BACKBONES):
+    for reg in (
+        TOPOLOGIES,
+        AGGREGATORS,
+        SERVER_OPTIMIZERS,
+        POSTPROCESSORS,
+        DATASETS,
+        BACKBONES,
+        ATTACKS,
+    ):
         table.add_row(reg.kind, ", ".join(reg.names()))
     console.print(table)
     return 0
