@@ -318,8 +318,8 @@ def _evaluate(console: Console, args: argparse.Namespace) -> int:
     from hierfed.inference import evaluate_run, load_run
 
     metrics = evaluate_run(load_run(args.run_dir, data=args.data), client=args.client)
-    if args.json:
-        console.print(json.dumps(metrics, sort_keys=True), markup=False, highlight=False)
+    if args.json:  # one line, unwrapped, for scripts
+        sys.stdout.write(json.dumps(metrics, sort_keys=True) + "\n")
         return 0
     where = (
         f"{args.client} (personalized) on its own test rows"

@@ -31,10 +31,11 @@ modalities it has (or the tasks asked for, which it must have).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,18 @@ class LoadedRun:
     def model(self) -> Any:
         """The M3T model (hierfed.model.m3t.M3TModel) the core holds."""
         return self.core.model
+
+
+@contextlib.contextmanager
+def _run_threads() -> Iterator[None]:
+    """Torch's intra-op threads as the run's workers had them (``WorkerSetup.threads``, 1:
+    sums then add up in the same order as in the run), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_config(run_dir: str | Path, data_overrides: Sequence[str] = ()) -> RunConfig:
@@ -103,7 +116,8 @@ def load_run(run_dir: str | Path, *, data: Sequence[str] = ()) -> LoadedRun:
     fed = build_federation(cfg)
     if data:
         _check_same_schema(run_dir, cfg, fed)
-    core = WorkerCore(WorkerSetup(cfg, fed))
+    with _run_threads():  # the worker sets torch's threads; the caller's are put back
+        core = WorkerCore(WorkerSetup(cfg, fed))
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     core.model.load_components(state)
@@ -172,9 +186,10 @@ def evaluate_run(
         if t not in fed.tasks:
             raise ConfigError("--task", t, f"not a task of this run; known: {sorted(fed.tasks)}")
     out: dict[str, float] = {}
-    for _, res in run.core.evaluate(jobs, states):
-        for t, (metric, _) in res.items():
-            out[t] = metric
+    with _run_threads():
+        for _, res in run.core.evaluate(jobs, states):
+            for t, (metric, _) in res.items():
+                out[t] = metric
     run.model.load_components(run.state)  # leave the global model loaded
     return out
 
