@@ -133,25 +133,39 @@ def institution_epsilons(dp_sample: dict[str, Any]) -> dict[str, dict[str, float
 
 class TensorBoardTracker:
     """An ``on_event`` listener that writes each ``round`` record as scalars and flushes
-    after every round (a killed run keeps what it logged). Closed by the ``end`` event."""
+    after every round (a killed run keeps what it logged). Closed by the ``end`` event.
+
+    A resumed run (the ``resume`` event) appends to the same folder and purges what the
+    interrupted run logged after the checkpoint it resumes from, so a re-run round is not
+    drawn twice."""
 
     def __init__(self, log_dir: str | Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.writer: Any = None  # opened at the first round, or at a resume (to purge)
+
+    def _open(self, purge_step: int | None = None) -> Any:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+        return self.writer
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "round":
+        if kind == "resume":
+            self._open(purge_step=int(data["round"]) + 1)
+        elif kind == "round":
+            writer = self._open()
             step = int(data.get("round", 0))
             for tag, value in sorted(round_scalars(data).items()):
-                self.writer.add_scalar(tag, value, global_step=step)
-            self.writer.flush()
+                writer.add_scalar(tag, value, global_step=step)
+            writer.flush()
         elif kind == "end":
             self.close()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def with_tracking(cfg: Any, out_dir: Path | None, emit: Event) -> Event:

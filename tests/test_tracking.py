@@ -112,3 +112,28 @@ def test_tensorboard_is_off_by_default_and_its_folder_needs_it_on(tmp_path):
     assert cfg.logging.tensorboard is False
     with pytest.raises(ConfigError, match="logging.tensorboard_dir"):
         load_config(None, ["logging.tensorboard_dir=/tmp/x"])
+
+
+def test_a_resumed_run_logs_every_round_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_round_2(kind, data):
+        if kind == "round" and data["round"] == 2:  # logged, not yet checkpointed
+            raise Stop
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(
+        **{"runtime.name": "local", "rounds": 3, "logging.tensorboard": True}
+    )
+    cfg = load_config(None, overrides, topology="star", out=str(out))
+    with pytest.raises(Stop):
+        run(cfg, on_event=stop_in_round_2)
+    res = run(cfg, resume=True)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    losses = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert losses == [(r["round"], pytest.approx(r["train_loss"])) for r in res.metrics[1:]]
+    assert [s for s, _ in losses] == [1, 2, 3]
