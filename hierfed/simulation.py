@@ -250,7 +250,7 @@ def run(
 
 def _fingerprint(cfg: RunConfig) -> str:
     """What a resumed run must share with the original: everything that affects results
-    (not the run folder, the runtime or the checkpoint cadence)."""
+    (not the run folder, the runtime, the checkpoint cadence or the tracking)."""
     from hierfed.config import CheckpointConfig, LoggingConfig, RuntimeConfig
 
     return config_fingerprint(

@@ -107,9 +107,18 @@ def test_a_two_round_run_writes_the_expected_scalars(tmp_path):
     assert not any(t.startswith("privacy/epsilon/inst-00") for t in acc.Tags()["scalars"])
 
 
-def test_tensorboard_is_off_by_default_and_its_folder_needs_it_on(tmp_path):
+def test_tensorboard_is_off_by_default_and_its_folder_needs_it_on():
+    from dataclasses import replace
+
+    from hierfed.config import LoggingConfig
+    from hierfed.simulation import _fingerprint
+
     cfg = load_config(None, tiny_overrides(**{"runtime.name": "local", "rounds": 1}))
     assert cfg.logging.tensorboard is False
+    # tracking changes no result: a run may be resumed with it switched on or off
+    on = replace(cfg, logging=LoggingConfig(tensorboard=True))
+    assert _fingerprint(on) == _fingerprint(cfg)
+    assert _fingerprint(replace(cfg, rounds=2)) != _fingerprint(cfg)
     with pytest.raises(ConfigError, match="logging.tensorboard_dir"):
         load_config(None, ["logging.tensorboard_dir=/tmp/x"])
 
