@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="override the suite's runtime (results do not depend on it; wall times do)",
     )
+    r.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="log every run's per-round scalars for TensorBoard (in OUT/runs/<config>/seed-N)",
+    )
     rep = sub.add_parser("report", help="rebuild tidy.csv, plots and REPORT.md of a results folder")
     rep.add_argument("results_dir")
     args = p.parse_args(argv)
@@ -48,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = (
                 args.out or f"benchmarks/out/{Path(args.suite).stem}-{datetime.now():%Y%m%d-%H%M%S}"
             )
-            out = run_suite(args.suite, out_dir, console=console, runtime=args.runtime)
+            out = run_suite(
+                args.suite,
+                out_dir,
+                console=console,
+                runtime=args.runtime,
+                tensorboard=args.tensorboard,
+            )
     except HierfedError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2

@@ -57,11 +57,17 @@ def _start_ray(suite: Suite) -> bool:
 
 
 def run_suite(
-    path: str | Path, out: str | Path, *, console: Console | None = None, runtime: str | None = None
+    path: str | Path,
+    out: str | Path,
+    *,
+    console: Console | None = None,
+    runtime: str | None = None,
+    tensorboard: bool = False,
 ) -> Path:
     """Run the suite in ``path`` into folder ``out``; returns ``out``. Writes status.json,
     machine.json, per-run metrics under metrics/, and (through report.build) tidy.csv,
-    the plots and REPORT.md."""
+    the plots and REPORT.md. ``tensorboard``: every run also logs TensorBoard scalars into
+    its run folder (``tensorboard --logdir OUT/runs`` shows them side by side)."""
     from benchmarks.report import build
     from hierfed.config import load_config
     from hierfed.simulation import run
@@ -85,7 +91,8 @@ def run_suite(
                 try:
                     cfg = load_config(
                         None,
-                        suite.overrides(entry, seed),
+                        suite.overrides(entry, seed)
+                        + (["logging.tensorboard=true"] if tensorboard else []),
                         topology=entry.topology,
                         out=str(out / "runs" / entry.name / f"seed-{seed}"),
                     )

@@ -1,4 +1,4 @@
-"""Command line: ``python -m hierfed run|list|show-config|report``.
+"""Command line: ``python -m hierfed run|list|show-config|report|export|evaluate|predict``.
 
 The CLI is the only place that prints: a rich progress bar over rounds and the final tables.
 """
@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list registered topologies, aggregators, datasets, ...")
     rep = sub.add_parser("report", help="print the tables of a finished run folder")
     rep.add_argument("run_dir")
+    _add_export_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_predict_parser(sub)
     return p
 
 
@@ -82,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "report":
             return _report(console, Path(args.run_dir))
+        if args.cmd == "export":
+            return _export(console, args)
+        if args.cmd == "evaluate":
+            return _evaluate(console, args)
+        if args.cmd == "predict":
+            return _predict(console, args)
         return _run(console, args)
     except HierfedError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _list(console: Console) -> int:
     from hierfed import plugins  # noqa: F401
+    from hierfed.attacks import ATTACKS
     from hierfed.registry import (
         AGGREGATORS,
         BACKBONES,
@@ -102,7 +112,15 @@ def _list(console: Console) -> int:
     table = Table(title="registered plug-ins")
     table.add_column("kind")
     table.add_column("names")
-    for reg in (TOPOLOGIES, AGGREGATORS, SERVER_OPTIMIZERS, POSTPROCESSORS, DATASETS, BACKBONES):
+    for reg in (
+        TOPOLOGIES,
+        AGGREGATORS,
+        SERVER_OPTIMIZERS,
+        POSTPROCESSORS,
+        DATASETS,
+        BACKBONES,
+        ATTACKS,
+    ):
         table.add_row(reg.kind, ", ".join(reg.names()))
     console.print(table)
     return 0
@@ -263,6 +281,89 @@ def _report(console: Console, run_dir: Path) -> int:
         s["bytes_by_edge"],
         s["bytes_by_component"],
     )
+    return 0
+
+
+def _add_export_parser(sub: Any) -> None:
+    e = sub.add_parser("export", help="export a run's model: peft adapter, components, model card")
+    e.add_argument("run_dir")
+    e.add_argument("--out", required=True, help="a new (or empty) folder to write")
+    e.add_argument(
+        "--personalized",
+        nargs="+",
+        default=[],
+        metavar="NODE",
+        help="also export these clients' (or tier nodes') personalized models; 'all' = every client",
+    )
+
+
+def _export(console: Console, args: argparse.Namespace) -> int:
+    from hierfed.export import export_run
+
+    written = export_run(args.run_dir, args.out, personalized=args.personalized)
+    for folder in written:
+        console.print(f"wrote {folder}", highlight=False)
+    return 0
+
+
+def _add_evaluate_parser(sub: Any) -> None:
+    e = sub.add_parser("evaluate", help="evaluate a run's saved model on a test split")
+    e.add_argument("run_dir")
+    e.add_argument("--client", default=None, help="a client's personalized model, on its own rows")
+    e.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data.* overrides: evaluate on another configured dataset (same modalities, tasks)",
+    )
+    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+
+def _evaluate(console: Console, args: argparse.Namespace) -> int:
+    from hierfed.inference import evaluate_run, load_run
+
+    metrics = evaluate_run(load_run(args.run_dir, data=args.data), client=args.client)
+    if args.json:  # one line, unwrapped, for scripts
+        sys.stdout.write(json.dumps(metrics, sort_keys=True) + "\n")
+        return 0
+    where = (
+        f"{args.client} (personalized) on its own test rows"
+        if args.client
+        else "global model on the global test split"
+    )
+    t = Table(title=where)
+    t.add_column("task")
+    t.add_column("metric")
+    for task, value in sorted(metrics.items()):
+        t.add_row(task, f"{value:.4f}")
+    console.print(t)
+    return 0
+
+
+def _add_predict_parser(sub: Any) -> None:
+    e = sub.add_parser("predict", help="predict with a run's saved model on rows of a JSONL file")
+    e.add_argument("run_dir")
+    e.add_argument(
+        "--input", required=True, help="JSON Lines, one row per line (docs/python-api.md)"
+    )
+    e.add_argument("--out", default=None, help="write JSONL here instead of printing it")
+    e.add_argument("--task", nargs="+", default=None, help="only these tasks")
+    e.add_argument("--client", default=None, help="use this client's personalized model")
+
+
+def _predict(console: Console, args: argparse.Namespace) -> int:
+    from hierfed.checkpoint import atomic_write_text
+    from hierfed.inference import load_run, predict, read_rows
+
+    rows = read_rows(args.input)
+    preds = predict(load_run(args.run_dir), rows, tasks=args.task, client=args.client)
+    text = "".join(json.dumps(p, sort_keys=True) + "\n" for p in preds)
+    if args.out:
+        atomic_write_text(args.out, text)
+        console.print(f"wrote {len(preds)} predictions to {args.out}", highlight=False)
+    else:
+        sys.stdout.write(text)
     return 0
 
 

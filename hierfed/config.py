@@ -231,6 +231,12 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:  # experiment tracking (hierfed/tracking.py); never changes a result
+    tensorboard: bool = False  # per-round scalars into <run>/tensorboard (needs tensorboard)
+    tensorboard_dir: str = ""  # another folder for the event files; "" = <run>/tensorboard
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     rounds: int = 5  # rounds of the root tier
@@ -248,6 +254,7 @@ class RunConfig:
     clock: ClockConfig = field(default_factory=ClockConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def tier(self, name: str) -> TierConfig:
         """The configuration of the aggregating tier ``name`` (the default if not listed)."""
@@ -541,6 +548,8 @@ def validate_config(cfg: RunConfig) -> None:
         _nonneg(f"clock.{k}", getattr(ck, k))
     from hierfed.attacks import check_attack_config
     from hierfed.privacy.policy import check_privacy_config
+    from hierfed.tracking import check_logging_config
 
     check_attack_config(cfg)
     check_privacy_config(cfg)
+    check_logging_config(cfg)

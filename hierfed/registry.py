@@ -1,5 +1,8 @@
 """Registry[T]: plug-ins (topologies, aggregators, postprocessors, datasets, backbones) by name.
 
+Simulated attacks have their registry beside their contract, ``hierfed.attacks.ATTACKS``
+(group ``hierfed.attacks``); ``python -m hierfed list`` shows every registry.
+
 A plug-in registers with a decorator, or from another package through the entry point group
 ``hierfed.<kind>`` (e.g. ``hierfed.topologies``); entry points are loaded lazily, the first
 time a registry is asked for a name or its list.

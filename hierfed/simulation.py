@@ -36,6 +36,7 @@ from hierfed.runtime.base import Runtime, make_runtime
 from hierfed.runtime.jobs import EvalJob
 from hierfed.runtime.worker import WorkerSetup
 from hierfed.topology import Topology
+from hierfed.tracking import with_tracking
 from hierfed.update import State
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def run(
     t0 = time.perf_counter()
     fed = build_federation(cfg)
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    emit = with_tracking(cfg, out_dir if write else None, emit)  # logging.tensorboard
     ck: dict[str, Any] | None = None
     if resume:  # checked before any worker starts
         ck = read_latest(out_dir)
@@ -251,11 +253,19 @@ def run(
 
 def _fingerprint(cfg: RunConfig) -> str:
     """What a resumed run must share with the original: everything that affects results
-    (not the run folder, the runtime or the checkpoint cadence)."""
-    from hierfed.config import CheckpointConfig, RuntimeConfig
+    (not the run folder, the runtime, the checkpoint cadence or the tracking)."""
+    from hierfed.config import CheckpointConfig, LoggingConfig, RuntimeConfig
 
     return config_fingerprint(
-        to_yaml(replace(cfg, out=None, runtime=RuntimeConfig(), checkpoint=CheckpointConfig()))
+        to_yaml(
+            replace(
+                cfg,
+                out=None,
+                runtime=RuntimeConfig(),
+                checkpoint=CheckpointConfig(),
+                logging=LoggingConfig(),
+            )
+        )
     )
 
 

@@ -147,9 +147,10 @@ def test_a_real_tiny_suite_runs_and_skips_an_unknown_topology(tmp_path):
         f"name: tiny\nseeds: [0]\ntarget: {{metric: mean, value: 0.3}}\nruntime: local\nbase:\n{base}\n"
         "configurations:\n  - {name: star, topology: star}\n  - {name: nope, topology: no-such-topology}\n"
     )
-    out = run_suite(_write(tmp_path / "tiny.yaml", text), tmp_path / "res")
+    out = run_suite(_write(tmp_path / "tiny.yaml", text), tmp_path / "res", tensorboard=True)
     status = {s["config"]: s for s in json.loads((out / "status.json").read_text())}
     assert status["star"]["status"] == "ok"
+    assert list((out / "runs" / "star" / "seed-0" / "tensorboard").glob("events.out.tfevents.*"))
     assert status["nope"]["status"] == "skipped" and "not registered" in status["nope"]["reason"]
     rows = read_tidy(out / "tidy.csv")
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["bytes_top"] > 0

@@ -12,7 +12,7 @@ from hierfed.cli import main
 def test_list_shows_builtin_plugins(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("hierarchical", "star", "weighted_mean", "edu-synth", "fedadam"):
+    for name in ("hierarchical", "star", "weighted_mean", "edu-synth", "fedadam", "sign_flip"):
         assert name in out
 
 

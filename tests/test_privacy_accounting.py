@@ -190,3 +190,36 @@ def test_client_level_report_claims_no_bound_where_the_senders_gossip(gossip, ed
     )
     rep2 = client_level_report(load_config(None, tiny_overrides(**base, **other)), tiers, 3)
     assert rep2[edge]["epsilon"] == plain[edge]["epsilon"]
+
+
+def test_deriving_the_noise_is_quiet_and_the_same_as_opacus(caplog):
+    """The largest-alpha warning came from the search's probes (sigma 20, 10, ...), never
+    from the answer: silenced, the answer is Opacus's bit for bit and its order is interior."""
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from hierfed.privacy.policy import _check_order, _derive_sigma
+
+    with warnings.catch_warnings(record=True) as loud:
+        warnings.simplefilter("always")
+        reference = get_noise_multiplier(
+            target_epsilon=1.0,
+            target_delta=1e-5,
+            sample_rate=0.01,
+            steps=1000,
+            accountant="rdp",
+            epsilon_tolerance=0.005,
+        )
+    assert any("largest alpha" in str(w.message) for w in loud)  # Opacus alone warns
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        sigma = _derive_sigma.__wrapped__(1.0, 1e-5, 0.01, 1000)
+    assert sigma == reference
+    assert not [w for w in quiet if "largest alpha" in str(w.message)]
+    assert _check_order(sigma, 0.01, 1000, 1e-5) == 17.0
+    assert not caplog.records
+    # a plan whose bound does sit at the largest order is logged, in one line
+    with caplog.at_level("WARNING", logger="hierfed.privacy.policy"):
+        assert _check_order(20.0, 0.01, 1000, 1e-5) == 63.0
+    assert "largest RDP order" in caplog.text

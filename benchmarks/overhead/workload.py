@@ -4,14 +4,13 @@
   ``mlp-bench``); the floor and Flower read the same config, federation and initial model.
 * ``local_train`` — one client's local training as a plain PyTorch loop: the same keyed batch
   order, loss, optimizer and step count as ``hierfed.client.ClientTrainer.fit``.
-* ``cohort`` — the clients of a round, drawn exactly like ``hierfed.tree.TreeEngine.sample``
-  for a star (key ``(seed, "sample", round, 0, "global")``).
+* ``cohort`` — the clients of a round, drawn by ``hierfed.engine.sampling.sample`` as a star's
+  root draws them (key ``(seed, "sample", round, 0, "global")``).
 * ``accuracy`` — accuracy of a parameter vector on the global held-out rows.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from torch import nn
 from benchmarks.mlp_bench import MLP_OVERRIDES, TASK
 from hierfed.config import RunConfig, load_config
 from hierfed.data.federation import ClientData, Federation
+from hierfed.engine.sampling import sample
 from hierfed.model.m3t import M3TModel, build_model
 from hierfed.seeding import np_rng
 from hierfed.simulation import build_federation
@@ -79,11 +79,7 @@ def trainable_params(model: M3TModel, comps: Sequence[str]) -> list[nn.Parameter
 def cohort(cfg: RunConfig, ids: Sequence[str], rnd: int) -> list[str]:
     """The round's sampled clients, as the star topology samples them."""
     p = cfg.topology.default.participation
-    m = max(1, int(math.ceil(p * len(ids) - 1e-9)))
-    if m >= len(ids):
-        return list(ids)
-    rng = np_rng(cfg.seed, "sample", rnd, 0, "global")
-    return sorted(ids[i] for i in rng.choice(len(ids), size=m, replace=False))
+    return sample(seed=cfg.seed, node="global", members=ids, p=p, rnd=rnd, key=(0,))
 
 
 def local_train(

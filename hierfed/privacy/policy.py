@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from hierfed.data.federation import ClientProfile
 from hierfed.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,20 +58,64 @@ def policy_name(cfg: Any, profile: ClientProfile) -> str:
     return cfg.privacy.default
 
 
+_LARGEST_ALPHA = "Optimal order is the largest alpha"
+
+
 @functools.lru_cache(maxsize=4096)
 def _derive_sigma(epsilon: float, delta: float, q: float, steps: int) -> float:
+    """The noise multiplier whose RDP epsilon after ``steps`` steps at rate ``q`` is ``epsilon``.
+
+    Why Opacus's "optimal order is the largest alpha" warning is silenced here, and the RDP
+    orders are not widened: the warning came from the bisection's probes, not from the answer.
+    Opacus starts at sigma = 20 and halves towards the answer; at those large sigmas (and small
+    ``q``) the best order lies above Opacus's largest (63), on every DP run with realistic data
+    sizes. A probe's epsilon is far below the target either way, so no decision of the search
+    changes, and no probe is ever reported. Widening the orders would not silence it (the
+    best order of a probe grows with sigma / q without bound), and it would have to widen the
+    accountant's orders too (``privacy/accountant.py`` reports epsilon with Opacus's), else a
+    sigma derived over wider orders could exceed the budget as the accountant counts it. The
+    answer itself is checked: if its best order is the largest, that is logged (see
+    ``_check_order``)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=q,
-            steps=steps,
-            accountant="rdp",
-            epsilon_tolerance=0.005,
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LARGEST_ALPHA)
+        sigma = float(
+            get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=q,
+                steps=steps,
+                accountant="rdp",
+                epsilon_tolerance=0.005,
+            )
         )
-    )
+    _check_order(sigma, q, steps, delta)
+    return sigma
+
+
+def _check_order(sigma: float, q: float, steps: int, delta: float) -> float:
+    """The RDP order at which the derived plan's epsilon is reached; logs a warning when it is
+    Opacus's largest (the bound, and so the noise, is then larger than a wider range would
+    give)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LARGEST_ALPHA)
+        _, best = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    if best == max(orders):
+        log.warning(
+            "DP-SGD plan (sigma %.3f, q %.4g, %d steps): its epsilon is reached at the largest RDP "
+            "order Opacus tries (%s), so the bound is looser and the noise larger than needed",
+            sigma,
+            q,
+            steps,
+            max(orders),
+        )
+    return float(best)
 
 
 def planned_participations(cfg: Any, tier_names: tuple[str, ...]) -> int:
