@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import shared_cpu_note
+from benchmarks.machine import provenance, shared_cpu_note
 from benchmarks.suite import load_suite
 
 ROOT_TIER = "global"
@@ -259,8 +259,8 @@ def _report(
     if machine:
         b, a = machine["before"], machine["after"]
         lines += [
-            f"Machine: {b['cpu_count_logical']} logical CPUs, {b['memory_total_gib']} GiB; commit `{b['git_commit']}`; "
-            f"{b['time_utc']} -> {a['time_utc']}; suite wall time {machine.get('suite_wall_s', float('nan')):.0f} s.",
+            provenance(b, a, source="`before` and `after` in machine.json")
+            + f" Suite wall time {machine.get('suite_wall_s', float('nan')):.0f} s.",
             "",
             shared_cpu_note(b, a),
             "",

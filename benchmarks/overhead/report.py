@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import shared_cpu_note
+from benchmarks.machine import provenance, shared_cpu_note
 
 # targets from issue 5 (N=1000, full participation)
 SPEEDUP_VS_FLOWER = 5.0
@@ -83,8 +83,7 @@ def write_report(out: Path) -> None:
         "hierfed = star topology, Ray runtime, one worker actor per CPU; Flower = `run_simulation`, Ray",
         "backend, `client_resources.num_cpus=1` (one ClientApp actor per CPU). Each case runs in a fresh process.",
         "",
-        f"Machine: {m0['cpu_count_logical']} logical CPUs, {m0['memory_total_gib']} GiB; {m0['platform']};",
-        f"commit `{m0['git_commit']}`; started {m0['time_utc']}, ended {m1['time_utc']}.",
+        provenance(m0, m1, source="`machine_before` and `machine_after` in results.json"),
         "",
         shared_cpu_note(m0, m1),
         "",

@@ -4,6 +4,7 @@
 runtime for one round and, the moment round 0 may start, sums user+system CPU time over the
 whole process tree (this driver, Ray's daemons and the worker actors), per process name.
 With P CPUs, start-up can be no shorter than total CPU / P however well things overlap.
+The first line printed names the machine and commit (a ``#`` comment, as in startup-cpu.txt).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks.machine import machine_info, provenance
 from benchmarks.overhead.workload import Workload, workload_config
 
 
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     cpu = seen["cpu"]
     cores = psutil.cpu_count() or 1
+    # taken after the run so that its git calls do not count in the figures below
+    print("# " + provenance(machine_info(), source="taken after the run"))
     print(f"driver imports: wall {imports_wall:.2f} s, CPU {imports_cpu:.2f} s")
     print(f"start-up: wall {seen['wall']:.2f} s, process-tree CPU {sum(cpu.values()):.2f} s")
     print(f"lower bound on {cores} CPUs: {sum(cpu.values()) / cores:.2f} s")

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.privacy [--rounds 5] [--seeds 0] [--out DIR]``: noise-aware aggregation
+"""``python -m benchmarks.privacy [--rounds 5] [--seeds 0] [--out DIR] [--rewrite]``: noise-aware aggregation
 against the plain weighted mean when institutions have heterogeneous DP budgets.
 
 Three institutions, each its own jurisdiction: sample-level DP-SGD budgets epsilon = 1, 4 and
@@ -17,7 +17,8 @@ Variants, all with the weighted mean inside each institution (one policy per ins
 
 Reported: final global held-out accuracy (mean of the tasks) and each institution's
 held-out accuracy (its students' test rows, mean over students and tasks), averaged over the
-seeds. Results: ``<out>/noise_aware.json`` and ``<out>/report.md``.
+seeds. Results: ``<out>/noise_aware.json`` and ``<out>/report.md``; ``--rewrite`` rebuilds the
+report from the JSON without running.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, provenance
 
 BUDGETS = {"inst-00": 1.0, "inst-01": 4.0, "inst-02": 16.0}
 
@@ -135,7 +136,29 @@ VARIANTS = [
 ]
 
 
+def _machines(meta: dict[str, Any]) -> list[str]:
+    """The machine sentence; one per command when the rows of several were merged (meta.parts)."""
+    parts = meta.get("parts")
+    if not parts:
+        return [
+            provenance(
+                meta["machine"],
+                source="`meta.machine` in noise_aware.json, taken after the last variant ran",
+            )
+        ]
+    return [
+        f"- seeds {part['seeds']}: "
+        + provenance(
+            part["machine"],
+            source=f"`meta.parts[{i}].machine` in noise_aware.json, taken as the command ended",
+        )
+        for i, part in enumerate(parts)
+    ]
+
+
 def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """report.md's text; ``meta`` carries command, seeds, rounds, wall_s and machine (or parts)."""
+
     def avg(variant: str, key: str, sub: str | None = None) -> float:
         xs = [r[key][sub] if sub else r[key] for r in rows if r["variant"] == variant]
         return sum(xs) / len(xs) if xs else float("nan")
@@ -149,6 +172,8 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"students; sample-level DP-SGD budgets (delta 1e-5): "
         + ", ".join(f"{i} eps={e:g}" for i, e in BUDGETS.items())
         + f". Wall time {meta['wall_s']:.0f} s on shared CPUs.",
+        "",
+        *_machines(meta),
         "",
         "| variant | global acc | "
         + " | ".join(f"{i} (eps={BUDGETS[i]:g}) acc" for i in insts)
@@ -210,7 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=BASE["rounds"])
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="only rebuild report.md in --out from its noise_aware.json (runs nothing)",
+    )
     args = ap.parse_args(argv)
+    if args.rewrite:
+        rewrite_report(args.out)
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -230,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seeds": args.seeds,
                 "rounds": args.rounds,
                 "wall_s": time.perf_counter() - t0,
+                "machine": machine_info(),
             }
             (out / "report.md").write_text(report(rows, partial))
     meta = {

@@ -1,11 +1,12 @@
 """Kill-and-resume drill: SIGKILL the driver at several points, resume, compare to the bit.
 
-    python -m benchmarks.reliability.kill_resume [--out benchmarks/results/reliability]
+    python -m benchmarks.reliability.kill_resume [--out benchmarks/results/reliability] [--rewrite]
 
 For each kill point it runs the same config as a subprocess with ``HIERFED_FAULT`` set, checks
 the process died by SIGKILL, resumes with ``python -m hierfed run --resume``, and compares the
 final-state SHA-256 and the metrics (minus wall-clock fields) with an uninterrupted run.
 Resume overhead = (killed run + resumed run) wall time − uninterrupted wall time.
+``--rewrite`` rebuilds REPORT.md from the kill_resume.json in ``--out`` without running.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, provenance
 
 OVERRIDES = [
     "runtime.name=ray",
@@ -56,11 +58,52 @@ def _digest(run_dir: Path) -> tuple[str, list[dict]]:
     return state, metrics
 
 
+def report(result: dict[str, Any]) -> str:
+    """REPORT.md's text from a kill_resume.json record."""
+    lines = [
+        "# Kill-and-resume drill",
+        "",
+        "Command: `python -m benchmarks.reliability.kill_resume`.",
+        "",
+        provenance(
+            result["machine_before"],
+            result["machine_after"],
+            source="`machine_before` and `machine_after` in kill_resume.json",
+        ),
+        "",
+        f"Config: edu-synth, hierarchical, Ray runtime with 2 workers, `{' '.join(result['config_overrides'])}`. "
+        f"Uninterrupted run: {result['uninterrupted_s']:.1f} s (each run includes ~10 s of process and Ray start-up).",
+        "",
+        "| kill point | SIGKILLed | resumed | final state hash equal | metrics equal | killed run s | resume s | overhead s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['kill_point']} | {r['killed_by_sigkill']} | {r['resume_rc'] == 0} | {r['state_sha256_equal']} | "
+            f"{r['metrics_equal']} | {r['killed_run_s']} | {r['resume_s']} | {r['overhead_s']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rewrite_report(out: Path) -> None:
+    """Rebuild REPORT.md from kill_resume.json (nothing is run again)."""
+    result = json.loads((out / "kill_resume.json").read_text())
+    (out / "REPORT.md").write_text(report(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/reliability")
+    ap.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="only rebuild REPORT.md in --out from its kill_resume.json (runs nothing)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.rewrite:
+        rewrite_report(out)
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     before = machine_info()
     env = {k: v for k, v in os.environ.items() if k != "HIERFED_FAULT"}
@@ -99,25 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine_after": machine_info(),
     }
     (out / "kill_resume.json").write_text(json.dumps(result, indent=1))
-    lines = [
-        "# Kill-and-resume drill",
-        "",
-        f"Command: `python -m benchmarks.reliability.kill_resume`; commit {before['git_commit']}; "
-        f"load average before {before.get('load_avg_1_5_15')}, after {result['machine_after'].get('load_avg_1_5_15')}.",
-        "",
-        f"Config: edu-synth, hierarchical, Ray runtime with 2 workers, `{' '.join(OVERRIDES)}`. "
-        f"Uninterrupted run: {ref_s:.1f} s (each run includes ~10 s of process and Ray start-up).",
-        "",
-        "| kill point | SIGKILLed | resumed | final state hash equal | metrics equal | killed run s | resume s | overhead s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['kill_point']} | {r['killed_by_sigkill']} | {r['resume_rc'] == 0} | {r['state_sha256_equal']} | "
-            f"{r['metrics_equal']} | {r['killed_run_s']} | {r['resume_s']} | {r['overhead_s']} |"
-        )
-    (out / "REPORT.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = report(result)
+    (out / "REPORT.md").write_text(text)
+    print(text, end="")
     ok = all(
         r["killed_by_sigkill"] and r["state_sha256_equal"] and r["metrics_equal"] for r in rows
     )

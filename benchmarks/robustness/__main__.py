@@ -1,4 +1,4 @@
-"""``python -m benchmarks.robustness [--quick] [--jobs 2] [--out DIR]``: the attack matrix.
+"""``python -m benchmarks.robustness [--jobs 2] [--out DIR] [--rewrite]``: the attack matrix.
 
 attack x aggregator x attacker fraction (10/20/30 % of the students), attackers on the
 student tier, the robust rule at the institution tier (the global tier keeps the weighted
@@ -10,7 +10,8 @@ attacks. The report lists, per aggregator, the worst case over attacks at each f
 its drop from the clean FedAvg accuracy.
 
 Results: ``<out>/matrix.json`` (every cell, with the config overrides that produced it) and
-``<out>/report.md``. Benchmarks are not tests: nothing here asserts.
+``<out>/report.md``; ``--rewrite`` rebuilds the report from the JSON without running.
+Benchmarks are not tests: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, provenance
 
 ATTACKS = ["sign_flip", "scaling", "gaussian", "label_flip", "alie"]
 AGGREGATORS: dict[str, dict[str, Any]] = {
@@ -99,7 +100,10 @@ def run_cell(args: tuple[str | None, float, str, int | None, str]) -> dict[str, 
     }
 
 
-def report(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def report(
+    cells: list[dict[str, Any]], meta: dict[str, Any], *, institution_matrix: bool = False
+) -> str:
+    """report.md's text; ``institution_matrix``: an institution-tier matrix sits in institution/."""
     clean = {c["aggregator"]: c["accuracy"] for c in cells if c["attack"] == "none"}
     ref = clean.get("weighted_mean", float("nan"))
     tier = cells[0].get("tier", "student") if cells else "student"
@@ -113,9 +117,18 @@ def report(cells: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Rounds: {meta['rounds']}; clients: {BASE['data.num_institutions']} institutions x "
         f"{BASE['data.students_per_institution']} students; metric: final global accuracy, mean of 4 tasks.  ",
         f"Clean FedAvg (weighted_mean, no attack): **{ref:.3f}**. Wall time: {meta['wall_s']:.0f} s "
-        f"on {meta['machine'].get('cpu_count_logical', '?')} CPUs shared with other jobs "
-        f"(load average at the end {meta['machine'].get('load_avg_1_5_15', '?')}); one seed (0).",
+        f"on {meta['machine'].get('cpu_count_logical', '?')} CPUs shared with other jobs; one seed (0).",
         "",
+        provenance(meta["machine"], source="`meta.machine` in matrix.json, taken as the run ended"),
+        "",
+    ]
+    if institution_matrix and tier == "student":
+        lines += [
+            "A second matrix, with the attackers on the institution tier and the rule at the global tier (1 of 3 institutions",
+            "malicious), is in `institution/`: part of this result, not an older run.",
+            "",
+        ]
+    lines += [
         "## Worst case over attacks (accuracy; drop from clean FedAvg in points)",
         "",
         "| aggregator | clean | " + " | ".join(f"{int(f * 100)}% worst" for f in FRACTIONS) + " |",
@@ -212,7 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aggregators", default=",".join(AGGREGATORS))
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--tier", default="student", choices=["student", "institution"])
+    ap.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="only rebuild report.md in --out from its matrix.json (runs nothing)",
+    )
     args = ap.parse_args(argv)
+    if args.rewrite:
+        rewrite_report(args.out)
+        return 0
     fractions = [float(x) for x in args.fractions.split(",")]
     aggs = args.aggregators.split(",")
     attacks = args.attacks.split(",")
@@ -243,15 +264,20 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
     }
     (out / "matrix.json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=1))
-    (out / "report.md").write_text(report(cells, meta))
+    _write_report(out, cells, meta)
     print((out / "report.md").read_text())
     return 0
+
+
+def _write_report(out: Path, cells: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    companion = (out / "institution" / "matrix.json").is_file()
+    (out / "report.md").write_text(report(cells, meta, institution_matrix=companion))
 
 
 def rewrite_report(out: str = "benchmarks/results/robustness") -> None:
     """Rebuild report.md from matrix.json (no reruns)."""
     data = json.loads((Path(out) / "matrix.json").read_text())
-    (Path(out) / "report.md").write_text(report(data["cells"], data["meta"]))
+    _write_report(Path(out), data["cells"], data["meta"])
 
 
 if __name__ == "__main__":

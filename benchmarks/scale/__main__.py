@@ -77,7 +77,7 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
 
 
 def write_report(out: Path) -> None:
-    from benchmarks.machine import shared_cpu_note
+    from benchmarks.machine import provenance, shared_cpu_note
 
     data = json.loads((out / "results.json").read_text())
     ok = [r for r in data["records"] if r.get("returncode") == 0]
@@ -117,8 +117,7 @@ def write_report(out: Path) -> None:
         "Ray runtime, one worker per CPU. Each point is a fresh process; peak memory is the summed RSS of the "
         "whole process tree (driver, Ray daemons, workers), sampled every 0.1 s.",
         "",
-        f"Machine: {m0['cpu_count_logical']} logical CPUs, {m0['memory_total_gib']} GiB; commit `{m0['git_commit']}`; "
-        f"{m0['time_utc']} -> {m1['time_utc']}.",
+        provenance(m0, m1, source="`machine_before` and `machine_after` in results.json"),
         "",
         shared_cpu_note(m0, m1),
         "",
