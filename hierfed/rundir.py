@@ -49,14 +49,23 @@ class RunDirBusy(HierfedError):
 class RunDirLock:
     """An exclusive lock on one run folder; ``release`` (or process exit) frees it."""
 
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path, self._fd = path, fd
+    def __init__(self, path: Path, fd: int, *, created: bool = False) -> None:
+        self.path, self._fd, self.created = path, fd, created
 
     def release(self) -> None:
-        if self._fd >= 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = -1
+        """Unlock; a folder this lock created and nothing was written into is removed again
+        (a run that failed before its first file leaves no empty folder behind)."""
+        if self._fd < 0:
+            return
+        try:
+            if self.created and os.listdir(self.path) == [LOCK_NAME]:
+                os.unlink(self.path / LOCK_NAME)
+                os.rmdir(self.path)
+        except OSError:
+            pass  # someone wrote into it meanwhile: keep it
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = -1
 
     @property
     def held(self) -> bool:
@@ -131,8 +140,10 @@ def claim_run_dir(path: str | Path, *, resume: bool, overwrite: bool) -> RunDirL
         raise ConfigError("--overwrite", True, "cannot be combined with --resume; pick one")
     if resume and not path.is_dir():
         raise CheckpointError(f"'{path}' has no checkpoint to resume from (no such folder)")
+    created = not path.exists()
     _make(path)
     lock = _lock(path)
+    lock.created = created
     try:
         entries = [p for p in path.iterdir() if p.name != LOCK_NAME]
         if entries and not resume:

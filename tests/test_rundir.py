@@ -26,7 +26,8 @@ def test_a_held_folder_is_refused_to_a_second_run(tmp_path):
         cfg = load_config(None, tiny_overrides(**LOCAL), out=str(out))
         with pytest.raises(RunDirBusy):
             run(cfg, overwrite=True)
-    # released: the folder (holding only the lock file) can be claimed again
+    # released; the run wrote nothing, so the folder it made is gone again
+    assert not out.exists()
     claim_run_dir(out, resume=False, overwrite=False).release()
 
 
