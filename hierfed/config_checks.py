@@ -336,16 +336,21 @@ def _check_rest(cfg: RunConfig) -> None:
 
 
 def check_tier_names(cfg: RunConfig, tier_names: tuple[str, ...]) -> None:
-    """Every ``topology.tiers.<name>`` must be a tier of the federation: a typo
-    (``instituion``) would otherwise leave the real tier on the defaults, silently."""
+    """Every ``topology.tiers.<name>`` must be a tier of the topology: a typo (``instituion``)
+    or a tier the topology does not have (``institution`` under ``star``) would otherwise
+    leave the real tiers on their defaults, silently. ``tier_names``: the built topology's
+    (``Topology.tier_names``; a plug-in may name its own, e.g. ``hub``)."""
     for name in cfg.topology.tiers:
         if name not in tier_names:
             raise ConfigError(
                 f"topology.tiers.{name}",
                 name,
-                f"not a tier of this federation; its tiers are {list(tier_names)} "
-                "(use topology.default for every aggregating tier)",
+                f"not a tier of the {cfg.topology.name} topology here; its tiers are "
+                f"{list(tier_names)} (use topology.default for every aggregating tier)",
             )
+
+
+def _check_attack_tier(cfg: RunConfig, tier_names: tuple[str, ...]) -> None:
     tier = cfg.attack.tier
     if cfg.attack.name != "none" and tier and tier not in tier_names:
         raise ConfigError(
@@ -378,8 +383,9 @@ def _task_widths(cfg: RunConfig, federation: Any) -> dict[str, int]:
 def check_federation(cfg: RunConfig, federation: Any) -> None:
     """Config rules that need the built federation (tier names, modalities); no model, no Ray.
 
-    Call it after the federation is built and before any worker starts."""
-    check_tier_names(cfg, tuple(federation.tier_names))
+    Call it after the federation is built and before any worker starts. (``topology.tiers``
+    names need the built topology: ``check_tier_names``.)"""
+    _check_attack_tier(cfg, tuple(federation.tier_names))
     if cfg.model.backbone != "tiny":
         return  # a pretrained backbone's budget is its own max_position_embeddings
     for task, width in sorted(_task_widths(cfg, federation).items()):

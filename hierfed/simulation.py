@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from hierfed.checkpoint import atomic_write_text, save_state
-from hierfed.config import RunConfig, check_federation, to_yaml, validate_config
+from hierfed.config import (
+    RunConfig,
+    check_federation,
+    check_tier_names,
+    to_yaml,
+    validate_config,
+)
 from hierfed.data.federation import Federation
 from hierfed.health import check_round
 from hierfed.ledger import CommLedger
@@ -147,6 +153,7 @@ def _run(
         spec, initial = rt.model_info()
         topo: Topology = TOPOLOGIES.get(cfg.topology.name)(cfg=cfg, federation=fed, spec=spec)
         topo.init(initial)
+        check_tier_names(cfg, topo.tier_names)  # before any round: no setting silently unused
         for edge, why in gossip_uncovered(cfg, topo.tier_names).items():
             log.warning("client-level DP into tier '%s': %s", edge, why)
         if write:

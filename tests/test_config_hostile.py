@@ -100,6 +100,12 @@ RUN_REFUSALS = [
     # a typo in a tier name used to leave the real tier on weighted_mean, silently
     ({"topology.tiers.instituion.aggregator": "median"}, "topology.tiers.instituion", "instituion"),
     ({"topology.tiers.course.quorum": 0.5}, "topology.tiers.course", "its tiers are"),
+    # a tier the topology does not have: star has no institution tier
+    (
+        {"topology.name": "star", "topology.tiers.institution.aggregator": "median"},
+        "topology.tiers.institution",
+        "its tiers are ['global', 'student']",
+    ),
     ({"attack.name": "sign_flip", "attack.tier": "school"}, "attack.tier", "school"),
     # the prompt plus the essay's 16 text tokens do not fit 48 tokens: used to fail in forward
     ({"model.prompt_tokens": 40}, "model.prompt_tokens", "needs 56 tokens"),
