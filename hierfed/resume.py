@@ -56,19 +56,6 @@ def fault_point(name: str, rnd: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def ledger_columns(ledger: CommLedger) -> dict[str, list[Any]]:
-    cols: dict[str, list[Any]] = {f: [] for f in Transfer.__dataclass_fields__}
-    for r in ledger.records:
-        for f in cols:
-            cols[f].append(getattr(r, f))
-    return cols
-
-
-def ledger_from_columns(cols: dict[str, list[Any]]) -> CommLedger:
-    names = list(Transfer.__dataclass_fields__)
-    return CommLedger(Transfer(*row) for row in zip(*(cols[n] for n in names)))
-
-
 # ---------------------------------------------------------------- append-only logs
 
 
@@ -264,7 +251,11 @@ def _read(
     ):
         raise CheckpointError(f"checkpoint {folder} has an invalid clock sim_total={sim!r}")
     marks = unpack(fields.get("logs"), {})
-    if not isinstance(marks, dict) or set(marks) != set(LOGS):
+    if (
+        not isinstance(marks, dict)
+        or set(marks) != set(LOGS)
+        or not all(isinstance(m, dict) for m in marks.values())
+    ):
         raise CheckpointError(f"checkpoint {folder} does not describe its {list(LOGS)} logs")
     if marks["metrics"].get("records") != rnd + 1:  # round 0's evaluation, then one per round
         raise CheckpointError(f"checkpoint {folder} does not hold {rnd + 1} metrics records")
