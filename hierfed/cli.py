@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         help="continue a run from its newest checkpoint (uses RUN_DIR/config.yaml)",
     )
     r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in a non-empty --out (otherwise refused)",
+    )
+    r.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. rounds=3 data.num_institutions=6"
     )
     s = sub.add_parser("show-config", help="print the resolved config")
@@ -93,8 +98,18 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(console, args)
         return _run(console, args)
     except HierfedError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        return 2
+        return _print_error(console, exc)
+
+
+def _print_error(console: Console, exc: HierfedError) -> int:
+    """One line, never a traceback; markup off, so a value such as ``x[/]`` in the
+    message is printed as it is instead of being read as rich markup. Exit status 2 for a
+    refusal (bad input), 3 for a run that collapsed (``RunCollapsed``)."""
+    from hierfed.errors import RunCollapsed
+
+    text = " ".join(str(exc).split())  # one line whatever the message holds
+    console.print(f"error: {text}", markup=False, highlight=False, soft_wrap=True, style="bold red")
+    return 3 if isinstance(exc, RunCollapsed) else 2
 
 
 def _list(console: Console) -> int:
@@ -220,7 +235,7 @@ def _run(console: Console, args: argparse.Namespace) -> int:
             progress.stop()
 
     try:
-        result = run(cfg, on_event=on_event, resume=resume)
+        result = run(cfg, on_event=on_event, resume=resume, overwrite=args.overwrite)
     finally:
         progress.stop()
     _print_tables(

@@ -59,3 +59,17 @@ class NodeFailure(HierfedError):
 
 class CheckpointError(HierfedError):
     """A checkpoint is missing, truncated, corrupted or from an incompatible run."""
+
+
+class RunCollapsed(HierfedError):
+    """A run cannot go on: its global model went non-finite, or every update was rejected.
+
+    Raised by the driver after the round that collapsed, before that round is checkpointed;
+    the CLI exits non-zero with this one-line message."""
+
+    def __init__(self, round: int, why: str) -> None:
+        self.round, self.why = round, why
+        super().__init__(f"run stopped after round {round}: {why}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.round, self.why))

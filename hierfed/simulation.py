@@ -17,21 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from hierfed.checkpoint import atomic_write_text, save_state
-from hierfed.config import RunConfig, to_yaml, validate_config
+from hierfed.config import (
+    RunConfig,
+    check_federation,
+    check_tier_names,
+    to_yaml,
+    validate_config,
+)
 from hierfed.data.federation import Federation
 from hierfed.engine import ChannelSet, RoundContext, require_no_failures
-from hierfed.errors import CheckpointError
+from hierfed.health import check_round
 from hierfed.ledger import CommLedger
 from hierfed.privacy.accountant import gossip_uncovered, privacy_metrics
 from hierfed.registry import DATASETS, TOPOLOGIES
-from hierfed.resume import (
-    config_fingerprint,
-    fault_point,
-    ledger_columns,
-    ledger_from_columns,
-    read_latest,
-    write_checkpoint,
-)
+from hierfed.resume import config_fingerprint, fault_point, read_latest, write_checkpoint
+from hierfed.rundir import claim_run_dir, unique_default
 from hierfed.runtime.base import Runtime, make_runtime
 from hierfed.runtime.jobs import EvalJob
 from hierfed.runtime.worker import WorkerSetup
@@ -110,25 +110,39 @@ def run(
     on_event: Event | None = None,
     write: bool = True,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> RunResult:
     """Run a whole federation. ``runtime`` may be passed in (e.g. a test's shared one).
 
     With ``resume=True`` the run continues from the newest checkpoint in ``cfg.out`` and ends
-    bit-identical to an uninterrupted run with the same config (CPU)."""
+    bit-identical to an uninterrupted run with the same config (CPU). The run folder is made
+    and locked first (hierfed.rundir); one that holds anything is refused unless ``resume``
+    or ``overwrite``."""
     validate_config(cfg)
+    out_dir = Path(cfg.out) if cfg.out else unique_default(default_out_dir(cfg))
+    if not (write or resume):
+        return _run(cfg, out_dir, runtime=runtime, on_event=on_event, write=write, resume=resume)
+    with claim_run_dir(out_dir, resume=resume, overwrite=overwrite):
+        return _run(cfg, out_dir, runtime=runtime, on_event=on_event, write=write, resume=resume)
+
+
+def _run(
+    cfg: RunConfig,
+    out_dir: Path,
+    *,
+    runtime: Runtime | None,
+    on_event: Event | None,
+    write: bool,
+    resume: bool,
+) -> RunResult:
     emit = on_event or (lambda kind, data: None)
     t0 = time.perf_counter()
     fed = build_federation(cfg)
-    out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    check_federation(cfg, fed)  # tier names, token budget: before any worker starts
     emit = with_tracking(cfg, out_dir if write else None, emit)  # logging.tensorboard
     ck: dict[str, Any] | None = None
     if resume:  # checked before any worker starts
-        ck = read_latest(out_dir)
-        if ck.get("config") != _fingerprint(cfg):
-            raise CheckpointError(
-                f"the checkpoint in '{out_dir}' was written with another config; resume with the "
-                "run folder's own config.yaml (python -m hierfed run --resume RUN_DIR)"
-            )
+        ck = read_latest(out_dir, fingerprint=_fingerprint(cfg), rounds=cfg.rounds)
     topo_cls = TOPOLOGIES.get(cfg.topology.name)
     topo_cls.check(cfg, fed)  # every topology and tier setting, before any worker starts
     own_runtime = runtime is None
@@ -143,6 +157,7 @@ def run(
         spec, initial = rt.model_info()
         topo: Topology = topo_cls(cfg=cfg, federation=fed, spec=spec)
         topo.init(initial)
+        check_tier_names(cfg, topo.tier_names)  # before any round: no setting silently unused
         for edge, why in gossip_uncovered(cfg, topo.tier_names).items():
             log.warning("client-level DP into tier '%s': %s", edge, why)
         if write:
@@ -154,7 +169,7 @@ def run(
         dp_seen: dict[str, dict[str, Any]] = {}  # latest DP report per client (cumulative epsilon)
         if ck is not None:
             topo.load_state_dict(ck["topology"])
-            metrics, ledger = list(ck["metrics"]), ledger_from_columns(ck["ledger"])
+            metrics, ledger = list(ck["metrics"]), ck["ledger"]
             start_round, sim_total, dp_seen = (
                 int(ck["round"]) + 1,
                 float(ck["sim_total"]),
@@ -219,6 +234,13 @@ def run(
                 rec["worker_failures"] = events
             metrics.append(rec)
             emit("round", rec)
+            check_round(
+                rnd,
+                global_state=topo.global_state(),
+                participants=stats.participants,
+                rejections=stats.rejections,
+                client_ids=fed.by_id,
+            )
             sim_total = rec["sim_time_total_s"]
             every = cfg.checkpoint.every
             if write and ((every and rnd % every == 0) or rnd == cfg.rounds):
@@ -230,7 +252,7 @@ def run(
                         "config": _fingerprint(cfg),
                         "topology": topo.state_dict(),
                         "metrics": metrics,
-                        "ledger": ledger_columns(ledger),
+                        "ledger": ledger,
                         "sim_total": sim_total,
                         "dp_seen": dp_seen,
                     },

@@ -84,9 +84,12 @@ class Update:
         return _fold(ordered)
 
     def mean(self) -> State:
-        """Divide once: the weighted mean delta of every component with positive weight."""
+        """Divide once: the weighted mean delta of every component with positive weight.
+
+        The division runs in float64 and is cast back (a float32 quotient by a tiny weight
+        overflows; for weights exact in the tensor's dtype the result is the same bits)."""
         return {
-            c: {p: t / self.weights[c] for p, t in params.items()}
+            c: {p: (t.double() / self.weights[c]).to(t.dtype) for p, t in params.items()}
             for c, params in self.tensors.items()
             if self.weights[c] > 0
         }

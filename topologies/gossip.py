@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from hierfed import mixing
-from hierfed.config import RunConfig
+from hierfed.config import RunConfig, check_tier_names
 from hierfed.data.federation import Federation
 from hierfed.engine.channel import Message
 from hierfed.engine.context import RoundContext
@@ -74,6 +74,7 @@ class GossipTopology(Topology):
     @classmethod
     def check(cls, cfg: RunConfig, federation: Federation) -> None:
         opts = parse_options(dict(cfg.topology.options))
+        check_tier_names(cfg, (federation.tier_names[0], federation.tier_names[-1]))
         nodes = [c.id for c in federation.clients]
         if len(nodes) < 2:
             raise DataError(f"gossip needs at least 2 clients, the federation has {len(nodes)}")

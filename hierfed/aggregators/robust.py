@@ -53,8 +53,15 @@ __all__ = [
 
 
 def _flat(update: Update, c: str, names: Sequence[str]) -> torch.Tensor:
+    # the mean is divided in float64 (a float32 weight of 1e-200 is 0) and kept in the update's
+    # dtype, as Update.mean: the same bits as before for weights the dtype holds exactly
     w = float(update.weights[c])
-    return torch.cat([(update.tensors[c][p] / w).reshape(-1).double() for p in names])
+    return torch.cat(
+        [
+            (t.double() / w).to(t.dtype).reshape(-1).double()
+            for t in (update.tensors[c][p] for p in names)
+        ]
+    )
 
 
 def _unflat(
@@ -166,6 +173,19 @@ class TrimmedMean(RobustAggregator):
                 f"{key}.trim", v, "must be a fraction in [0, 0.5) of updates cut at each end"
             )
 
+    @classmethod
+    def check_fanout(cls, options, n, key):
+        trim = float(options.get("trim", 0.2))
+        if trim > 0 and math.floor(trim * n + 1e-9) == 0:
+            need = math.ceil(1 / trim - 1e-9)
+            raise ConfigError(
+                f"{key}.trim",
+                options.get("trim", 0.2),
+                f"trims floor(trim x n) = 0 updates at each end when this tier's nodes receive "
+                f"n = {n} (participation x children), so it would be a plain mean; raise trim to "
+                f">= {1 / n:.3g}, sample >= {need} children, or use median",
+            )
+
     def estimate(self, x, w, c, ctx, senders=()):
         n = x.shape[0]
         k = int(math.floor(float(self.options["trim"]) * n + 1e-9))
@@ -268,7 +288,7 @@ class NormBoundedMean(RobustAggregator):
         norms = []
         for u in ordered:
             sq = sum(
-                float((t / u.weights[c]).double().pow(2).sum())
+                float((t.double() / u.weights[c]).to(t.dtype).double().pow(2).sum())
                 for c, ps in u.tensors.items()
                 if u.weights[c] > 0
                 for t in ps.values()

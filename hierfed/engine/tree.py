@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-from hierfed.config import RunConfig
+from hierfed.config import RunConfig, check_tier_names
 from hierfed.data.federation import Federation
 from hierfed.engine.checks import check_tree
 from hierfed.engine.context import RoundContext
@@ -44,6 +44,7 @@ class TreeTopology(Topology):
     @classmethod
     def check(cls, cfg: RunConfig, federation: Federation) -> None:
         paths, tiers = cls.tree(federation)
+        check_tier_names(cfg, tiers)  # no setting for a tier this tree does not have
         check_tree(cfg, TreeGraph(federation, paths, tiers))
 
     @property

@@ -47,6 +47,11 @@ class Postprocessor(WithOptions, ABC):
         """Bytes per component on the wire after this step (default: unchanged)."""
         return sizes
 
+    def receive(self, update: Update, ctx: PostContext) -> Update:
+        """What the *receiving* node does to one validated incoming update before merging
+        (default: nothing). Unlike ``process`` it does not rely on the sender's honesty."""
+        return update
+
 
 def apply_chain(
     chain: Sequence[Postprocessor], update: Update, ctx: PostContext
@@ -56,6 +61,13 @@ def apply_chain(
         update = pp.process(update, ctx)
         sizes = pp.wire_nbytes(update, sizes)
     return update, sizes
+
+
+def apply_receive(chain: Sequence[Postprocessor], update: Update, ctx: PostContext) -> Update:
+    """Run every step's receiver-side hook, in chain order, on one incoming update."""
+    for pp in chain:
+        update = pp.receive(update, ctx)
+    return update
 
 
 def build_chain(

@@ -1,7 +1,9 @@
 """The Ray runtime: a fixed pool of worker actors, each a thin shell around a WorkerCore.
 
-* ``ray.init`` locally (``runtime.num_cpus``) or connects to ``runtime.address``; a Ray
-  session that is already up (e.g. a test suite's) is reused and left running.
+* ``ray.init`` locally (``runtime.num_cpus``), bound to 127.0.0.1, or connects to
+  ``runtime.address``; a Ray session that is already up (e.g. a test suite's) is reused and
+  left running. A local session gets a watchdog (``hierfed.runtime.reaper``) that ends the
+  processes Ray would leave behind if the driver is killed.
 * One actor per worker (``runtime.num_workers``, default one per CPU), never one per client.
   Each builds one model skeleton and frozen backbone, then trains slice after slice.
 * The round's states go into the object store once (``put``); jobs reference them.
@@ -30,6 +32,7 @@ from hierfed.runtime.jobs import (
     MixTask,
     TrainJob,
 )
+from hierfed.runtime.reaper import start_reaper
 from hierfed.runtime.worker import WorkerCore, WorkerSetup
 from hierfed.update import State
 
@@ -76,16 +79,39 @@ class _WorkerShell:
         return self.core.average(task, states)
 
 
+# Ray's switch for single-machine sessions (read when ray is imported, by every process Ray
+# starts): with it off, the node address is 127.0.0.1 and GCS, raylet, object manager and
+# agents listen on the loopback interface only. Ray 2.55 maps an explicit
+# ``_node_ip_address="127.0.0.1"`` back to the host's address, so that does not do it.
+_SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_only() -> None:
+    """Make a Ray session this process starts listen on 127.0.0.1 only (not for
+    ``runtime.address``: a cluster must be reachable). Measured with Ray 2.55.1: without it
+    a local session listens on the host's address and on every IPv6 interface, with token
+    authentication off; with it, every listening socket is 127.0.0.1."""
+    import sys
+
+    os.environ.setdefault(_SINGLE_HOST_ENV, "0")
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ[_SINGLE_HOST_ENV] == "0":  # ray imported already
+        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+
+
 class RayRuntime(Runtime):
     name = "ray"
 
     def __init__(self, cfg: RuntimeConfig) -> None:
         self.cfg = cfg
+        self._reaper: Any = None
         self.actors: list[Any] = []
         self._round = -1
         self._events: list[str] = []
 
     def start(self, setup: WorkerSetup) -> None:
+        if not self.cfg.address:
+            _loopback_only()
         import ray
 
         # Ray's notice about a future change to GPU visibility says nothing about this run
@@ -108,6 +134,7 @@ class RayRuntime(Runtime):
                 if self.cfg.num_cpus:
                     kwargs["num_cpus"] = self.cfg.num_cpus
                 ray.init(**kwargs)
+                self._reaper = start_reaper()  # ends the agents Ray leaves after a SIGKILL
         cpus = int(ray.available_resources().get("CPU", 1)) or 1
         n = self.cfg.num_workers or max(1, cpus)
         remote = ray.remote(

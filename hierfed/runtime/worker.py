@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from hierfed.aggregators.base import AggContext
 from hierfed.aggregators.lora import mask_rank, truncate_rank
 from hierfed.attacks import attack_pool, build_attack, poisoned
 from hierfed.client import ClientTrainer, to_cpu
@@ -29,7 +28,6 @@ from hierfed.postprocess.base import PostContext, apply_chain, build_chain
 from hierfed.postprocess.validate import Expectation, validate_update
 from hierfed.privacy.dpsgd import train_client
 from hierfed.privacy.policy import plan_for
-from hierfed.registry import AGGREGATORS, SERVER_OPTIMIZERS
 from hierfed.runtime.jobs import (
     AverageTask,
     ClientMeta,
@@ -40,6 +38,7 @@ from hierfed.runtime.jobs import (
     MixTask,
     TrainJob,
 )
+from hierfed.runtime.merge import merge_node_round, nonfinite_in
 from hierfed.update import State, Update, state_add, state_sub
 
 log = logging.getLogger(__name__)
@@ -81,6 +80,7 @@ class WorkerCore:
         from hierfed import plugins  # registers built-ins inside Ray workers
 
         plugins.import_modules(setup.cfg.plugins)
+
         torch.set_num_threads(setup.threads)
         self.cfg = setup.cfg
         self.fed = setup.federation
@@ -206,9 +206,6 @@ class WorkerCore:
         return [self._merge_one(t, pool) for t in tasks]
 
     def _merge_one(self, task: MergeTask, pool: Mapping[str, Update]) -> MergeResult:
-        tier = self.cfg.tier(task.tier)
-        accepted: list[Update] = []
-        rejected: list[tuple[str, str]] = []
         pool = attack_pool(
             self.attack,
             [e.sender for e in task.expectations],
@@ -217,70 +214,7 @@ class WorkerCore:
             round=task.round,
             seed=self.cfg.seed,
         )
-        for exp in task.expectations:
-            upd = pool.get(exp.sender)
-            if upd is None:
-                continue  # failed or sent nothing; the driver knows why
-            try:
-                if upd.meta.round != task.round:  # a late update never lands in a later round
-                    raise UpdateRejected(
-                        exp.sender,
-                        f"stale update from round {upd.meta.round} in round {task.round}",
-                    )
-                validate_update(upd, exp, self.spec)
-            except UpdateRejected as rej:
-                log.warning("round %d, %s: %s", task.round, task.node_id, rej)
-                rejected.append((exp.sender, rej.reason))
-                continue
-            accepted.append(upd)
-        aggregator = AGGREGATORS.get(tier.aggregator)(dict(tier.options))
-        ctx = AggContext(task.node_id, task.tier, task.round, self.cfg.seed, state=task.state)
-        state = task.state
-        agg_state, opt_state = task.agg_state, task.opt_state
-        weights: dict[str, float] = {}
-        merged = None
-        if len(accepted) >= aggregator.min_updates():
-            agg_state = aggregator.init_state() if agg_state is None else agg_state
-            merged, agg_state = aggregator.aggregate(accepted, agg_state, ctx)
-        if merged is not None:
-            weights = {c: float(w) for c, w in merged.weights.items() if w > 0}
-            opt = SERVER_OPTIMIZERS.get(tier.server_optimizer)(tier)
-            state, opt_state = opt.step(state, merged.mean(), opt_state)
-        emitted: Update | None = None
-        sizes: dict[str, int] = {}
-        emit_weights, emit_samples = task.emit_weights, task.emit_samples
-        if task.emit_prior is not None:  # folded: this node-round's merge counts too
-            emit_weights = _mean_weights(task, weights)
-            emit_samples += sum(u.meta.num_samples for u in accepted)
-        if task.emit and task.start is not None:
-            sends = [c for c in task.sends if emit_weights.get(c, 0) > 0]
-            if sends:
-                delta = state_sub({c: state[c] for c in sends}, task.start)
-                emitted = Update.from_delta(
-                    delta,
-                    {c: emit_weights[c] for c in sends},
-                    sender=task.node_id,
-                    round=task.round,
-                    num_samples=emit_samples or sum(u.meta.num_samples for u in accepted),
-                )
-                ptier = self.cfg.tier(task.parent_tier)
-                chain = build_chain(ptier.postprocess, ptier.postprocess_options)
-                ctx2 = PostContext(
-                    task.node_id, task.parent_id, task.parent_tier, task.round, self.cfg.seed
-                )
-                emitted, sizes = apply_chain(chain, emitted, ctx2)
-        return MergeResult(
-            task.node_id,
-            state,
-            agg_state,
-            opt_state,
-            weights,
-            tuple(u.meta.senders[0] for u in accepted),
-            tuple(rejected),
-            sum(u.meta.num_samples for u in accepted),
-            emitted,
-            sizes,
-        )
+        return merge_node_round(task, pool, cfg=self.cfg, spec=self.spec)
 
     # ---------------------------------------------------------------- gossip mixing
 
@@ -326,8 +260,14 @@ class WorkerCore:
                             raise UpdateRejected(
                                 nid, f"stale update from round {upd.meta.round} in round {rnd}"
                             )
-                        validate_update(upd, expectations[nid], self.spec)
-                        state = state_add(state, upd.mean())
+                        validate_update(upd, expectations[nid], self.spec, like=state)
+                        stepped = state_add(state, upd.mean())
+                        bad = nonfinite_in({c: stepped[c] for c in upd.tensors})
+                        if bad is not None:
+                            raise UpdateRejected(
+                                nid, f"its half-step overflows (NaN or Inf in {bad})"
+                            )
+                        state = stepped
                     except UpdateRejected as rej:
                         log.warning("round %d, gossip: %s", rnd, rej)
                         rejected[nid] = rej.reason
@@ -343,13 +283,13 @@ class WorkerCore:
                 used.update(src for src, _ in row)
                 for c in comps:
                     new[c] = combine([(a, v[c]) for a, v in vals])
-            out.append(
-                MixResult(
-                    task.node_id,
-                    new,
-                    tuple(sorted((s, r) for s, r in rejected.items() if s in used)),
-                )
-            )
+            why = tuple(sorted((s, r) for s, r in rejected.items() if s in used))
+            bad = nonfinite_in(new)
+            if bad is not None:  # the node keeps its own start values; recorded, not merged
+                own = starts[task.node_id]
+                new = {c: own[c] for c in new}
+                why += ((task.node_id, f"mixed state overflows (NaN or Inf in {bad}); kept"),)
+            out.append(MixResult(task.node_id, new, why))
         return out
 
     def average(self, task: AverageTask, states: Mapping[str, State]) -> tuple[float, State]:
@@ -372,16 +312,3 @@ class WorkerCore:
             )
             out.append((job.name, res))
         return out
-
-
-def _mean_weights(task: MergeTask, merged: Mapping[str, float]) -> dict[str, float]:
-    """A folded emit's weight per component: the mean merged weight over the node's
-    ``local_rounds`` node-rounds (the earlier ones from the task, this one from ``merged``),
-    summed in node-round order; components with no weight are not sent."""
-    prior = task.emit_prior or {}
-    out = {}
-    for c in task.sends:
-        total = sum([*prior.get(c, ()), merged.get(c, 0.0)])
-        if total > 0:
-            out[c] = total / task.local_rounds
-    return out
