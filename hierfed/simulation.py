@@ -25,9 +25,10 @@ from hierfed.config import (
     validate_config,
 )
 from hierfed.data.federation import Federation
-from hierfed.engine import ChannelSet, RoundContext, require_no_failures
+from hierfed.engine import ChannelSet, RoundContext, RoundStats, require_no_failures
 from hierfed.health import check_round
 from hierfed.ledger import CommLedger
+from hierfed.model.spec import ModelSpec
 from hierfed.privacy.accountant import gossip_uncovered, privacy_metrics
 from hierfed.registry import DATASETS, TOPOLOGIES
 from hierfed.resume import config_fingerprint, fault_point, read_latest, write_checkpoint
@@ -63,6 +64,102 @@ class RunResult:
     @property
     def initial_metrics(self) -> dict[str, float]:
         return dict(self.metrics[0].get("global", {})) if self.metrics else {}
+
+
+@dataclass
+class History:
+    """What a run carries from round to round besides the topology: metrics, the ledger, the
+    simulated clock's total and the latest DP report per client (checkpointed together)."""
+
+    ledger: CommLedger = field(default_factory=CommLedger)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    start_round: int = 1
+    sim_total: float = 0.0
+    dp_seen: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def restore(cls, topo: Topology, ck: dict[str, Any] | None) -> History:
+        """A fresh history, or the checkpoint's (and the topology's carried state from it)."""
+        if ck is None:
+            return cls()
+        topo.load_state_dict(ck["topology"])
+        return cls(
+            ledger=ck["ledger"],
+            metrics=list(ck["metrics"]),
+            start_round=int(ck["round"]) + 1,
+            sim_total=float(ck["sim_total"]),
+            dp_seen=dict(ck["dp_seen"]),
+        )
+
+    def checkpoint(self, out_dir: Path, rnd: int, cfg: RunConfig, topo: Topology) -> None:
+        write_checkpoint(
+            out_dir,
+            rnd,
+            {
+                "round": rnd,
+                "config": _fingerprint(cfg),
+                "topology": topo.state_dict(),
+                "metrics": self.metrics,
+                "ledger": self.ledger,
+                "sim_total": self.sim_total,
+                "dp_seen": self.dp_seen,
+            },
+            cfg.checkpoint.keep,
+        )
+
+
+def _build_topology(
+    cfg: RunConfig, fed: Federation, rt: Runtime, topo_cls: type[Topology]
+) -> tuple[ModelSpec, Topology]:
+    """The run's topology on the model worker 0 built: the driver takes the spec and initial
+    state from there and never loads a backbone or peft itself (seconds of start-up each)."""
+    spec, initial = rt.model_info()
+    topo = topo_cls(cfg=cfg, federation=fed, spec=spec)
+    topo.init(initial)
+    check_tier_names(cfg, topo.tier_names)  # before any round: no setting silently unused
+    for edge, why in gossip_uncovered(cfg, topo.tier_names).items():
+        log.warning("client-level DP into tier '%s': %s", edge, why)
+    return spec, topo
+
+
+def _round_record(
+    cfg: RunConfig,
+    rnd: int,
+    stats: RoundStats,
+    topo: Topology,
+    rt: Runtime,
+    fed: Federation,
+    hist: History,
+    t_round: float,
+) -> dict[str, Any]:
+    """The round's line in metrics.jsonl (evaluating the global model when it is due)."""
+    by_edge = hist.ledger.by_edge(rnd)
+    rec: dict[str, Any] = {
+        "round": rnd,
+        "train_loss": stats.train_loss,
+        "participants": stats.participants,
+        "rejected": len(stats.rejections),
+        "failed": len(stats.failures),
+        "bytes": by_edge,
+        "bytes_total": sum(by_edge.values()),
+        "sim_time_s": stats.sim_time_s,  # simulated wall clock (hierfed/clock.py)
+        "sim_time_total_s": hist.sim_total + stats.sim_time_s,
+        "dropped": len(stats.dropped),
+        "late": len(stats.late),
+        **topo.round_metrics(),
+    }
+    if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
+        rec["global"] = evaluate_global(rt, topo.global_state(), fed)
+    rec["wall_s"] = time.perf_counter() - t_round
+    if stats.rejections:
+        rec["rejections"] = [f"{s}: {r}" for s, r in stats.rejections[:20]]
+    rec.update(privacy_metrics(cfg, topo.tier_names, rnd, stats.privacy, hist.dp_seen))
+    if stats.failures:
+        rec["failures"] = [f"{c}: {why}" for c, why in stats.failures[:20]]
+    events = rt.drain_events()
+    if events:
+        rec["worker_failures"] = events
+    return rec
 
 
 def build_federation(cfg: RunConfig) -> Federation:
@@ -152,30 +249,12 @@ def _run(
         if own_runtime:
             emit("launch", {"runtime": rt.name, "federation": summary})
             rt.start(WorkerSetup(cfg, fed))
-        # The model is built where it trains: worker 0 hands over the spec and the initial
-        # state, so the driver never loads a backbone or peft (seconds of start-up each).
-        spec, initial = rt.model_info()
-        topo: Topology = topo_cls(cfg=cfg, federation=fed, spec=spec)
-        topo.init(initial)
-        check_tier_names(cfg, topo.tier_names)  # before any round: no setting silently unused
-        for edge, why in gossip_uncovered(cfg, topo.tier_names).items():
-            log.warning("client-level DP into tier '%s': %s", edge, why)
+        spec, topo = _build_topology(cfg, fed, rt, topo_cls)
         if write:
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
-        ledger = CommLedger()
-        metrics: list[dict[str, Any]] = []
-        start_round, sim_total = 1, 0.0
-        dp_seen: dict[str, dict[str, Any]] = {}  # latest DP report per client (cumulative epsilon)
-        if ck is not None:
-            topo.load_state_dict(ck["topology"])
-            metrics, ledger = list(ck["metrics"]), ck["ledger"]
-            start_round, sim_total, dp_seen = (
-                int(ck["round"]) + 1,
-                float(ck["sim_total"]),
-                dict(ck["dp_seen"]),
-            )
-        channels = ChannelSet(cfg, fed, ledger)
+        hist = History.restore(topo, ck)
+        ledger, metrics = hist.ledger, hist.metrics
         emit(
             "start",
             {
@@ -186,52 +265,23 @@ def _run(
             },
         )
         startup_s = time.perf_counter() - t0
-        if start_round == 1:
-            rec0 = {
-                "round": 0,
-                "global": evaluate_global(rt, topo.global_state(), fed),
-                "bytes": {},
-                "wall_s": 0.0,
-            }
-            metrics.append(rec0)
-            emit("round", rec0)
+        if hist.start_round == 1:
+            metrics.append(
+                {"round": 0, "global": evaluate_global(rt, topo.global_state(), fed), "bytes": {}}
+            )
+            metrics[0]["wall_s"] = 0.0
+            emit("round", metrics[0])
         else:
-            emit("resume", {"round": start_round - 1})
-        for rnd in range(start_round, cfg.rounds + 1):
+            emit("resume", {"round": hist.start_round - 1})
+        channels = ChannelSet(cfg, fed, ledger)
+        for rnd in range(hist.start_round, cfg.rounds + 1):
             t_round = time.perf_counter()
             stats = topo.run_round(
                 RoundContext(round=rnd, runtime=rt, channels=channels, clients=topo.clients)
             )
             # a failed client fails the run, unless failures are tolerated (then quorums decide)
             require_no_failures(stats, rnd, tolerate=cfg.runtime.on_client_failure == "drop")
-            rec: dict[str, Any] = {
-                "round": rnd,
-                "train_loss": stats.train_loss,
-                "participants": stats.participants,
-                "rejected": len(stats.rejections),
-                "failed": len(stats.failures),
-                "bytes": ledger.by_edge(rnd),
-                "bytes_total": sum(ledger.by_edge(rnd).values()),
-                # simulated wall clock (hierfed/clock.py); a third-party RoundStats may lack these
-                "sim_time_s": getattr(stats, "sim_time_s", 0.0),
-                "sim_time_total_s": sim_total + getattr(stats, "sim_time_s", 0.0),
-                "dropped": len(getattr(stats, "dropped", ())),
-                "late": len(getattr(stats, "late", ())),
-                **topo.round_metrics(),
-            }
-            if rnd % cfg.eval.every == 0 or rnd == cfg.rounds:
-                rec["global"] = evaluate_global(rt, topo.global_state(), fed)
-            rec["wall_s"] = time.perf_counter() - t_round
-            if stats.rejections:
-                rec["rejections"] = [f"{s}: {r}" for s, r in stats.rejections[:20]]
-            rec.update(
-                privacy_metrics(cfg, topo.tier_names, rnd, getattr(stats, "privacy", {}), dp_seen)
-            )
-            if stats.failures:
-                rec["failures"] = [f"{c}: {why}" for c, why in stats.failures[:20]]
-            events = rt.drain_events()
-            if events:
-                rec["worker_failures"] = events
+            rec = _round_record(cfg, rnd, stats, topo, rt, fed, hist, t_round)
             metrics.append(rec)
             emit("round", rec)
             check_round(
@@ -241,23 +291,10 @@ def _run(
                 rejections=stats.rejections,
                 client_ids=fed.by_id,
             )
-            sim_total = rec["sim_time_total_s"]
+            hist.sim_total = rec["sim_time_total_s"]
             every = cfg.checkpoint.every
             if write and ((every and rnd % every == 0) or rnd == cfg.rounds):
-                write_checkpoint(
-                    out_dir,
-                    rnd,
-                    {
-                        "round": rnd,
-                        "config": _fingerprint(cfg),
-                        "topology": topo.state_dict(),
-                        "metrics": metrics,
-                        "ledger": ledger,
-                        "sim_total": sim_total,
-                        "dp_seen": dp_seen,
-                    },
-                    cfg.checkpoint.keep,
-                )
+                hist.checkpoint(out_dir, rnd, cfg, topo)
             fault_point("after-round", rnd)
         personalized = evaluate_personalized(rt, topo, fed) if cfg.eval.personalized else {}
     finally:
