@@ -30,11 +30,24 @@ The model around the backbone — encoders, soft prompts, heads — is hierfed's
 ``load_export(out)`` puts it back together, with the adapter applied through
 ``PeftModel.from_pretrained``, and gives an ``M3TModel`` whose logits equal the run's.
 
-Example::
+Example (a one-round run, exported and loaded back)::
 
-    >>> paths = export_run("runs/exp1", "exported")          # doctest: +SKIP
-    >>> model = load_export("exported")                      # doctest: +SKIP
-    >>> logits = model({"scan": images}, "digit")             # doctest: +SKIP
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from hierfed.config import load_config
+    >>> from hierfed.simulation import run
+    >>> tmp = tempfile.mkdtemp()
+    >>> cfg = load_config(None, ["runtime.name=local", "rounds=1", "data.num_institutions=2",
+    ...     "data.students_per_institution=2", "data.essay_only_institutions=0",
+    ...     "model.d_model=16", "model.num_layers=1", "model.num_heads=2"], out=f"{tmp}/run")
+    >>> result = run(cfg)
+    >>> [p.name for p in export_run(f"{tmp}/run", f"{tmp}/exported")]
+    ['exported']
+    >>> sorted(p.name for p in (Path(tmp) / "exported" / "adapter").iterdir())
+    ['adapter_config.json', 'adapter_model.safetensors']
+    >>> model = load_export(f"{tmp}/exported")
+    >>> type(model).__name__
+    'M3TModel'
 """
 
 from __future__ import annotations

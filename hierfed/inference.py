@@ -14,11 +14,20 @@ Personalized models (components scoped to a tier or ``local``) are not in
 
 Example::
 
-    >>> run = load_run("runs/exp1")                          # doctest: +SKIP
-    >>> evaluate_run(run)                                    # doctest: +SKIP
-    {'digit': 0.31, 'dropout_risk': 0.81, ...}
-    >>> predict(run, [{"activity": [0.1] * 12}], tasks=["dropout_risk"])  # doctest: +SKIP
-    [{'row': 0, 'dropout_risk': {'prediction': 1, 'probs': [0.2, 0.8]}}]
+    >>> import tempfile
+    >>> from hierfed.config import load_config
+    >>> from hierfed.simulation import run
+    >>> tmp = tempfile.mkdtemp()
+    >>> cfg = load_config(None, ["runtime.name=local", "rounds=1", "data.num_institutions=2",
+    ...     "data.students_per_institution=2", "data.essay_only_institutions=0",
+    ...     "model.d_model=16", "model.num_layers=1", "model.num_heads=2"], out=f"{tmp}/run")
+    >>> result = run(cfg)
+    >>> loaded = load_run(f"{tmp}/run")
+    >>> evaluate_run(loaded) == result.final_metrics
+    True
+    >>> out = predict(loaded, [{"tabular": [0.1] * 12}], tasks=["dropout_risk"])
+    >>> out[0]["row"], sorted(out[0]["dropout_risk"])
+    (0, ['prediction', 'probs'])
 
 Rows for ``predict`` (``read_rows``): a JSON Lines file, one object per row, a key per
 modality the row has. Values: tabular — a list of numbers of the modality's length; image —

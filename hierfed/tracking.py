@@ -21,9 +21,14 @@ result. Scalars, at step = round:
 
 Example (the tracker is a plain ``on_event`` callback)::
 
-    >>> t = TensorBoardTracker("runs/exp1/tensorboard")     # doctest: +SKIP
-    >>> t("round", {"round": 1, "train_loss": 0.7, "bytes": {"a->b": 10}})  # doctest: +SKIP
-    >>> t.close()                                           # doctest: +SKIP
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> folder = Path(tempfile.mkdtemp()) / "tensorboard"
+    >>> t = TensorBoardTracker(folder)
+    >>> t("round", {"round": 1, "train_loss": 0.7, "bytes": {"a->b": 10}})
+    >>> t.close()
+    >>> len(list(folder.glob("events.out.tfevents.*")))
+    1
 """
 
 from __future__ import annotations

@@ -27,3 +27,12 @@ def test_docstring_examples_run(name):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {name} failed"
+
+
+def test_no_example_is_skipped():
+    skipped = [
+        name
+        for name in MODULES
+        if "doctest: +SKIP" in (ROOT / (name.replace(".", "/") + ".py")).read_text()
+    ]
+    assert skipped == [], f"make these examples runnable: {skipped}"
