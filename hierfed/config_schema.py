@@ -2,29 +2,13 @@
 
 ``hierfed.config`` turns YAML and ``key=value`` overrides into these (it is the only module
 that touches omegaconf); ``hierfed.config_checks`` checks their values. Every name here is
-also importable from ``hierfed.config``.
+also importable from ``hierfed.config`` (its ``__all__`` lists them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-__all__ = [
-    "AttackConfig",
-    "CheckpointConfig",
-    "ClockConfig",
-    "DataConfig",
-    "EvalConfig",
-    "ModelConfig",
-    "PrivacyConfig",
-    "PrivacyPolicy",
-    "RunConfig",
-    "RuntimeConfig",
-    "TierConfig",
-    "TopologyConfig",
-    "TrainConfig",
-]
 
 
 @dataclass

@@ -15,14 +15,12 @@ Personalized models (components scoped to a tier or ``local``) are not in
 Example::
 
     >>> import tempfile
-    >>> from hierfed.config import load_config
-    >>> from hierfed.simulation import run
-    >>> tmp = tempfile.mkdtemp()
-    >>> cfg = load_config(None, ["runtime.name=local", "rounds=1", "data.num_institutions=2",
-    ...     "data.students_per_institution=2", "data.essay_only_institutions=0",
-    ...     "model.d_model=16", "model.num_layers=1", "model.num_heads=2"], out=f"{tmp}/run")
-    >>> result = run(cfg)
-    >>> loaded = load_run(f"{tmp}/run")
+    >>> from hierfed import config, simulation
+    >>> small = ["runtime.name=local", "rounds=1", "model.d_model=16", "model.num_layers=1"]
+    >>> small += ["model.num_heads=2", "data.num_institutions=2", "data.essay_only_institutions=0"]
+    >>> folder = tempfile.mkdtemp() + "/run"
+    >>> result = simulation.run(config.load_config(None, small, out=folder))
+    >>> loaded = load_run(folder)
     >>> evaluate_run(loaded) == result.final_metrics
     True
     >>> out = predict(loaded, [{"tabular": [0.1] * 12}], tasks=["dropout_risk"])

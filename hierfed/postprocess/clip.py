@@ -30,7 +30,11 @@ def clip_update(update: Update, bound: float) -> Update:
     norm = math.sqrt(sq)
     if norm <= bound:
         return update
-    scale = bound / norm
+    return _scaled(update, bound / norm)
+
+
+def _scaled(update: Update, scale: float) -> Update:
+    """``update`` with every pre-weighted tensor times ``scale`` (weights and meta kept)."""
     return Update(
         {c: {p: t * scale for p, t in params.items()} for c, params in update.tensors.items()},
         dict(update.weights),
@@ -61,12 +65,7 @@ class Clip(Postprocessor):
         bound = float(self.options["max_norm"])
         if norm <= bound:
             return update
-        scale = bound / norm
-        return Update(
-            {c: {p: t * scale for p, t in params.items()} for c, params in update.tensors.items()},
-            dict(update.weights),
-            update.meta,
-        )
+        return _scaled(update, bound / norm)
 
     def receive(self, update: Update, ctx: PostContext) -> Update:
         if self.options["side"] == "sender":

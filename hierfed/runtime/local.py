@@ -9,19 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import hierfed.runtime.jobs as msg  # the messages between driver and workers
 from hierfed.config import RuntimeConfig
 from hierfed.model.spec import ModelSpec
 from hierfed.runtime.base import Runtime, split_even
-from hierfed.runtime.jobs import (
-    AverageTask,
-    ClientMeta,
-    EvalJob,
-    MergeResult,
-    MergeTask,
-    MixResult,
-    MixTask,
-    TrainJob,
-)
 from hierfed.runtime.worker import WorkerCore, WorkerSetup
 from hierfed.update import State, Update
 
@@ -55,8 +46,8 @@ class LocalRuntime(Runtime):
     def model_info(self) -> tuple[ModelSpec, State]:
         return self._core().model_info()
 
-    def train(self, jobs: Sequence[TrainJob], states: Any) -> tuple[list[ClientMeta], Any]:
-        metas: list[ClientMeta] = []
+    def train(self, jobs: Sequence[msg.TrainJob], states: Any) -> tuple[list[msg.ClientMeta], Any]:
+        metas: list[msg.ClientMeta] = []
         updates: dict[str, Update] = {}
         for part in split_even(jobs, self._workers):
             m, u = self._core().train(part, states)
@@ -64,14 +55,16 @@ class LocalRuntime(Runtime):
             updates.update(u)
         return metas, updates
 
-    def merge(self, tasks: Sequence[MergeTask], sources: Sequence[Any]) -> list[MergeResult]:
-        out: list[MergeResult] = []
+    def merge(
+        self, tasks: Sequence[msg.MergeTask], sources: Sequence[Any]
+    ) -> list[msg.MergeResult]:
+        out: list[msg.MergeResult] = []
         for part in split_even(tasks, self._workers):
             out += self._core().merge(part, *sources)
         return out
 
     def evaluate(
-        self, jobs: Sequence[EvalJob], states: Mapping[str, State]
+        self, jobs: Sequence[msg.EvalJob], states: Mapping[str, State]
     ) -> list[tuple[str, dict[str, tuple[float, int]]]]:
         out = []
         for part in split_even(jobs, self._workers):
@@ -80,15 +73,15 @@ class LocalRuntime(Runtime):
 
     def mix(
         self,
-        tasks: Sequence[MixTask],
+        tasks: Sequence[msg.MixTask],
         starts: Any,
         expectations: Mapping[str, Any],
         sources: Sequence[Any],
-    ) -> list[MixResult]:
-        out: list[MixResult] = []
+    ) -> list[msg.MixResult]:
+        out: list[msg.MixResult] = []
         for part in split_even(tasks, self._workers):
             out += self._core().mix(part, starts, expectations, *sources)
         return out
 
-    def average(self, task: AverageTask, states: Any) -> tuple[float, State]:
+    def average(self, task: msg.AverageTask, states: Any) -> tuple[float, State]:
         return self._core().average(task, states)

@@ -18,20 +18,11 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import hierfed.runtime.jobs as msg  # the messages between driver and workers
 from hierfed.config import RuntimeConfig
 from hierfed.errors import ConfigError, DataError, NodeFailure
 from hierfed.model.spec import ModelSpec
 from hierfed.runtime.base import Runtime, split_even
-from hierfed.runtime.jobs import (
-    AverageTask,
-    ClientMeta,
-    EvalJob,
-    MergeResult,
-    MergeTask,
-    MixResult,
-    MixTask,
-    TrainJob,
-)
 from hierfed.runtime.reaper import start_reaper
 from hierfed.runtime.worker import WorkerCore, WorkerSetup
 from hierfed.update import State
@@ -199,7 +190,7 @@ class RayRuntime(Runtime):
     def model_info(self) -> tuple[ModelSpec, State]:
         return self._get(self.actors[0].model_info.remote(), "model spec and initial state")
 
-    def train(self, jobs: Sequence[TrainJob], states: Any) -> tuple[list[ClientMeta], Any]:
+    def train(self, jobs: Sequence[msg.TrainJob], states: Any) -> tuple[list[msg.ClientMeta], Any]:
         """Contiguous chunks of the sorted jobs (``runtime.chunks_per_worker`` per worker), handed
         out as workers free up: a worker that is slowed down (a busy machine, heavier clients)
         takes fewer chunks. One chunk in flight per worker, so a dead worker costs one chunk.
@@ -209,7 +200,7 @@ class RayRuntime(Runtime):
         import ray
 
         chunks = split_even(jobs, len(self.actors) * self.cfg.chunks_per_worker)  # validated >= 1
-        metas: list[list[ClientMeta]] = [[] for _ in chunks]
+        metas: list[list[msg.ClientMeta]] = [[] for _ in chunks]
         update_refs: list[Any] = [None] * len(chunks)
         # meta ref -> (chunk, worker, update ref, attempt)
         pending: dict[Any, tuple[int, int, Any, int]] = {}
@@ -261,7 +252,7 @@ class RayRuntime(Runtime):
                     submit(worker, chunk, 1)
                     continue
                 metas[chunk] = [
-                    ClientMeta(
+                    msg.ClientMeta(
                         j.client_id,
                         j.parent_id,
                         0,
@@ -279,19 +270,21 @@ class RayRuntime(Runtime):
                 submit(worker, nxt)
         return [m for chunk_metas in metas for m in chunk_metas], update_refs
 
-    def merge(self, tasks: Sequence[MergeTask], sources: Sequence[Any]) -> list[MergeResult]:
+    def merge(
+        self, tasks: Sequence[msg.MergeTask], sources: Sequence[Any]
+    ) -> list[msg.MergeResult]:
         flat: list[Any] = []
         for s in sources:
             flat += s if isinstance(s, list) else [s]
         parts = split_even(tasks, len(self.actors))
         refs = [actor.merge.remote(part, *flat) for actor, part in zip(self.actors, parts)]
-        out: list[MergeResult] = []
+        out: list[msg.MergeResult] = []
         for chunk in self._get(refs, "aggregation"):
             out += chunk
         return out
 
     def evaluate(
-        self, jobs: Sequence[EvalJob], states: Mapping[str, State]
+        self, jobs: Sequence[msg.EvalJob], states: Mapping[str, State]
     ) -> list[tuple[str, dict[str, tuple[float, int]]]]:
         states_ref = self.put(dict(states))
         parts = split_even(jobs, len(self.actors))
@@ -303,11 +296,11 @@ class RayRuntime(Runtime):
 
     def mix(
         self,
-        tasks: Sequence[MixTask],
+        tasks: Sequence[msg.MixTask],
         starts: Any,
         expectations: Mapping[str, Any],
         sources: Sequence[Any],
-    ) -> list[MixResult]:
+    ) -> list[msg.MixResult]:
         if tasks:
             self._round = tasks[0].round
         flat: list[Any] = []
@@ -319,12 +312,12 @@ class RayRuntime(Runtime):
             actor.mix.remote(part, starts, exp_ref, *flat)
             for actor, part in zip(self.actors, parts)
         ]
-        out: list[MixResult] = []
+        out: list[msg.MixResult] = []
         for chunk in self._get(refs, "gossip mixing"):
             out += chunk
         return out
 
-    def average(self, task: AverageTask, states: Any) -> tuple[float, State]:
+    def average(self, task: msg.AverageTask, states: Any) -> tuple[float, State]:
         return self._get(self.actors[0].average.remote(task, states), "gossip averaging")
 
     def shutdown(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+import hierfed.runtime.jobs as msg  # the messages between driver and workers
 from hierfed.aggregators.lora import mask_rank, truncate_rank
 from hierfed.attacks import attack_pool, build_attack, poisoned
 from hierfed.client import ClientTrainer, to_cpu
@@ -28,16 +29,6 @@ from hierfed.postprocess.base import PostContext, apply_chain, build_chain
 from hierfed.postprocess.validate import Expectation, validate_update
 from hierfed.privacy.dpsgd import train_client
 from hierfed.privacy.policy import plan_for
-from hierfed.runtime.jobs import (
-    AverageTask,
-    ClientMeta,
-    EvalJob,
-    MergeResult,
-    MergeTask,
-    MixResult,
-    MixTask,
-    TrainJob,
-)
 from hierfed.runtime.merge import merge_node_round, nonfinite_in
 from hierfed.update import State, Update, state_add, state_sub
 
@@ -110,12 +101,12 @@ class WorkerCore:
     # ---------------------------------------------------------------- training
 
     def train(
-        self, jobs: Sequence[TrainJob], states: Mapping[str, State], attempt: int = 0
-    ) -> tuple[list[ClientMeta], dict[str, Update]]:
+        self, jobs: Sequence[msg.TrainJob], states: Mapping[str, State], attempt: int = 0
+    ) -> tuple[list[msg.ClientMeta], dict[str, Update]]:
         """Train each job's client in turn; returns metas and the updates by client id.
 
         ``attempt`` > 0 when a runtime re-runs a slice whose worker died."""
-        metas: list[ClientMeta] = []
+        metas: list[msg.ClientMeta] = []
         updates: dict[str, Update] = {}
         if self.faults and jobs:
             self.faults.before_slice(jobs[0].round, [j.client_id for j in jobs], attempt)
@@ -126,7 +117,7 @@ class WorkerCore:
                 meta, update = self._train_one(job, states[job.parent_id])
             except Exception as exc:  # a client's failure is reported, not fatal to the slice
                 log.warning("client %s failed in round %d: %s", job.client_id, job.round, exc)
-                meta = ClientMeta(
+                meta = msg.ClientMeta(
                     job.client_id,
                     job.parent_id,
                     0,
@@ -141,7 +132,9 @@ class WorkerCore:
                 updates[job.client_id] = update
         return metas, updates
 
-    def _train_one(self, job: TrainJob, parent_state: State) -> tuple[ClientMeta, Update | None]:
+    def _train_one(
+        self, job: msg.TrainJob, parent_state: State
+    ) -> tuple[msg.ClientMeta, Update | None]:
         profile = self.profiles[job.client_id]
         data = self.fed.train[job.client_id]
         start: State = dict(parent_state)
@@ -165,7 +158,7 @@ class WorkerCore:
             key=job.key,
         )
         if fit is None:  # its DP budget is spent: the client sits out this round and says so
-            return ClientMeta(
+            return msg.ClientMeta(
                 job.client_id, job.parent_id, 0, 0.0, 0, {}, job.local, privacy=privacy
             ), None
         if rank < self.spec.lora_rank:
@@ -179,7 +172,7 @@ class WorkerCore:
         n = len(data)
         local = {c: fit.state[c] for c in job.trains if c not in job.sends} or None
         if not job.sends:
-            return ClientMeta(
+            return msg.ClientMeta(
                 job.client_id, job.parent_id, n, fit.loss, fit.steps, {}, local, privacy=privacy
             ), None
         delta = state_sub({c: fit.state[c] for c in job.sends}, start)
@@ -190,22 +183,22 @@ class WorkerCore:
         chain = build_chain(tier.postprocess, tier.postprocess_options)
         ctx = PostContext(job.client_id, job.parent_id, job.tier, job.round, self.cfg.seed)
         update, sizes = apply_chain(chain, update, ctx)
-        return ClientMeta(
+        return msg.ClientMeta(
             job.client_id, job.parent_id, n, fit.loss, fit.steps, sizes, local, privacy=privacy
         ), update
 
     # ---------------------------------------------------------------- merging
 
     def merge(
-        self, tasks: Sequence[MergeTask], *sources: Mapping[str, Update]
-    ) -> list[MergeResult]:
+        self, tasks: Sequence[msg.MergeTask], *sources: Mapping[str, Update]
+    ) -> list[msg.MergeResult]:
         """Run each node-round: validate every child's update, aggregate, server step."""
         pool: dict[str, Update] = {}
         for src in sources:
             pool.update(src)
         return [self._merge_one(t, pool) for t in tasks]
 
-    def _merge_one(self, task: MergeTask, pool: Mapping[str, Update]) -> MergeResult:
+    def _merge_one(self, task: msg.MergeTask, pool: Mapping[str, Update]) -> msg.MergeResult:
         pool = attack_pool(
             self.attack,
             [e.sender for e in task.expectations],
@@ -220,11 +213,11 @@ class WorkerCore:
 
     def mix(
         self,
-        tasks: Sequence[MixTask],
+        tasks: Sequence[msg.MixTask],
         starts: Mapping[str, State],
         expectations: Mapping[str, Expectation],
         *sources: Mapping[str, Update],
-    ) -> list[MixResult]:
+    ) -> list[msg.MixResult]:
         """Mix each task's node (hierfed.mixing): every source's update is validated once and
         turned into its half-step value ``start + mean delta``; a missing or rejected update
         leaves the source at its start. Inputs are not mutated.
@@ -289,17 +282,17 @@ class WorkerCore:
                 own = starts[task.node_id]
                 new = {c: own[c] for c in new}
                 why += ((task.node_id, f"mixed state overflows (NaN or Inf in {bad}); kept"),)
-            out.append(MixResult(task.node_id, new, why))
+            out.append(msg.MixResult(task.node_id, new, why))
         return out
 
-    def average(self, task: AverageTask, states: Mapping[str, State]) -> tuple[float, State]:
+    def average(self, task: msg.AverageTask, states: Mapping[str, State]) -> tuple[float, State]:
         """Consensus distance of ``states`` and their weighted mean model (hierfed.mixing)."""
         return consensus_distance(states, task.labels), weighted_average(states, task.weights)
 
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(
-        self, jobs: Sequence[EvalJob], states: Mapping[str, State]
+        self, jobs: Sequence[msg.EvalJob], states: Mapping[str, State]
     ) -> list[tuple[str, dict[str, tuple[float, int]]]]:
         out = []
         for job in jobs:
