@@ -40,7 +40,7 @@ from hierfed.runtime.jobs import (
     MixTask,
     TrainJob,
 )
-from hierfed.update import State, Update, state_add, state_sub
+from hierfed.update import State, Update, merge_stats, state_add, state_sub
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,13 @@ class WorkerCore:
                 job.client_id, job.parent_id, n, fit.loss, fit.steps, {}, local, privacy=privacy
             ), None
         delta = state_sub({c: fit.state[c] for c in job.sends}, start)
-        update = Update.from_delta(
-            delta, float(n), sender=job.client_id, round=job.round, num_samples=n
+        update = Update.from_delta(  # its training loss rides along (fairness-aware rules)
+            delta,
+            float(n),
+            sender=job.client_id,
+            round=job.round,
+            num_samples=n,
+            stats={"loss": fit.loss},
         )
         tier = self.cfg.tier(job.tier)
         chain = build_chain(tier.postprocess, tier.postprocess_options)
@@ -257,6 +262,7 @@ class WorkerCore:
                     sender=task.node_id,
                     round=task.round,
                     num_samples=task.emit_samples or sum(u.meta.num_samples for u in accepted),
+                    stats=merge_stats(accepted),  # e.g. the members' sample-weighted loss
                 )
                 ptier = self.cfg.tier(task.parent_tier)
                 chain = build_chain(ptier.postprocess, ptier.postprocess_options)
