@@ -1,4 +1,4 @@
-"""Command line: ``python -m hierfed run|list|show-config|report``.
+"""Command line: ``python -m hierfed run|list|show-config|report|explain``.
 
 The CLI is the only place that prints: a rich progress bar over rounds and the final tables.
 """
@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list registered topologies, aggregators, datasets, ...")
     rep = sub.add_parser("report", help="print the tables of a finished run folder")
     rep.add_argument("run_dir")
+    ex = sub.add_parser("explain", help="attribution, component ablation and equity of a run")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", default=None, help="output folder (default RUN_DIR/explain)")
+    ex.add_argument("--group", action="append", default=None, help="group column (repeatable)")
+    ex.add_argument("--max-rows", type=int, default=32, help="test rows per client explained")
+    ex.add_argument("--steps", type=int, default=32, help="Integrated Gradients steps")
+    ex.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib)")
     return p
 
 
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "report":
             return _report(console, Path(args.run_dir))
+        if args.cmd == "explain":
+            return _explain(console, args)
         return _run(console, args)
     except HierfedError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -257,6 +266,26 @@ def _report(console: Console, run_dir: Path) -> int:
         s["bytes_by_edge"],
         s["bytes_by_component"],
     )
+    if s.get("equity"):  # per institution and group (hierfed/explain/equity.py)
+        from hierfed.explain.equity import equity_tables
+
+        for table in equity_tables(s["equity"]):
+            console.print(table)
+    return 0
+
+
+def _explain(console: Console, args: argparse.Namespace) -> int:
+    from hierfed.explain.report import explain_run
+
+    dest = explain_run(
+        args.run_dir,
+        out=args.out,
+        groups=args.group,
+        max_rows=args.max_rows,
+        n_steps=args.steps,
+        plots=not args.no_plots,
+    )
+    console.print(f"explain tables and plots: {dest}", highlight=False)
     return 0
 
 

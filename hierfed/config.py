@@ -126,6 +126,10 @@ class ClockConfig:
     latency_s: float = 0.05  # median one-way link latency
     latency_sigma: float = 0.3
     round_jitter: float = 0.1  # per-round noise on every compute and transfer time (log scale)
+    # resource classes on the clock (opt-in; {} = every class alike): class -> factor on a
+    # client's compute speed and on its link bandwidth, e.g. {light: 0.25} = 4x slower
+    resource_speed: dict[str, float] = field(default_factory=dict)
+    resource_bandwidth: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -182,6 +186,9 @@ class RuntimeConfig:
 class EvalConfig:
     every: int = 1  # evaluate the global model every N rounds (and after the last)
     personalized: bool = True  # also evaluate each client's personalized model at the end
+    # equity metrics in summary.json (hierfed/explain/equity.py): the final global model per
+    # institution and per group on the clients' test rows; rebuilds the model on the driver
+    equity: bool = True
     batch_size: int = 256
 
 
@@ -535,6 +542,15 @@ def validate_config(cfg: RunConfig) -> None:
         _positive(f"clock.{k}", getattr(ck, k))
     for k in ("compute_sigma", "group_sigma", "bandwidth_sigma", "latency_sigma", "round_jitter"):
         _nonneg(f"clock.{k}", getattr(ck, k))
+    for k in ("resource_speed", "resource_bandwidth"):
+        for cls_name, factor in getattr(ck, k).items():
+            if cls_name not in cfg.model.resources:
+                raise ConfigError(
+                    f"clock.{k}.{cls_name}",
+                    factor,
+                    f"not a resource class; known: {sorted(cfg.model.resources)}",
+                )
+            _positive(f"clock.{k}.{cls_name}", factor)
     from hierfed.attacks import check_attack_config
     from hierfed.privacy.policy import check_privacy_config
 
