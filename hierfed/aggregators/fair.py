@@ -109,7 +109,7 @@ class QFFL(Aggregator):
     option_defaults = {"q": 1.0, "lipschitz": 100.0}
 
     @classmethod
-    def check_options(cls, options: Mapping[str, Any], key: str = "options") -> None:
+    def check_options(cls, options: dict[str, Any], key: str = "options") -> None:
         super().check_options(options, key)
         _number(f"{key}.q", options.get("q", 1.0), low=0, fix="a number >= 0 (0 = FedAvg)")
         _number(
@@ -126,7 +126,9 @@ class QFFL(Aggregator):
             return None, state
         q, lip = float(self.options["q"]), float(self.options["lipschitz"])
         ordered = sorted(updates, key=lambda u: u.meta.senders)
-        scaled, denom, weight = [], {}, {}
+        scaled: list[Update] = []
+        denom: dict[str, float] = {}
+        weight: dict[str, float] = {}
         for u in ordered:
             f = sender_loss(u, ctx.node_id)
             fq = f**q  # exactly 1.0 when q == 0: the sum below is then Update.sum's, bit for bit
@@ -175,7 +177,7 @@ class AgnosticFL(Aggregator):
     option_defaults = {"step": 0.05}
 
     @classmethod
-    def check_options(cls, options: Mapping[str, Any], key: str = "options") -> None:
+    def check_options(cls, options: dict[str, Any], key: str = "options") -> None:
         super().check_options(options, key)
         _number(f"{key}.step", options.get("step", 0.05), low=0, fix="a number >= 0")
 
@@ -198,7 +200,9 @@ class AgnosticFL(Aggregator):
             lam = {s: v / total_l for s, v in lam.items()}
         here = sum(lam[s] for s in names)
         pis = {s: (lam[s] / here if here > 0 else 1.0 / len(names)) for s in names}
-        scaled, denom, weight = [], {}, {}
+        scaled: list[Update] = []
+        denom: dict[str, float] = {}
+        weight: dict[str, float] = {}
         for s, u in zip(names, ordered):
             # pi_k times the sender's mean delta: rescale its pre-weighted tensors per component
             tensors = {

@@ -226,8 +226,8 @@ def _plots(dest: Path, eq: dict[str, Any], attr: dict[str, Any], abl: dict[str, 
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(comps) * max(1, len(tasks)) / 2), 3.4))
     width = 0.8 / max(1, len(tasks))
     for k, t in enumerate(tasks):
-        vals = [abl[c].get(t, {}).get("all", 0.0) for c in comps]
-        ax.bar(np.arange(len(comps)) + k * width, vals, width, label=t)
+        drops = [abl[c].get(t, {}).get("all", 0.0) for c in comps]
+        ax.bar(np.arange(len(comps)) + k * width, drops, width, label=t)
     ax.set_xticks(np.arange(len(comps)) + 0.4 - width / 2)
     ax.set_xticklabels(comps, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("metric drop when untrained")
@@ -237,16 +237,17 @@ def _plots(dest: Path, eq: dict[str, Any], attr: dict[str, Any], abl: dict[str, 
     fig.savefig(dest / "ablation.png", dpi=110)
     plt.close(fig)
 
-    units = sorted({u for t in eq["by_unit"] for u in eq["by_unit"][t]})
-    fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(units) * max(1, len(tasks))), 3.4))
-    width = 0.8 / max(1, len(tasks))
-    for k, t in enumerate(sorted(eq["by_unit"])):
-        vals = [eq["by_unit"][t].get(u, np.nan) for u in units]
-        ax.bar(np.arange(len(units)) + k * width, vals, width, label=f"{t} ({eq['metric'][t]})")
-    ax.set_xticks(np.arange(len(units)) + 0.4 - width / 2)
-    ax.set_xticklabels([u.split("/")[-1] for u in units], rotation=60, ha="right", fontsize=7)
-    ax.set_title(f"final global model per {eq['unit_tier']}")
-    ax.legend(fontsize=7)
+    etasks = sorted(eq["by_unit"])
+    units = sorted({u for t in etasks for u in eq["by_unit"][t]})
+    fig, axes = plt.subplots(
+        1, len(etasks), figsize=(max(4, 0.35 * len(units)) * len(etasks), 3.4), squeeze=False
+    )
+    for ax, t in zip(axes[0], etasks):
+        metric = [eq["by_unit"][t].get(u, np.nan) for u in units]
+        ax.bar(np.arange(len(units)), metric)
+        ax.set_xticks(np.arange(len(units)))
+        ax.set_xticklabels([u.split("/")[-1] for u in units], rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{t} ({eq['metric'][t]}) per {eq['unit_tier']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(dest / "equity.png", dpi=110)
     plt.close(fig)
