@@ -2,10 +2,13 @@
 
 Both need each sender's loss. It travels as metadata beside the tensors: a client puts its
 mean training loss over its last local epoch in ``update.meta.stats["loss"]`` (the worker
-does, hierfed/runtime/worker.py), and a tier node's own update carries its accepted members'
-sample-weighted loss (``hierfed.update.merge_stats``), so either rule works at any tier.
-That loss is a proxy for the loss of the round's starting model on the sender's data (the
-quantity the papers use): it costs no extra pass over the data and orders senders alike.
+does, hierfed/runtime/worker.py). That loss is a proxy for the loss of the round's starting
+model on the sender's data (the quantity the papers use): it costs no extra pass over the
+data and orders senders alike. Use either rule at the tier that merges clients (e.g.
+``topology.tiers.institution.aggregator: qffl``): a tier node's own update does not carry
+its members' loss yet (the round engine builds it in a separate emit task that would have
+to pass ``merge_stats`` of the node-round's accepted updates along), so a tier above that
+fails with a one-line error naming the sender.
 
 Neither rule is associative: each needs every sender's own delta and loss. Like the robust
 rules, the estimate ``e[c]`` is returned pre-weighted by the holders' summed sample weight
@@ -48,7 +51,8 @@ def sender_loss(update: Update, node_id: str) -> float:
     if loss is None or not math.isfinite(float(loss)):
         raise ValueError(
             f"{node_id}: update from {who} carries no finite 'loss' statistic "
-            f"(got {loss!r}); fairness-aware aggregators need meta.stats['loss']"
+            f"(got {loss!r}); fairness-aware aggregators need meta.stats['loss'], which clients "
+            "send but tier nodes do not yet: use this aggregator at the tier that merges clients"
         )
     return max(float(loss), _LOSS_FLOOR)
 

@@ -40,7 +40,7 @@ from hierfed.runtime.jobs import (
     MixTask,
     TrainJob,
 )
-from hierfed.update import State, Update, merge_stats, state_add, state_sub
+from hierfed.update import State, Update, state_add, state_sub
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,6 @@ class WorkerCore:
                     sender=task.node_id,
                     round=task.round,
                     num_samples=task.emit_samples or sum(u.meta.num_samples for u in accepted),
-                    stats=merge_stats(accepted),  # e.g. the members' sample-weighted loss
                 )
                 ptier = self.cfg.tier(task.parent_tier)
                 chain = build_chain(ptier.postprocess, ptier.postprocess_options)
