@@ -346,3 +346,18 @@ def test_explain_bad_input_is_one_clear_line(finished_run, tmp_path, capsys):
     assert main(["explain", str(bad), "--no-plots"]) == 2
     out = capsys.readouterr().out
     assert "in the model the config builds" in out and len(out.strip().splitlines()) <= 2
+
+
+def test_equity_scores_agree_with_the_trainers_own_evaluation(tiny):
+    """The batched per-row scores, averaged per client, are ClientTrainer.evaluate's metrics."""
+    from hierfed.client import ClientTrainer
+    from hierfed.explain.equity import client_scores
+
+    cfg, fed, model, data = tiny
+    scores = client_scores(model, fed, batch_size=7)  # batches that straddle clients
+    trainer = ClientTrainer(model, cfg.train, cfg.seed)
+    for c in fed.clients[:4]:
+        res = trainer.evaluate(data=fed.test[c.id], tasks=c.tasks, state=None)
+        for t, (metric, rows) in res.items():
+            assert len(scores[c.id][t]) == rows
+            assert scores[c.id][t].mean() == pytest.approx(metric, abs=1e-5)

@@ -45,15 +45,32 @@ def unit_of(client_id: str, level: int) -> str:
 
 
 def client_scores(model: M3TModel, fed: Federation, batch_size: int = 256) -> Scores:
-    """Per-row scores of ``model`` (as loaded) on each client's test rows, per task it serves."""
+    """Per-row scores of ``model`` (as loaded) on each client's test rows, per task it serves.
+
+    Per task, every serving client's rows are scored in one batched pass (thousands of small
+    clients cost a handful of forward passes, not one each), then split back by client."""
+    from hierfed.data.federation import ClientData
     from hierfed.explain.scoring import row_scores
 
     out: Scores = {}
-    for c in fed.clients:
-        data = fed.test.get(c.id)
-        if data is None or len(data) == 0:
+    for t in sorted(fed.tasks):
+        mods = fed.tasks[t].modalities
+        parts = [
+            (c.id, fed.test[c.id])
+            for c in fed.clients
+            if t in c.tasks and c.id in fed.test and len(fed.test[c.id]) > 0
+        ]
+        if not parts:
             continue
-        out[c.id] = {t: row_scores(model, data, t, batch_size=batch_size) for t in c.tasks}
+        joined = ClientData(
+            {m: np.concatenate([d.inputs[m] for _, d in parts]) for m in mods},
+            {t: np.concatenate([d.labels[t] for _, d in parts])},
+        )
+        scores = row_scores(model, joined, t, batch_size=batch_size)
+        start = 0
+        for cid, d in parts:
+            out.setdefault(cid, {})[t] = scores[start : start + len(d)]
+            start += len(d)
     return out
 
 
