@@ -121,3 +121,43 @@ def test_afl_moves_weight_to_the_lossier_sender_by_hand():
     # a newcomer enters at the mean of the others, then all are renormalised
     _, lam3 = AgnosticFL({"step": 0.0}).aggregate([upd("c", [0.0], 1.0, 1.0)], lam, CTX)
     assert lam3 == pytest.approx({"a": 0.4 / 1.5, "b": 0.6 / 1.5, "c": 0.5 / 1.5})
+
+
+def test_contribution_weighting_drops_a_sender_that_points_against_the_rest():
+    from hierfed.aggregators import ContributionWeighted
+
+    ups = [
+        upd("a", [1.0, 0.0], 1.0, 1.0),
+        upd("b", [1.0, 0.5], 1.0, 1.0),
+        upd("c", [-2.0, 0.0], 2.0, 1.0),  # opposes the others
+    ]
+    merged, rep = ContributionWeighted({"decay": 0.0}).aggregate(ups, {}, CTX)
+    # c's cosine with the mean of a and b, [1, 0.25], is -1/sqrt(1.0625): weight 0
+    assert rep["c"] == pytest.approx(-1 / (1.0625**0.5))
+    # a vs the weighted mean of b and c, (1 * [1, .5] + 2 * [-2, 0]) / 3 = [-3, .5] / 3
+    assert rep["a"] == pytest.approx(-3 / (9.25**0.5))
+    # b vs ([1, 0] + 2 * [-2, 0]) / 3 = [-1, 0]: cos = -1 / sqrt(1.25)
+    assert rep["b"] == pytest.approx(-1 / (1.25**0.5))
+    # everyone scores < 0 here: the component falls back to the plain weighted mean
+    assert merged.mean()["head.t"]["w"].tolist() == pytest.approx([(1 + 1 - 4) / 4, 0.5 / 4])
+
+
+def test_contribution_weighting_by_hand_with_one_dissenter():
+    from hierfed.aggregators import ContributionWeighted
+
+    ups = [
+        upd("a", [1.0, 0.0], 1.0, 1.0),
+        upd("b", [1.0, 0.0], 1.0, 1.0),
+        upd("c", [1.0, 0.0], 1.0, 1.0),
+        upd("d", [-1.0, 0.0], 1.0, 1.0),  # the rest without d: [1, 0]; cos = -1
+    ]
+    agg = ContributionWeighted({"decay": 0.5})
+    merged, rep = agg.aggregate(ups, agg.init_state(), CTX)
+    # a without a: (1 + 1 - 1) / 3 > 0: cos = 1; d: cos = -1 -> weight 0
+    assert rep == pytest.approx({"a": 1.0, "b": 1.0, "c": 1.0, "d": -1.0})
+    assert merged.mean()["head.t"]["w"].tolist() == pytest.approx([1.0, 0.0])
+    assert merged.weights == {"head.t": 4.0}
+    # the reputation is a running mean: d agreeing next round climbs to 0.5 * -1 + 0.5 * 1
+    ups2 = [*ups[:3], upd("d", [1.0, 0.0], 1.0, 1.0)]
+    _, rep2 = agg.aggregate(ups2, rep, CTX)
+    assert rep2["d"] == pytest.approx(0.0)

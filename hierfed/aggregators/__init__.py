@@ -1,7 +1,7 @@
 """Aggregators (registered in ``hierfed.registry.AGGREGATORS``) and server optimizers."""
 
 from hierfed.aggregators.base import AggContext, Aggregator
-from hierfed.aggregators.fair import QFFL, AgnosticFL
+from hierfed.aggregators.fair import QFFL, AgnosticFL, ContributionWeighted
 from hierfed.aggregators.mean import WeightedMean
 from hierfed.aggregators.noise_aware import NoiseAwareMean
 from hierfed.aggregators.robust import CoordinateMedian, Krum, NormBoundedMean, TrimmedMean
@@ -11,6 +11,7 @@ __all__ = [
     "AggContext",
     "Aggregator",
     "AgnosticFL",
+    "ContributionWeighted",
     "QFFL",
     "CoordinateMedian",
     "Krum",

@@ -33,12 +33,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from hierfed.aggregators.base import AggContext, Aggregator
 from hierfed.errors import ConfigError
 from hierfed.registry import AGGREGATORS
 from hierfed.update import Update
 
-__all__ = ["AgnosticFL", "QFFL", "project_simplex", "sender_loss"]
+__all__ = ["AgnosticFL", "ContributionWeighted", "QFFL", "project_simplex", "sender_loss"]
 
 _LOSS_FLOOR = 1e-10  # F**(q-1) at F = 0 would be infinite
 
@@ -229,3 +231,95 @@ class AgnosticFL(Aggregator):
             keys = sorted(lam)
             lam = dict(zip(keys, project_simplex([lam[k] for k in keys])))
         return merged, dict(sorted(lam.items()))
+
+
+def _flat_mean(update: Update, comps: Sequence[str]) -> torch.Tensor:
+    return torch.cat(
+        [
+            (update.tensors[c][p] / float(update.weights[c])).reshape(-1).double()
+            for c in comps
+            for p in sorted(update.tensors[c])
+        ]
+    )
+
+
+@AGGREGATORS.register("contribution_weighted")
+class ContributionWeighted(Aggregator):
+    """Weights senders by their running contribution score (cosine-gradient Shapley
+    approximation in the spirit of CGSV, Xu et al., NeurIPS 2021).
+
+    Each round, sender ``k``'s contribution is the cosine between its mean delta and the
+    weighted mean of everyone else's — the merge minus its own pre-weighted share
+    (``hierfed.explain.contribution.leave_one_out``), over the components both carry; a lone
+    sender scores 1. Its reputation is the running mean ``r = decay * r + (1 - decay) *
+    cos`` (a newcomer starts at its first score), kept in the state (so checkpointed: a
+    per-sender contribution record). The merge is the weighted mean with each sender's
+    weight scaled by ``max(r, 0)``: senders whose updates keep pointing against everyone
+    else's stop counting. A component whose holders all score <= 0 falls back to the plain
+    weighted mean. Option ``decay`` in [0, 1) (default 0.5; 0 = this round's scores only).
+    """
+
+    associative = False
+    option_defaults = {"decay": 0.5}
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any], key: str = "options") -> None:
+        super().check_options(options, key)
+        v = options.get("decay", 0.5)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 <= v < 1):
+            raise ConfigError(f"{key}.decay", v, "a number in [0, 1) (0 = this round only)")
+
+    def init_state(self) -> dict[str, float]:
+        return {}
+
+    def aggregate(
+        self, updates: Sequence[Update], state: Any, ctx: AggContext
+    ) -> tuple[Update | None, Any]:
+        from hierfed.explain.contribution import leave_one_out
+
+        if not updates:
+            return None, state
+        rep: dict[str, float] = dict(state or {})
+        ordered = sorted(updates, key=lambda u: u.meta.senders)
+        full = Update.sum(ordered)
+        assert full is not None
+        decay = float(self.options["decay"])
+        scale: dict[str, float] = {}
+        for u in ordered:
+            name = "|".join(u.meta.senders)
+            rest = leave_one_out(full, u)
+            comps = sorted(
+                c
+                for c in u.tensors
+                if u.weights[c] > 0 and c in rest.tensors and rest.weights[c] > 0
+            )
+            score = 1.0
+            if comps:
+                a, b = _flat_mean(u, comps), _flat_mean(rest, comps)
+                na, nb = float(a.norm()), float(b.norm())
+                score = float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
+            rep[name] = decay * rep[name] + (1 - decay) * score if name in rep else score
+            scale[name] = max(rep[name], 0.0)
+        scaled: list[Update] = []
+        denom: dict[str, float] = {}
+        weight: dict[str, float] = {}
+        for u in ordered:
+            s = scale["|".join(u.meta.senders)]
+            scaled.append(u if s == 1.0 else _scaled(u, s))
+            for c, w in u.weights.items():
+                if w > 0:
+                    denom[c] = denom.get(c, 0.0) + float(w) * s
+                    weight[c] = weight.get(c, 0.0) + float(w)
+        total = Update.sum(scaled)
+        assert total is not None
+        factors = {c: weight[c] / denom[c] for c in denom if denom[c] > 0}
+        merged = _rescale(total, factors, weight)
+        stuck = [c for c in weight if c not in factors]  # every holder scored <= 0
+        if stuck:
+            plain = full.restrict(stuck)
+            merged = Update(
+                {**merged.tensors, **plain.tensors},
+                {**merged.weights, **plain.weights},
+                merged.meta,
+            )
+        return merged, dict(sorted(rep.items()))
