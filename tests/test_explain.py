@@ -361,3 +361,11 @@ def test_equity_scores_agree_with_the_trainers_own_evaluation(tiny):
         for t, (metric, rows) in res.items():
             assert len(scores[c.id][t]) == rows
             assert scores[c.id][t].mean() == pytest.approx(metric, abs=1e-5)
+
+
+def test_rows_whose_integral_has_not_converged_are_integrated_again(tiny):
+    cfg, fed, model, data = tiny
+    _, coarse = modality_attribution(model, data, "essay_grade", n_steps=2, max_steps=2)
+    _, refined = modality_attribution(model, data, "essay_grade", n_steps=2, tol=1e-4)
+    assert np.abs(coarse).max() > 1e-3  # two steps do not converge here ...
+    assert np.abs(refined).max() < np.abs(coarse).max() / 10  # ... more steps, where needed
