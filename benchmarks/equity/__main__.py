@@ -157,7 +157,7 @@ def report(
         lines += [
             "## Attribution on edu-m3t MiniLM",
             "",
-            f"Commit `{minilm.get('machine', {}).get('after', {}).get('git_commit', '?')}`. "
+            f"Commit `{minilm.get('machine', {}).get('before', {}).get('git_commit', '?')}`. "
             f"`configs/edu-m3t-minilm.yaml` with {' '.join(minilm['overrides'])} (trained in "
             f"{minilm['train_s']:.0f} s, explained in {minilm['explain_s']:.0f} s; 8 test rows per "
             "school, 64 Integrated Gradients steps, rows not converged to 2% redone with up to 1024). Each edu-m3t task reads one modality, so "
