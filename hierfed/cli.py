@@ -1,4 +1,4 @@
-"""Command line: ``python -m hierfed run|list|show-config|report|export|evaluate|predict``.
+"""Command line: ``python -m hierfed run|list|show-config|report|explain|export|evaluate|predict``.
 
 The CLI is the only place that prints: a rich progress bar over rounds and the final tables.
 """
@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     _add_evaluate_parser(sub)
     _add_predict_parser(sub)
+    ex = sub.add_parser("explain", help="attribution, component ablation and equity of a run")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", default=None, help="output folder (default RUN_DIR/explain)")
+    ex.add_argument("--group", action="append", default=None, help="group column (repeatable)")
+    ex.add_argument("--max-rows", type=int, default=32, help="test rows per client explained")
+    ex.add_argument("--steps", type=int, default=32, help="Integrated Gradients steps")
+    ex.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib)")
     return p
 
 
@@ -96,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(console, args)
         if args.cmd == "predict":
             return _predict(console, args)
+        if args.cmd == "explain":
+            return _explain(console, args)
         return _run(console, args)
     except HierfedError as exc:
         return _print_error(console, exc)
@@ -296,6 +305,26 @@ def _report(console: Console, run_dir: Path) -> int:
         s["bytes_by_edge"],
         s["bytes_by_component"],
     )
+    if s.get("equity"):  # per institution and group (hierfed/explain/equity.py)
+        from hierfed.explain.equity import equity_tables
+
+        for table in equity_tables(s["equity"]):
+            console.print(table)
+    return 0
+
+
+def _explain(console: Console, args: argparse.Namespace) -> int:
+    from hierfed.explain.report import explain_run
+
+    dest = explain_run(
+        args.run_dir,
+        out=args.out,
+        groups=args.group,
+        max_rows=args.max_rows,
+        n_steps=args.steps,
+        plots=not args.no_plots,
+    )
+    console.print(f"explain tables and plots: {dest}", highlight=False)
     return 0
 
 

@@ -10,7 +10,10 @@ The cost model (``clock`` section of the config) is deliberately simple:
   factor per *group* (the node's institution — its ancestor at the ``institution`` tier, or
   just below the root if there is none: some institutions have slow labs and slow networks) and one per node; each round adds a small
   per-round jitter. Every draw is keyed by ``(seed, "clock", ...)``, so times are a pure
-  function of the seed.
+  function of the seed;
+* opt-in, resource classes: ``clock.resource_speed`` and ``clock.resource_bandwidth`` scale
+  a client's speed and its link's bandwidth by its class (e.g. ``{light: 0.25}``: light
+  devices train and upload 4x slower); empty (the default) treats every class alike.
 
 Nothing here sleeps or measures real time; the channels (hierfed/engine/channel.py, the
 only callers) ask it how long transfers and training would take, and apply deadlines. Uncompressed or
@@ -30,7 +33,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
@@ -47,6 +50,7 @@ class Clock:
         profiles = federation.by_id
         self.fed_ids = [c.id for c in federation.clients]
         self.rows = {cid: p.num_train * len(p.tasks) for cid, p in profiles.items()}
+        self.resource = {cid: p.resource for cid, p in profiles.items()}
         names = federation.tier_names
         self.group_level = names.index("institution") if "institution" in names[1:-1] else 1
         self._speed: dict[str, float] = {}
@@ -66,8 +70,10 @@ class Clock:
         """Training rows per second of a client (fixed for the run)."""
         if client_id not in self._speed:
             g = self._lognormal(1.0, self.c.group_sigma, "group-compute", self.group_of(client_id))
-            self._speed[client_id] = g * self._lognormal(
-                self.c.rows_per_s, self.c.compute_sigma, "compute", client_id
+            self._speed[client_id] = (
+                g
+                * self._lognormal(self.c.rows_per_s, self.c.compute_sigma, "compute", client_id)
+                * self._class_factor(self.c.resource_speed, client_id)
             )
         return self._speed[client_id]
 
@@ -83,9 +89,17 @@ class Clock:
                 * 1e6
                 / 8
             )
+            bw *= self._class_factor(self.c.resource_bandwidth, node_id)
             lat = self._lognormal(self.c.latency_s, self.c.latency_sigma, "latency", node_id)
             self._link[node_id] = (bw, lat)
         return self._link[node_id]
+
+    def _class_factor(self, factors: Mapping[str, float], node_id: str) -> float:
+        """The node's resource-class factor (1 for tier nodes and unlisted classes); the
+        factor multiplies after the draws, so an empty table leaves every time as it was."""
+        if not factors or node_id not in self.resource:
+            return 1.0
+        return float(factors.get(self.resource[node_id], 1.0))
 
     def _jitter(self, node_id: str, rnd: int, key: Sequence[object], what: str) -> float:
         return self._lognormal(1.0, self.c.round_jitter, what, rnd, *key, node_id)

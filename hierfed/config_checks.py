@@ -334,6 +334,15 @@ def _check_rest(cfg: RunConfig) -> None:
         _positive(f"clock.{k}", getattr(ck, k))
     for k in ("compute_sigma", "group_sigma", "bandwidth_sigma", "latency_sigma", "round_jitter"):
         _nonneg(f"clock.{k}", getattr(ck, k))
+    for k in ("resource_speed", "resource_bandwidth"):
+        for name, factor in getattr(ck, k).items():
+            if name not in cfg.model.resources:
+                raise ConfigError(
+                    f"clock.{k}.{name}",
+                    factor,
+                    f"not a resource class; known: {sorted(cfg.model.resources)}",
+                )
+            _positive(f"clock.{k}.{name}", factor)
 
 
 # ---------------------------------------------------------------- rules that need the federation

@@ -114,6 +114,10 @@ class ClockConfig:
     latency_s: float = 0.05  # median one-way link latency
     latency_sigma: float = 0.3
     round_jitter: float = 0.1  # per-round noise on every compute and transfer time (log scale)
+    # resource classes on the clock (opt-in; {} = every class alike): class -> factor on a
+    # client's compute speed and on its link bandwidth, e.g. {light: 0.25} = 4x slower
+    resource_speed: dict[str, float] = field(default_factory=dict)
+    resource_bandwidth: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,6 +175,9 @@ class EvalConfig:
     every: int = 1  # evaluate the global model every N rounds (and after the last)
     personalized: bool = True  # also evaluate each client's personalized model at the end
     batch_size: int = 256
+    # equity metrics in summary.json (hierfed/explain/equity.py): the final global model per
+    # institution and per group on the clients' test rows; rebuilds the model on the driver
+    equity: bool = True
 
 
 @dataclass

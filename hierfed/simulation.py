@@ -305,7 +305,7 @@ def _run(
         cfg, out_dir if write else None, metrics, ledger, final, personalized, summary
     )
     if write:
-        _write_outputs(result, startup_s=startup_s, total_s=time.perf_counter() - t0)
+        _write_outputs(result, startup_s=startup_s, total_s=time.perf_counter() - t0, fed=fed)
     emit("end", {"result": result})
     return result
 
@@ -346,7 +346,9 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _write_outputs(result: RunResult, *, startup_s: float, total_s: float) -> None:
+def _write_outputs(
+    result: RunResult, *, startup_s: float, total_s: float, fed: Federation | None = None
+) -> None:
     out = result.out_dir
     assert out is not None
     lines = "".join(json.dumps(_clean(rec), sort_keys=True) + "\n" for rec in result.metrics)
@@ -368,6 +370,12 @@ def _write_outputs(result: RunResult, *, startup_s: float, total_s: float) -> No
         "startup_s": startup_s,
         "total_s": total_s,
     }
+    if fed is not None and result.cfg.eval.equity:  # per institution and group (issue 18)
+        from hierfed.explain.equity import equity_summary
+
+        summary["equity"] = equity_summary(
+            result.cfg, fed, result.final_state, result.ledger, result.personalized
+        )
     atomic_write_text(out / "summary.json", json.dumps(_clean(summary), indent=1, sort_keys=True))
     if result.personalized:
         atomic_write_text(

@@ -10,8 +10,9 @@ without a camera contributes nothing, and no weight, to ``encoder.image``. ``+``
 associative and commutative (up to float rounding), and the division happens once, at the
 top of a tier (``Update.mean``) — so a hierarchical weighted mean equals the flat one.
 
-Metadata (who sent it, the round, sample counts) travels beside the tensors; algorithms
-never add optional fields here.
+Metadata (who sent it, the round, sample counts, and named scalar statistics such as the
+sender's training loss) travels beside the tensors; algorithms never add optional fields
+here: a rule that needs a sender statistic reads it by name from ``meta.stats``.
 
 Example::
 
@@ -25,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,9 @@ class UpdateMeta:
     senders: tuple[str, ...]
     round: int
     num_samples: int = 0
+    # named scalar statistics of the sender(s), e.g. {"loss": 0.71} (the mean training loss
+    # over the last local epoch); a merge keeps their sample-weighted mean (``merge_stats``)
+    stats: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,11 +64,12 @@ class Update:
         sender: str,
         round: int,
         num_samples: int = 0,
+        stats: Mapping[str, float] | None = None,
     ) -> Update:
         """Weight a plain delta: ``tensors[c] = w[c] * delta[c]``; ``weight`` may be per component."""
         ws = {c: float(weight if not isinstance(weight, Mapping) else weight[c]) for c in delta}
         tensors = {c: {p: t * ws[c] for p, t in params.items()} for c, params in delta.items()}
-        return cls(tensors, ws, UpdateMeta((sender,), round, num_samples))
+        return cls(tensors, ws, UpdateMeta((sender,), round, num_samples, dict(stats or {})))
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -147,7 +152,25 @@ def _fold(ordered: list[Update]) -> Update:
         senders.update(u.meta.senders)
         rnd = max(rnd, u.meta.round)
         samples += u.meta.num_samples
-    return Update(tensors, weights, UpdateMeta(tuple(sorted(senders)), rnd, samples))
+    meta = UpdateMeta(tuple(sorted(senders)), rnd, samples, merge_stats(ordered))
+    return Update(tensors, weights, meta)
+
+
+def merge_stats(updates: Sequence[Update]) -> dict[str, float]:
+    """The senders' statistics of a merge: per name carried by *every* update, the mean
+    weighted by ``num_samples`` (a plain mean when no update counts samples). A name some
+    update lacks is dropped: its mean over the others would misdescribe the merge."""
+    if not updates or not any(u.meta.stats for u in updates):
+        return {}
+    names = set(updates[0].meta.stats).intersection(*(u.meta.stats for u in updates[1:]))
+    n = [float(u.meta.num_samples) for u in updates]
+    total = sum(n)
+    if total <= 0:
+        n, total = [1.0] * len(updates), float(len(updates))
+    return {
+        k: sum(w * float(u.meta.stats[k]) for w, u in zip(n, updates)) / total
+        for k in sorted(names)
+    }
 
 
 _ALIGN = 8  # every tensor starts on an 8-byte boundary, so a uint8 slice views as any dtype

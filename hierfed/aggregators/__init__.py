@@ -1,6 +1,7 @@
 """Aggregators (registered in ``hierfed.registry.AGGREGATORS``) and server optimizers."""
 
 from hierfed.aggregators.base import AggContext, Aggregator
+from hierfed.aggregators.fair import QFFL, AgnosticFL, ContributionWeighted
 from hierfed.aggregators.mean import WeightedMean
 from hierfed.aggregators.noise_aware import NoiseAwareMean
 from hierfed.aggregators.robust import CoordinateMedian, Krum, NormBoundedMean, TrimmedMean
@@ -9,6 +10,9 @@ from hierfed.aggregators.server_opt import FedAdam, FedAvgM, FedYogi, ServerOpti
 __all__ = [
     "AggContext",
     "Aggregator",
+    "AgnosticFL",
+    "ContributionWeighted",
+    "QFFL",
     "CoordinateMedian",
     "Krum",
     "NoiseAwareMean",

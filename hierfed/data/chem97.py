@@ -12,7 +12,8 @@ school id; its LEA is the authority that aggregates it.
   gender (F = 1) and age in months relative to 18 — the first two and age standardised with
   the whole table's mean and standard deviation (public constants of the data set);
 * task ``alevel_grade`` (6 classes: A-level points 0, 2, 4, 6, 8, 10) and task
-  ``alevel_score`` (regression of the standardised points).
+  ``alevel_score`` (regression of the standardised points);
+* group column ``gender`` (``F`` / ``M``) on every row, for per-group (equity) metrics.
 
 Each school's students are split ``data.test_fraction`` into test rows (personalized
 evaluation); the global test set is a keyed sample of ``data.global_test_size`` of the
@@ -92,7 +93,9 @@ def student_arrays(df: Any) -> ClientData:
     score = df["score"].to_numpy(dtype=np.int64)
     zscore = (score - score.mean()) / (score.std() or 1.0)
     return ClientData(
-        {"tabular": feats}, {"alevel_grade": score // 2, "alevel_score": zscore.astype(np.float32)}
+        {"tabular": feats},
+        {"alevel_grade": score // 2, "alevel_score": zscore.astype(np.float32)},
+        {"gender": df["gender"].to_numpy(dtype=str)},  # for per-group metrics only
     )
 
 

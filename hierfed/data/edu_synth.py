@@ -21,6 +21,11 @@ student ``s`` in course ``s % C`` of its institution (tier ``course`` between in
 student), e.g. ``student -> course -> institution -> region -> global``. The rows are the same
 as in the flat tree (keyed by the flat student id): only the grouping changes.
 ``resource_mix: {light: 0.25, full: 0.75}`` gives students resource classes (exact quotas).
+
+Group column ``access`` on every row (for per-group, equity metrics; never an input):
+``scanner`` for students who have the image modality, ``no_scanner`` for those who do not
+(the essay-only institutions' students included). It is derived from the draws above, so
+it changes no row.
 """
 
 from __future__ import annotations
@@ -238,6 +243,7 @@ def build_edu_synth(cfg: DataConfig, seed: int) -> Federation:
                     ("image", "tabular", "text"),
                     ("digit", "dropout_risk", "essay_grade", "essay_topic"),
                 )
+            data.groups["access"] = np.full(n, "scanner" if "image" in mods else "no_scanner")
             n_test = max(1, int(round(n * cfg.test_fraction)))
             perm = srng.permutation(n)
             train[sid] = subset(data, perm[n_test:], tasks, mods)

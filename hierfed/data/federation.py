@@ -52,10 +52,14 @@ class TaskSpec:
 
 @dataclass
 class ClientData:
-    """A client's local rows: inputs per modality and labels per task, all of length ``n``."""
+    """A client's local rows: inputs per modality and labels per task, all of length ``n``.
+
+    ``groups``: per-row attributes that are neither input nor label, used only to report
+    metrics per group (equity), e.g. ``{"gender": array(["F", "M", ...])}``; never trained on."""
 
     inputs: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         for arr in self.labels.values():
@@ -154,4 +158,5 @@ def subset(
     return ClientData(
         {m: np.ascontiguousarray(data.inputs[m][idx]) for m in modalities},
         {t: np.ascontiguousarray(data.labels[t][idx]) for t in tasks},
+        {g: np.ascontiguousarray(a[idx]) for g, a in data.groups.items()},
     )

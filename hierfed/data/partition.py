@@ -140,7 +140,9 @@ def split_rows(
 def take(data: ClientData, idx: np.ndarray) -> ClientData:
     """Rows ``idx`` of every array of ``data``."""
     return ClientData(
-        {m: a[idx] for m, a in data.inputs.items()}, {t: a[idx] for t, a in data.labels.items()}
+        {m: a[idx] for m, a in data.inputs.items()},
+        {t: a[idx] for t, a in data.labels.items()},
+        {g: a[idx] for g, a in data.groups.items()},
     )
 
 
@@ -150,6 +152,7 @@ def concat(parts: Sequence[ClientData]) -> ClientData:
     return ClientData(
         {m: np.concatenate([p.inputs[m] for p in parts]) for m in first.inputs},
         {t: np.concatenate([p.labels[t] for p in parts]) for t in first.labels},
+        {g: np.concatenate([p.groups[g] for p in parts]) for g in first.groups},
     )
 
 

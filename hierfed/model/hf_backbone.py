@@ -134,7 +134,7 @@ def tokenize_federation(fed: Federation, backbone: nn.Module, length: int) -> Fe
         for m in raw:
             if m in inputs and _is_raw_text(inputs[m]):
                 inputs[m] = text_ids(backbone, list(inputs[m]), length)
-        return ClientData(inputs, data.labels)
+        return ClientData(inputs, data.labels, data.groups)
 
     needs = any(
         m in d.inputs and _is_raw_text(d.inputs[m])

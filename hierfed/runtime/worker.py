@@ -176,8 +176,13 @@ class WorkerCore:
                 job.client_id, job.parent_id, n, fit.loss, fit.steps, {}, local, privacy=privacy
             ), None
         delta = state_sub({c: fit.state[c] for c in job.sends}, start)
-        update = Update.from_delta(
-            delta, float(n), sender=job.client_id, round=job.round, num_samples=n
+        update = Update.from_delta(  # its training loss rides along (fairness-aware rules)
+            delta,
+            float(n),
+            sender=job.client_id,
+            round=job.round,
+            num_samples=n,
+            stats={"loss": fit.loss},
         )
         tier = self.cfg.tier(job.tier)
         chain = build_chain(tier.postprocess, tier.postprocess_options)
