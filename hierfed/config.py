@@ -248,6 +248,8 @@ class RunConfig:
     clock: ClockConfig = field(default_factory=ClockConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # client or tier-node ids taken out of training (unlearning; hierfed/unlearning/exclusion.py)
+    exclude: list[str] = field(default_factory=list)
 
     def tier(self, name: str) -> TierConfig:
         """The configuration of the aggregating tier ``name`` (the default if not listed)."""
