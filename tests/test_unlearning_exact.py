@@ -1,0 +1,153 @@
+"""Exact unlearning: the replayed run equals, bit for bit, a fresh run that excluded the removed
+clients from the start; it replays only the rounds after their first use; bad requests fail in
+one line and leave the original run folder as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hierfed.config import load_config
+from hierfed.errors import CheckpointError, ConfigError, HierfedError
+from hierfed.ledger import CommLedger
+from hierfed.simulation import build_federation, run
+from hierfed.unlearning.replay import first_round_using, unlearn_exact
+from tests.conftest import tiny_overrides
+
+ROUNDS = 4
+OVERRIDES = tiny_overrides(
+    **{
+        "runtime.name": "local",
+        "rounds": ROUNDS,
+        "topology.tiers.global.participation": 0.3,
+        "topology.tiers.institution.participation": 0.4,
+        "checkpoint.keep": 10,
+    }
+)
+
+
+def folder_digest(run_dir: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def outcome(run_dir: Path) -> tuple[str, list[dict], bytes]:
+    """What must match: the final state's bytes, every metrics record (wall time aside) and
+    the ledger."""
+    state = hashlib.sha256((run_dir / "final_state.safetensors").read_bytes()).hexdigest()
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        m.pop("wall_s", None)
+    return state, metrics, (run_dir / "ledger.csv").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    out = tmp_path_factory.mktemp("orig")
+    run(load_config(None, OVERRIDES, out=str(out)))
+    return out
+
+
+def firsts(run_dir: Path, ids: list[str]) -> dict[str, int | None]:
+    ledger = CommLedger.load(run_dir / "ledger.csv")
+    return {x: first_round_using(ledger, [x], frozenset()) for x in ids}
+
+
+def pick(run_dir: Path, kind: str) -> tuple[str, int]:
+    """The student or institution first used the latest (but used)."""
+    fed = build_federation(load_config(None, OVERRIDES))
+    ids = sorted({c.id if kind == "student" else "/".join(c.path[:2]) for c in fed.clients})
+    used = {x: r for x, r in firsts(run_dir, ids).items() if r is not None}
+    x = max(sorted(used), key=lambda k: used[k])
+    return x, used[x]
+
+
+@pytest.mark.parametrize("kind", ["student", "institution"])
+def test_exact_unlearning_equals_a_fresh_run_without_them(tmp_path, original, kind):
+    x, first = pick(original, kind)
+    assert 2 <= first <= ROUNDS, f"{x} first used in round {first}; the test needs 2..{ROUNDS}"
+    before = folder_digest(original)
+    flag = {"clients": [x]} if kind == "student" else {"nodes": [x]}
+    res = unlearn_exact(original, out=tmp_path / "unlearned", **flag)
+    assert res.plan.first_round == first
+    assert res.plan.start_round == first - 1  # the newest checkpoint before their data (keep=10)
+    assert res.plan.rounds_replayed == ROUNDS - first + 1 < ROUNDS
+    assert res.checkpoint_sha256 is not None
+    fresh = tmp_path / "fresh"
+    run(load_config(None, [*OVERRIDES, f"exclude=[{x}]"], out=str(fresh)))
+    assert outcome(tmp_path / "unlearned") == outcome(fresh)
+    assert outcome(tmp_path / "unlearned")[0] != outcome(original)[0]  # they did count
+    assert folder_digest(original) == before  # the original run is only read
+
+
+def test_a_client_who_never_took_part_changes_nothing_and_replays_nothing(tmp_path, original):
+    fed = build_federation(load_config(None, OVERRIDES))
+    never = [x for x, r in firsts(original, [c.id for c in fed.clients]).items() if r is None]
+    assert never, "the test needs a client the run never drew"
+    res = unlearn_exact(original, out=tmp_path / "u", clients=[never[0]])
+    assert res.plan.first_round is None
+    assert res.plan.start_round == ROUNDS and res.plan.rounds_replayed == 0
+    assert outcome(tmp_path / "u") == outcome(original)
+
+
+def test_bad_requests_fail_in_one_line_and_leave_the_run_untouched(tmp_path, original):
+    before = folder_digest(original)
+    x, _ = pick(original, "student")
+    inst = "/".join(x.split("/")[:2])
+    cases: list[tuple[dict, type[Exception], str]] = [
+        ({"clients": ["global/inst-00/student-099"]}, ConfigError, "--client"),
+        ({"nodes": [x]}, ConfigError, "pass it with --client"),
+        ({"clients": [inst]}, ConfigError, "pass it with --institution"),
+        ({"clients": [x, x]}, ConfigError, "given twice"),
+        ({"nodes": [inst], "clients": [x]}, ConfigError, "already removed"),
+        ({}, ConfigError, "at least one"),
+    ]
+    for i, (flags, exc, fragment) in enumerate(cases):
+        with pytest.raises(exc) as err:
+            unlearn_exact(original, out=tmp_path / f"bad{i}", **flags)
+        assert fragment in str(err.value) and "\n" not in str(err.value), flags
+        assert not (tmp_path / f"bad{i}").exists()
+    with pytest.raises(ConfigError, match="--out"):
+        unlearn_exact(original, out=original, clients=[x])
+    with pytest.raises(ConfigError, match="runtime"):
+        unlearn_exact(original, out=tmp_path / "o", clients=[x], overrides=["train.lr=0.5"])
+    bare = tmp_path / "bare"
+    shutil.copytree(original, bare, ignore=shutil.ignore_patterns("checkpoints"))
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        unlearn_exact(bare, out=tmp_path / "o2", clients=[x])
+    with pytest.raises(HierfedError, match="not a run folder"):
+        unlearn_exact(tmp_path / "nowhere", out=tmp_path / "o3", clients=[x])
+    assert folder_digest(original) == before
+
+
+def test_removing_a_client_twice_is_refused(tmp_path, original):
+    x, _ = pick(original, "institution")
+    unlearn_exact(original, out=tmp_path / "once", nodes=[x])
+    with pytest.raises(ConfigError, match="already excluded"):
+        unlearn_exact(tmp_path / "once", out=tmp_path / "twice", nodes=[x])
+    student = next(
+        c.id
+        for c in build_federation(load_config(None, OVERRIDES)).clients
+        if c.id.startswith(x + "/")
+    )
+    with pytest.raises(ConfigError, match="already excluded"):
+        unlearn_exact(tmp_path / "once", out=tmp_path / "twice", clients=[student])
+    assert not (tmp_path / "twice").exists()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_exact_unlearning_on_ray_with_two_workers_equals_the_local_fresh_run(tmp_path, original):
+    x, _ = pick(original, "student")
+    overrides = ["runtime.name=ray", "runtime.num_workers=2"]
+    res = unlearn_exact(original, out=tmp_path / "ray", clients=[x], overrides=overrides)
+    assert res.plan.start_round >= 1
+    fresh = tmp_path / "fresh"
+    run(load_config(None, [*OVERRIDES, f"exclude=[{x}]"], out=str(fresh)))
+    assert outcome(tmp_path / "ray") == outcome(fresh)
