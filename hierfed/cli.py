@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hierfed.errors import HierfedError
+from hierfed.unlearning import command as unlearn_cmd
 
 
 def _fmt_bytes(n: float) -> str:
@@ -55,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list registered topologies, aggregators, datasets, ...")
     rep = sub.add_parser("report", help="print the tables of a finished run folder")
     rep.add_argument("run_dir")
+    unlearn_cmd.add_parser(sub)
     return p
 
 
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "report":
             return _report(console, Path(args.run_dir))
+        if args.cmd == "unlearn":
+            return unlearn_cmd.main(console, args)
         return _run(console, args)
     except HierfedError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

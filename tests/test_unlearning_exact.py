@@ -151,3 +151,44 @@ def test_exact_unlearning_on_ray_with_two_workers_equals_the_local_fresh_run(tmp
     fresh = tmp_path / "fresh"
     run(load_config(None, [*OVERRIDES, f"exclude=[{x}]"], out=str(fresh)))
     assert outcome(tmp_path / "ray") == outcome(fresh)
+
+
+def test_cli_writes_a_certificate_a_reader_can_check(tmp_path, original, capsys):
+    from hierfed.cli import main
+    from hierfed.simulation import _fingerprint
+    from hierfed.unlearning.replay import _folder_sha256
+
+    x, first = pick(original, "student")
+    short = x.split("/", 1)[1]  # inst-0k/student-00j: the unique tail is enough
+    new = tmp_path / "new"
+    assert main(["unlearn", str(original), "--client", short, "--out", str(new), "--quiet"]) == 0
+    cert = json.loads((new / "unlearning.json").read_text())
+    assert cert["method"] == "exact" and cert["removed"] == [x] == cert["removed_clients"]
+    assert cert["first_round_with_their_data"] == first
+    frm = cert["replayed_from"]
+    assert frm["round"] == first - 1
+    assert frm["sha256"] == _folder_sha256(original / frm["checkpoint"])
+    assert cert["rounds"] == {"total": ROUNDS, "reused": first - 1, "replayed": ROUNDS - first + 1}
+    assert (
+        cert["final_state_sha256"]
+        == hashlib.sha256((new / "final_state.safetensors").read_bytes()).hexdigest()
+    )
+    assert cert["config"]["fingerprint"] == _fingerprint(load_config(new / "config.yaml"))
+    assert cert["config"]["exclude"] == [x]
+    mia = cert["verification"]["membership_inference"]
+    assert 0 <= mia["original"]["auc"] <= 1 and 0 <= mia["unlearned"]["auc"] <= 1
+    assert mia["rows"]["members"] > 0 and mia["rows"]["non_members"] > 0
+    dist = cert["verification"]["l2_distance_original_to_unlearned"]
+    assert dist and max(dist.values()) > 0
+    assert cert["compute"]["replay_wall_s"] > 0
+    # the check the certificate describes: a run from scratch of the new config
+    again = tmp_path / "again"
+    assert main(["run", "--quiet", "--config", str(new / "config.yaml"), "--out", str(again)]) == 0
+    assert outcome(again) == outcome(new)
+    # bad input: one line, exit code 2, nothing written
+    capsys.readouterr()
+    bad = ["unlearn", str(original), "--institution", "inst-09", "--out", str(tmp_path / "b")]
+    assert main(bad) == 2
+    err = capsys.readouterr().out.strip()
+    assert "--institution" in err and "no such id" in err
+    assert not (tmp_path / "b").exists()

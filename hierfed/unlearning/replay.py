@@ -104,12 +104,8 @@ def exclusion_config(
     client_ids = {c.id for c in federation.clients}
     ids: list[str] = []
     for key, given, want in (("--client", clients, True), ("--institution", nodes, False)):
-        for x in given:
-            if x not in known:
-                example = (
-                    federation.clients[0].id if want else "/".join(federation.clients[0].path[:2])
-                )
-                raise ConfigError(key, x, f"the run has no such id; ids look like '{example}'")
+        for short in given:
+            x = _resolve(key, short, known, client_ids, want)
             if (x in client_ids) != want:
                 kind = "a client" if x in client_ids else "a tier node"
                 other = "--client" if key == "--institution" else "--institution"
@@ -130,6 +126,25 @@ def exclusion_config(
     new = replace(cfg, exclude=[*cfg.exclude, *ids], out=str(out))
     removed = excluded_clients(new, federation) - before
     return new, tuple(ids), frozenset(removed)
+
+
+def _resolve(
+    key: str, x: str, known: Mapping[str, frozenset[str]], client_ids: set[str], want: bool
+) -> str:
+    """A full id, or the one id of the wanted kind that ends with ``/x`` (``inst-02`` for
+    ``global/inst-02``); ConfigError if there is none or more than one."""
+    if x in known:
+        return x
+    hits = sorted(k for k in known if (k in client_ids) == want and k.endswith("/" + x))
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise ConfigError(
+            key, x, f"matches {len(hits)} ids ({', '.join(hits[:3])}, ...); give the full id"
+        )
+    first = sorted(client_ids)[0]
+    example = first if want else "/".join(first.split("/")[:2])
+    raise ConfigError(key, x, f"the run has no such id; ids look like '{example}'")
 
 
 # ---------------------------------------------------------------- checkpoint access (format)
