@@ -192,3 +192,29 @@ def test_cli_writes_a_certificate_a_reader_can_check(tmp_path, original, capsys)
     err = capsys.readouterr().out.strip()
     assert "--institution" in err and "no such id" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_approximate_unlearning_is_labelled_and_measured_against_exact(tmp_path, original):
+    from hierfed.checkpoint import load_state
+    from hierfed.unlearning.approx import ascend, certify_approximate, unlearn_approximate
+    from hierfed.unlearning.verify import membership_auc
+
+    x, _ = pick(original, "student")
+    unlearn_exact(original, out=tmp_path / "exact", clients=[x])
+    res = unlearn_approximate(original, out=tmp_path / "approx", clients=[x], repair_rounds=1)
+    cert = certify_approximate(res, original, exact_dir=tmp_path / "exact")
+    assert cert["method"] == "approximate" and "NOT bit-identical" in cert["approximation"]
+    assert json.loads((tmp_path / "approx" / "unlearning.json").read_text()) == cert
+    # one repair round after the original's last, without them
+    records = CommLedger.load(tmp_path / "approx" / "ledger.csv").records
+    repair = [r for r in records if r.round == ROUNDS + 1]
+    assert repair and not [r for r in repair if x in (r.src, r.dst)]
+    assert cert["verification"]["l2_distance_total"]["approximate_vs_exact"] > 0
+    assert set(cert["verification"]["membership_inference"]) >= {"original", "approximate", "exact"}
+    # the ascent raises their training loss
+    cfg = load_config(original / "config.yaml")
+    fed = build_federation(cfg)
+    before, _ = load_state(original / "final_state")
+    after = ascend(cfg, fed, before, [x])
+    loss = membership_auc(cfg, fed, {"before": before, "after": after}, [x])
+    assert loss["after"]["member_loss_mean"] > loss["before"]["member_loss_mean"]

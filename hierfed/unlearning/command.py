@@ -38,6 +38,16 @@ def add_parser(sub: Any) -> None:
     )
     u.add_argument("--out", required=True, help="the new run folder (must not exist)")
     u.add_argument("--no-mia", action="store_true", help="skip the membership-inference check")
+    u.add_argument(
+        "--approximate",
+        type=int,
+        default=None,
+        metavar="K",
+        help="approximate instead (gradient ascent + K repair rounds; not certified exact)",
+    )
+    u.add_argument(
+        "--exact-dir", default=None, help="with --approximate: an exact replay to measure against"
+    )
     u.add_argument("--quiet", action="store_true")
     u.add_argument(
         "overrides", nargs="*", help="runtime.*/checkpoint.* overrides, e.g. runtime.num_workers=2"
@@ -50,6 +60,8 @@ def main(console: Console, args: argparse.Namespace) -> int:
 
     if not args.quiet:
         console.print(f"unlearning from {args.run_dir} into {args.out} ...", style="dim")
+    if args.approximate is not None:
+        return _approximate(console, args)
     res = unlearn_exact(
         Path(args.run_dir),
         out=Path(args.out),
@@ -86,4 +98,35 @@ def main(console: Console, args: argparse.Namespace) -> int:
     table.add_row("final state sha256", cert["final_state_sha256"][:16])
     console.print(table)
     console.print(f"certificate: {Path(args.out) / CERTIFICATE}", highlight=False)
+    return 0
+
+
+def _approximate(console: Console, args: argparse.Namespace) -> int:
+    from hierfed.unlearning.approx import certify_approximate, unlearn_approximate
+
+    res = unlearn_approximate(
+        Path(args.run_dir),
+        out=Path(args.out),
+        clients=args.client,
+        nodes=args.institution,
+        repair_rounds=args.approximate,
+        overrides=args.overrides,
+    )
+    cert = certify_approximate(
+        res, Path(args.run_dir), exact_dir=args.exact_dir, mia=not args.no_mia
+    )
+    table = Table(title=f"APPROXIMATE unlearning: {', '.join(cert['removed'])}")
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("repair rounds", str(res.repair_rounds))
+    table.add_row("wall time (ascent + repair)", f"{res.wall_s:.1f}s")
+    for k, v in cert["verification"]["l2_distance_total"].items():
+        table.add_row(f"L2 distance, {k.replace('_', ' ')}", f"{v:.4g}")
+    mia = cert["verification"].get("membership_inference")
+    if mia:
+        for k in ("original", "approximate", "exact"):
+            if k in mia:
+                table.add_row(f"membership AUC, {k}", f"{mia[k]['auc']:.3f}")
+    console.print(table)
+    console.print(f"certificate: {Path(args.out) / 'unlearning.json'}", highlight=False)
     return 0
