@@ -167,3 +167,26 @@ def test_an_unknown_id_is_refused_before_any_worker_starts(tmp_path):
         run(cfg, write=False)
     ray = pytest.importorskip("ray")
     assert not ray.is_initialized()
+
+
+def test_a_round_whose_whole_draw_is_excluded_leaves_the_model_as_it_was(tmp_path):
+    # star, one client of nine per round: exclude the clients drawn in round 2
+    ov = tiny_overrides(
+        **{
+            "runtime.name": "local",
+            "rounds": 3,
+            "topology.default.participation": 0.1,
+            "checkpoint.keep": 10,
+        }
+    )
+    base = run(load_config(None, ov, topology="star"), write=False)
+    drawn = {r.round: r.dst for r in base.ledger.records if r.direction == "down"}
+    x = drawn[2]
+    assert x not in (drawn[1], drawn[3]), "the test needs a client drawn in round 2 only"
+    out = tmp_path / "star"
+    res = run(load_config(None, [*ov, f"exclude=[{x}]"], topology="star", out=str(out)))
+    assert res.metrics[2]["participants"] == 0
+    assert not [r for r in res.ledger.records if r.round == 2]
+    one = load_bundle(out / "checkpoints" / "round-0001", "state")["topology"]["engine.states"]
+    two = load_bundle(out / "checkpoints" / "round-0002", "state")["topology"]["engine.states"]
+    assert same(one, two)
