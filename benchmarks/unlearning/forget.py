@@ -1,9 +1,10 @@
 """Unlearning on real data: forget one Chem97 school and one authority, exactly and approximately.
 
-    python -m benchmarks.unlearning.forget [--leas 20] [--out benchmarks/results/unlearning]
+    python -m benchmarks.unlearning.forget [--leas 0] [--out benchmarks/results/unlearning]
 
-Runs ``configs/chem97-hierarchical.yaml`` (the first ``--leas`` authorities, every checkpoint
-kept), then for the school and the authority that were first used the latest (but used):
+Runs ``configs/chem97-hierarchical.yaml`` (all 131 authorities, or the first ``--leas``; every
+checkpoint kept), then for a school and an authority first used in the run's second half (the
+largest such; see ``_pick``):
 the exact replay (``hierfed.unlearning``), a fresh run with them excluded from the start (to
 check bit-identity and to time a full retrain), and the approximate method with one repair
 round. It records wall times (time.perf_counter, each including the runtime's start-up),
@@ -128,13 +129,19 @@ def _never_drawn_auc(original: Path, ids: list[str]) -> dict[str, Any]:
     return {"clients": len(ids), **res["rows"], "auc": res["original"]["auc"]}
 
 
-def _pick(original: Path, ids: list[str]) -> tuple[str, int]:
+def _pick(original: Path, ids: list[str], rows: dict[str, int], rounds: int) -> tuple[str, int]:
+    """Of ``ids`` first used in the second half of the run, the one with the most training
+    rows (a membership test needs rows); else the one first used the latest."""
     from hierfed.ledger import CommLedger
     from hierfed.unlearning.replay import first_round_using
 
     ledger = CommLedger.load(original / "ledger.csv")
     used = {x: r for x in ids if (r := first_round_using(ledger, [x], frozenset())) is not None}
-    x = max(sorted(used), key=lambda k: used[k])
+    late = [x for x in sorted(used) if used[x] > rounds // 2]
+    if late:
+        x = max(late, key=lambda k: rows[k])
+    else:
+        x = max(sorted(used), key=lambda k: used[k])
     return x, used[x]
 
 
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     from hierfed.unlearning.replay import first_round_using
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--leas", type=int, default=20, help="first N authorities (0 = all 131)")
+    ap.add_argument("--leas", type=int, default=0, help="first N authorities (0 = all 131)")
     ap.add_argument("--out", default="benchmarks/results/unlearning")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -168,8 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         leas = sorted({"/".join(c.path[:2]) for c in fed.clients})
         ledger = CommLedger.load(original / "ledger.csv")
         never = [c for c in schools if first_round_using(ledger, [c], frozenset()) is None]
-        school, _ = _pick(original, schools)
-        lea, _ = _pick(original, leas)
+        rows: dict[str, int] = {}
+        for c in fed.clients:
+            rows[c.id] = c.num_train
+            lea_id = "/".join(c.path[:2])
+            rows[lea_id] = rows.get(lea_id, 0) + c.num_train
+        rounds = load_config(CONFIG, overrides).rounds
+        school, _ = _pick(original, schools, rows, rounds)
+        lea, _ = _pick(original, leas, rows, rounds)
         cases = [
             _case("school", school, original, tmp, overrides, orig_s),
             _case("authority", lea, original, tmp, overrides, orig_s),
