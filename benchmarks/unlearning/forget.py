@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         run(load_config(CONFIG, overrides, out=str(original)))
         orig_s = time.perf_counter() - t0
+        ckpts = sorted((original / "checkpoints").glob("round-*"))
+        ckpt_bytes = [sum(f.stat().st_size for f in c.rglob("*") if f.is_file()) for c in ckpts]
         fed = build_federation(load_config(CONFIG, overrides))
         schools = sorted(c.id for c in fed.clients)
         leas = sorted({"/".join(c.path[:2]) for c in fed.clients})
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": overrides,
         "clients": len(schools),
         "original_run_s": orig_s,
+        "checkpoint_bytes": {"per_round": ckpt_bytes, "total": sum(ckpt_bytes)},
         "never_drawn_baseline": baseline,
         "cases": cases,
         "machine_before": before,
@@ -231,6 +234,10 @@ def _report(r: dict[str, Any]) -> str:
         f"Config: `{r['config']}` with `{' '.join(r['overrides'])}` ({r['clients']} schools). "
         f"Original run: {r['original_run_s']:.1f} s. Wall times are single measurements on a "
         "shared 2-core machine, each including the local runtime's start-up.",
+        "",
+        f"Disk kept for the replay points: {len(r['checkpoint_bytes']['per_round'])} checkpoints, "
+        f"{r['checkpoint_bytes']['total'] / 2**20:.1f} MiB in all "
+        f"({max(r['checkpoint_bytes']['per_round']) / 2**20:.2f} MiB the largest).",
         "",
         "| forget | clients (train rows) | first used in round | rounds reused / replayed | bit-identical to a fresh run without them | exact replay s | full retrain s | approximate s | MIA AUC original → exact (approx.) | L2 exact↔original | L2 approx.↔exact |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
