@@ -218,3 +218,15 @@ def test_approximate_unlearning_is_labelled_and_measured_against_exact(tmp_path,
     after = ascend(cfg, fed, before, [x])
     loss = membership_auc(cfg, fed, {"before": before, "after": after}, [x])
     assert loss["after"]["member_loss_mean"] > loss["before"]["member_loss_mean"]
+
+
+def test_a_gossip_run_is_unlearned_from_round_zero_and_equals_a_fresh_run(tmp_path):
+    ov = tiny_overrides(**{"runtime.name": "local", "rounds": 2, "topology.options.graph": "ring"})
+    orig = tmp_path / "orig"
+    run(load_config(None, ov, topology="gossip", out=str(orig)))
+    x = "global/inst-01/student-002"
+    res = unlearn_exact(orig, out=tmp_path / "u", clients=[x])
+    assert res.plan.start_round == 0 and res.plan.rounds_replayed == 2
+    fresh = tmp_path / "fresh"
+    run(load_config(None, [*ov, f"exclude=[{x}]"], topology="gossip", out=str(fresh)))
+    assert outcome(tmp_path / "u") == outcome(fresh)

@@ -190,3 +190,37 @@ def test_a_round_whose_whole_draw_is_excluded_leaves_the_model_as_it_was(tmp_pat
     one = load_bundle(out / "checkpoints" / "round-0001", "state")["topology"]["engine.states"]
     two = load_bundle(out / "checkpoints" / "round-0002", "state")["topology"]["engine.states"]
     assert same(one, two)
+
+
+VARIANTS = {
+    # students gossip device to device: an excluded student's ring links are down
+    "leaf-gossip": [
+        "topology.tiers.student.peer_steps=1",
+        "topology.tiers.student.peer_graph=ring",
+        "topology.tiers.student.local_rounds=2",
+    ],
+    # institutions mix with their sampled siblings; students drop out
+    "inner-peers-dropout": [
+        "topology.tiers.institution.dropout=0.3",
+        "topology.tiers.global.participation=0.67",
+        "topology.tiers.global.peer_steps=0",
+        "topology.tiers.institution.peer_steps=1",
+        "topology.tiers.institution.peer_graph=complete",
+    ],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_exclusion_prefix_is_unchanged_with_peers_and_dropouts(tmp_path, variant):
+    ov = [*OVERRIDES, *VARIANTS[variant]]
+    orig = tmp_path / "orig"
+    run(load_config(None, ov, out=str(orig)))
+    fed = build_federation(load_config(None, ov))
+    x, first = latest_drawn(orig, [c.id for c in fed.clients])
+    assert 2 <= first <= ROUNDS, f"{x} is first drawn in round {first}"
+    out = tmp_path / "excl"
+    run(load_config(None, [*ov, f"exclude=[{x}]"], out=str(out)))
+    for rnd in range(1, first):
+        assert same(bundle(orig, rnd), bundle(out, rnd)), f"round {rnd} moved"
+    assert not same(bundle(orig, first)["topology"], bundle(out, first)["topology"])
+    assert not [r for r in CommLedger.load(out / "ledger.csv").records if x in (r.src, r.dst)]
