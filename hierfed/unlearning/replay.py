@@ -179,7 +179,8 @@ def _folder_sha256(folder: Path) -> str:
 
 def _clean(bundle: Mapping[str, Any], ids: Sequence[str], clients: frozenset[str]) -> str | None:
     """Why a checkpoint holds something of the removed clients, or None if it holds nothing."""
-    ledger = ledger_from_columns(bundle["ledger"])
+    led = bundle["ledger"]  # columns today; a CommLedger in the append-only-log format
+    ledger = led if isinstance(led, CommLedger) else ledger_from_columns(led)
     touched = first_round_using(ledger, ids, clients)
     if touched is not None:
         return f"its ledger names them in round {touched}"
