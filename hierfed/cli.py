@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hierfed.errors import HierfedError
+from hierfed.unlearning import command as unlearn_cmd
 
 
 def _fmt_bytes(n: float) -> str:
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-rows", type=int, default=32, help="test rows per client explained")
     ex.add_argument("--steps", type=int, default=32, help="Integrated Gradients steps")
     ex.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib)")
+    unlearn_cmd.add_parser(sub)
     return p
 
 
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(console, args)
         if args.cmd == "explain":
             return _explain(console, args)
+        if args.cmd == "unlearn":
+            return unlearn_cmd.main(console, args)
         return _run(console, args)
     except HierfedError as exc:
         return _print_error(console, exc)

@@ -239,6 +239,8 @@ class RunConfig:
     # modules imported in the driver and every worker before plug-ins are looked up: where a
     # workload outside the library registers (e.g. [benchmarks.mlp_bench])
     plugins: list[str] = field(default_factory=list)
+    # client or tier-node ids taken out of training (unlearning; hierfed/unlearning/exclusion.py)
+    exclude: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

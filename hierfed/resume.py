@@ -90,8 +90,11 @@ def _ledger_line(t: Transfer) -> str:
     return json.dumps([getattr(t, f) for f in Transfer.__dataclass_fields__])
 
 
-def _open_prefix(path: Path, mark: dict[str, Any] | None) -> tuple[_Log, bytes]:
-    """Verify the first ``mark['nbytes']`` bytes of a log and cut off anything after them."""
+def _open_prefix(
+    path: Path, mark: dict[str, Any] | None, *, cut: bool = True
+) -> tuple[_Log, bytes]:
+    """Verify the first ``mark['nbytes']`` bytes of a log and (``cut``) cut off anything after
+    them; ``cut=False`` only reads (an older checkpoint of a finished run)."""
     if mark is None:
         mark = {"nbytes": 0, "records": 0, "sha256": hashlib.sha256().hexdigest()}
     n = mark.get("nbytes")
@@ -111,9 +114,10 @@ def _open_prefix(path: Path, mark: dict[str, Any] | None) -> tuple[_Log, bytes]:
         )
     if data.count(b"\n") != mark.get("records"):
         raise CheckpointError(f"{path} does not hold the {mark.get('records')} records expected")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("ab") as fh:  # drop what a round appended after this checkpoint
-        fh.truncate(n)
+    if cut:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as fh:  # drop what a round appended after this checkpoint
+            fh.truncate(n)
     return _Log(n, int(mark["records"]), hasher), data
 
 
@@ -194,6 +198,13 @@ def write_checkpoint(run_dir: Path, rnd: int, bundle: dict[str, Any], keep: int)
 # ---------------------------------------------------------------- reading
 
 
+def _round_folder(run_dir: Path, rnd: int) -> tuple[Path, int]:
+    folder = run_dir / CKPT_DIR / f"round-{rnd:04d}"
+    if folder.is_symlink() or not folder.is_dir():
+        raise CheckpointError(f"'{run_dir}' keeps no checkpoint of round {rnd} ({folder})")
+    return folder, rnd
+
+
 def _latest_folder(run_dir: Path) -> tuple[Path, int]:
     root = run_dir / CKPT_DIR
     latest = root / "LATEST"
@@ -218,11 +229,12 @@ def _latest_folder(run_dir: Path) -> tuple[Path, int]:
 
 
 def _read(
-    run_dir: Path, *, fingerprint: str | None, rounds: int | None
+    run_dir: Path, *, fingerprint: str | None, rounds: int | None, rnd: int | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(bundle with the topology state still packed, log marks), all checks done."""
+    """(bundle with the topology state still packed, log marks), all checks done; the newest
+    checkpoint, or round ``rnd``'s."""
 
-    folder, rnd_of_name = _latest_folder(run_dir)
+    folder, rnd_of_name = _latest_folder(run_dir) if rnd is None else _round_folder(run_dir, rnd)
     tensors, meta = load_state_flat(folder / "state")  # the checksum, before anything is built
     tree = meta.get("tree")
     fields = tree.get("__d__") if isinstance(tree, dict) else None
@@ -270,6 +282,22 @@ def read_latest(
     config; with ``rounds`` the checkpoint's round must not exceed it. The logs are cut back
     to the checkpoint's length (a later, uncommitted round's records are dropped)."""
     raw, marks = _read(run_dir, fingerprint=fingerprint, rounds=rounds)
+    return _with_logs(run_dir, raw, marks, writing=True)
+
+
+def read_checkpoint(run_dir: Path, rnd: int) -> dict[str, Any]:
+    """Round ``rnd``'s kept checkpoint of ``run_dir`` (not only the newest) with the metrics
+    and ledger up to it, every check of ``read_latest`` done; read only: nothing in
+    ``run_dir`` changes (unlearning replays another run from it)."""
+    raw, marks = _read(run_dir, fingerprint=None, rounds=None, rnd=rnd)
+    return _with_logs(run_dir, raw, marks, writing=False)
+
+
+def _with_logs(
+    run_dir: Path, raw: dict[str, Any], marks: dict[str, Any], *, writing: bool
+) -> dict[str, Any]:
+    """The unpacked bundle plus its metrics and ledger read from the logs' verified prefixes
+    (``writing``: the logs are cut there and this process appends to them next)."""
     fields, tensors = raw["tree"], raw["tensors"]
     bundle = {k: unpack(v, tensors) for k, v in fields.items() if k != "logs"}
     if not isinstance(bundle.get("topology"), dict) or not isinstance(bundle.get("dp_seen"), dict):
@@ -277,8 +305,9 @@ def read_latest(
     logs = {}
     for name in LOGS:
         path = _log_path(run_dir, name)
-        log, data = _open_prefix(path, marks[name])
-        _OPEN[str(path.resolve())] = log
+        log, data = _open_prefix(path, marks[name], cut=writing)
+        if writing:
+            _OPEN[str(path.resolve())] = log
         logs[name] = data.decode().splitlines()
     try:
         bundle["metrics"] = [unpack(json.loads(x), {}) for x in logs["metrics"]]

@@ -38,6 +38,7 @@ from hierfed.runtime.jobs import EvalJob
 from hierfed.runtime.worker import WorkerSetup
 from hierfed.topology import Topology
 from hierfed.tracking import with_tracking
+from hierfed.unlearning.exclusion import excluded_clients
 from hierfed.update import State
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ def _run(
         ck = read_latest(out_dir, fingerprint=_fingerprint(cfg), rounds=cfg.rounds)
     topo_cls = TOPOLOGIES.get(cfg.topology.name)
     topo_cls.check(cfg, fed)  # every topology and tier setting, before any worker starts
+    excluded_clients(cfg, fed)  # `exclude` names known clients or tier nodes (unlearning)
     own_runtime = runtime is None
     rt = runtime or make_runtime(cfg.runtime)
     summary = fed.summary()

@@ -28,6 +28,7 @@ PART_FOLDERS: dict[str, frozenset[str]] = {
     # each run's per-round metrics, from which `python -m benchmarks report` rebuilds the rest
     "topologies": frozenset({"metrics"}),
     "scale": frozenset(),
+    "unlearning": frozenset(),
 }
 # JSON files whose commit and machine live in a sibling file (glob, relative to RESULTS)
 COVERED_BY: dict[str, str] = {

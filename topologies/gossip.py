@@ -61,6 +61,7 @@ from hierfed.runtime.base import Runtime
 from hierfed.runtime.jobs import AverageTask, EvalJob, MixTask, TrainJob
 from hierfed.seeding import np_rng
 from hierfed.topology import Topology
+from hierfed.unlearning.exclusion import excluded_clients
 from hierfed.update import State, state_nbytes
 from topologies.gossip_options import graph_spec, parse_options, uses
 
@@ -89,12 +90,15 @@ class GossipTopology(Topology):
             )
         # built (and checked: connected, no self-loops) before any work starts
         mixing.build_graph(graph_spec(opts), nodes, np_rng(cfg.seed, "gossip-graph"))
+        excluded_clients(cfg, federation)
 
     def __init__(self, *, cfg: RunConfig, federation: Federation, spec: ModelSpec) -> None:
         super().__init__(cfg=cfg, federation=federation, spec=spec)
         self.check(cfg, federation)
         self.opts = parse_options(dict(cfg.topology.options))
         self.nodes: list[str] = [c.id for c in federation.clients]  # sorted by id
+        # ``exclude`` (unlearning): offline for good: neither train nor mix nor count in the mean
+        self.excluded = excluded_clients(cfg, federation)
         self.root_tier = federation.tier_names[0]
         self.node_tier = federation.tier_names[-1]
         self.tier_cfg = cfg.tier(self.root_tier)
@@ -157,7 +161,7 @@ class GossipTopology(Topology):
         round, by the same rules as a tree's root (hierfed.engine.sampling)."""
         seed, root, tier = self.cfg.seed, self.root_tier, self.tier_cfg
         gone = dropouts(seed=seed, node=root, members=self.nodes, p=tier.dropout, rnd=rnd, key=())
-        online = [n for n in self.nodes if n not in gone]
+        online = [n for n in self.nodes if n not in gone and n not in self.excluded]
         chosen = set(
             sample(
                 seed=seed, node=root, members=self.nodes, p=tier.participation, rnd=rnd, key=(0,)
@@ -227,9 +231,16 @@ class GossipTopology(Topology):
             )
         dist, mean = ctx.runtime.average(
             AverageTask(
-                labels={c: dict(v) for c, v in self.labels.items()},
+                labels={
+                    c: {n: lab for n, lab in v.items() if n not in self.excluded}
+                    for c, v in self.labels.items()
+                },
                 weights={
-                    c: {n: self._weight(n, c) for n in v if self._weight(n, c) > 0}
+                    c: {
+                        n: self._weight(n, c)
+                        for n in v
+                        if self._weight(n, c) > 0 and n not in self.excluded
+                    }
                     for c, v in self.labels.items()
                 },
             ),
@@ -331,6 +342,7 @@ class GossipTopology(Topology):
         if 0 < k < len(nodes):
             rng = np_rng(self.cfg.seed, "gossip-eval", rnd)
             nodes = sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
+        nodes = [n for n in nodes if n not in self.excluded]  # their models never trained
         states = {n: self.personalized_state(n) for n in nodes}
         jobs = [EvalJob(n, tuple(sorted(self.tasks[n])), n, split="global") for n in nodes]
         per_task: dict[str, list[float]] = defaultdict(list)

@@ -39,6 +39,7 @@ from hierfed.errors import NodeFailure
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.validate import Expectation
 from hierfed.runtime.jobs import MergeResult, MergeTask
+from hierfed.unlearning.exclusion import excluded_clients, excluded_members, present
 from hierfed.update import State, Update, state_nbytes
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,12 @@ class TreeEngine:
         profiles = federation.by_id
         self.holds = {cid: spec.holds(profiles[cid]) for cid in self.leaves}
         check_tree(cfg, graph)
+        # members dropped right after sampling (``exclude``: unlearning); empty by default
+        below: dict[str, list[str]] = defaultdict(list)
+        for leaf in self.leaves:
+            for nid in (leaf, *graph.ancestors(leaf)):
+                below[nid].append(leaf)
+        self.excluded = excluded_members(excluded_clients(cfg, federation), below)
         self.states: dict[str, State] = {}
         self.agg_states: dict[str, Any] = {}
         self.opt_states: dict[str, Any] = {}
@@ -177,7 +184,9 @@ class TreeEngine:
         tier = self.tier_names[level]
         tcfg = self.cfg.tier(tier)
         child_level = level + 1
-        sampled = {
+        # excluded members are drawn like everyone (the others' draws stay as they were) and
+        # dropped before the broadcast: no bytes, no training, no wait, no weight
+        full = {
             n: sample(
                 seed=self.cfg.seed,
                 node=n,
@@ -188,6 +197,7 @@ class TreeEngine:
             )
             for n in node_ids
         }
+        sampled = {n: present(full[n], self.excluded) for n in node_ids}
         self._broadcast(sampled, run.cur, ctx)
         # dropouts vanish after the broadcast: they neither train nor report
         drawn = {n: list(sampled[n]) for n in node_ids}
@@ -195,11 +205,11 @@ class TreeEngine:
             gone = dropouts(
                 seed=self.cfg.seed,
                 node=n,
-                members=sampled[n],
+                members=full[n],  # over the full draw: the others' dropout draws stay the same
                 p=tcfg.dropout,
                 rnd=ctx.round,
                 key=ctx.key,
-            )
+            ).difference(self.excluded)
             ctx.stats.dropped += sorted(gone)
             sampled[n] = [c for c in sampled[n] if c not in gone]
             ctx.times.never(gone)
@@ -207,7 +217,9 @@ class TreeEngine:
             if self.d2d is None:
                 sources, expect = leaves.train(self, node_ids, sampled, run.cur, ctx)
             else:
-                sources, expect = leaves.train_d2d(self, node_ids, drawn, sampled, run.cur, ctx)
+                # the device-to-device graph spans the full draw (an excluded leaf's links are
+                # down, as a dropout's), so the others' graphs stay the same
+                sources, expect = leaves.train_d2d(self, node_ids, full, sampled, run.cur, ctx)
         else:
             sources, expect = self._inner_members(sampled, run, ctx)
         # the node-round lasts until its last on-time member reported, or until the deadline

@@ -1,0 +1,1 @@
+"""Unlearning benchmarks (docs/unlearning.md)."""
