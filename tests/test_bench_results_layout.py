@@ -29,11 +29,14 @@ PART_FOLDERS: dict[str, frozenset[str]] = {
     "topologies": frozenset({"metrics"}),
     "scale": frozenset(),
     "unlearning": frozenset(),
+    # the attribution report on the edu-m3t MiniLM config (`python -m hierfed explain` output)
+    "equity": frozenset({"minilm"}),
 }
 # JSON files whose commit and machine live in a sibling file (glob, relative to RESULTS)
 COVERED_BY: dict[str, str] = {
     "topologies/status.json": "topologies/machine.json",
     "topologies/metrics/*.summary.json": "topologies/machine.json",
+    "equity/minilm/*.json": "equity/results.json",
 }
 # git ignores run folders (`runs/` in .gitignore): heavy outputs a local rerun may leave
 IGNORED_DIRS = frozenset({"runs", "__pycache__"})
@@ -62,6 +65,7 @@ def _machine_of(data: Any) -> dict[str, Any] | None:
         data.get("machine"),  # bytes
         data.get("before"),  # a suite's machine.json
         meta.get("machine") if isinstance(meta, dict) else None,  # privacy, robustness
+        meta.get("before") if isinstance(meta, dict) else None,  # equity
     ):
         if _is_machine(cand):
             return cand
@@ -99,6 +103,8 @@ def provenance_problems(root: Path) -> list[str]:
                 continue
             data = json.loads(path.read_text())
             runs = data.get("runs") if isinstance(data, dict) else None
+            if _machine_of(data) is not None:
+                continue  # one measurement with its own record (its runs share it)
             if isinstance(runs, list):  # several runs in one evidence file
                 for i, run in enumerate(runs):
                     m = _machine_of(run.get("results"))

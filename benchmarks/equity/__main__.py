@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import machine_info, shared_cpu_note
+from benchmarks.machine import machine_info, provenance, shared_cpu_note
 
 LEAS = [7, 9, 10, 12, 15, 44, 46, 48, 59, 60]  # 4 small (60-100 students), 6 mid (250-360)
 METHODS: dict[str, dict[str, Any]] = {
@@ -130,9 +130,10 @@ def report(
     lines = [
         "# Equity on Chem97: FedAvg vs q-FFL vs agnostic FL",
         "",
-        f"Commit `{meta['after']['git_commit']}`, {meta['before']['time_utc']}, "
-        f"{meta['before']['cpu_count_logical']} logical CPUs ({meta['before']['platform']}); "
-        f"seeds {meta['seeds']}, {meta['rounds']} rounds, one core (torch threads = 1). "
+        provenance(
+            meta["before"], meta["after"], source="`meta.before`/`meta.after` in results.json"
+        )
+        + f" Seeds {meta['seeds']}, {meta['rounds']} rounds, one core (torch threads = 1). "
         + shared_cpu_note(meta["before"], meta["after"]),
         "",
         *([meta["note"], ""] if meta.get("note") else []),
