@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,6 +83,23 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_write_bytes(Path(path), text.encode())
+
+
+def _nonfinite(v: float) -> bool:
+    return not math.isfinite(v)
+
+
+def nulled(obj: Any, *, null: Callable[[float], bool] = _nonfinite) -> Any:
+    """``obj`` (nested dicts and lists) with every float for which ``null`` holds (default:
+    NaN and +-Inf) replaced by None, so that strict JSON readers accept the file written
+    from it; ``obj`` is not mutated."""
+    if isinstance(obj, float) and null(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: nulled(v, null=null) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [nulled(v, null=null) for v in obj]
+    return obj
 
 
 def save_state(path_stem: str | Path, state: State, meta: dict[str, Any] | None = None) -> Path:

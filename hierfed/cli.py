@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hierfed.cli_args import add_subcommands
 from hierfed.errors import HierfedError
 from hierfed.unlearning import command as unlearn_cmd
 
@@ -35,42 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Hierarchical multi-modal multi-task federated fine-tuning.",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run a federation")
-    r.add_argument("--topology", default=None, help="registered topology (star, hierarchical, ...)")
-    r.add_argument("--config", default=None, help="YAML config file")
-    r.add_argument("--out", default=None, help="run folder (default runs/<timestamp>-<topology>)")
-    r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument(
-        "--resume",
-        default=None,
-        metavar="RUN_DIR",
-        help="continue a run from its newest checkpoint (uses RUN_DIR/config.yaml)",
-    )
-    r.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the run in a non-empty --out (otherwise refused)",
-    )
-    r.add_argument(
-        "overrides", nargs="*", help="key=value overrides, e.g. rounds=3 data.num_institutions=6"
-    )
-    s = sub.add_parser("show-config", help="print the resolved config")
-    s.add_argument("--topology", default=None)
-    s.add_argument("--config", default=None)
-    s.add_argument("overrides", nargs="*")
-    sub.add_parser("list", help="list registered topologies, aggregators, datasets, ...")
-    rep = sub.add_parser("report", help="print the tables of a finished run folder")
-    rep.add_argument("run_dir")
-    _add_export_parser(sub)
-    _add_evaluate_parser(sub)
-    _add_predict_parser(sub)
-    ex = sub.add_parser("explain", help="attribution, component ablation and equity of a run")
-    ex.add_argument("run_dir")
-    ex.add_argument("--out", default=None, help="output folder (default RUN_DIR/explain)")
-    ex.add_argument("--group", action="append", default=None, help="group column (repeatable)")
-    ex.add_argument("--max-rows", type=int, default=32, help="test rows per client explained")
-    ex.add_argument("--steps", type=int, default=32, help="Integrated Gradients steps")
-    ex.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib)")
+    add_subcommands(sub)
     unlearn_cmd.add_parser(sub)
     return p
 
@@ -280,18 +246,18 @@ def _print_tables(
             "-" if p is None else f"{p:.3f}",
         )
     console.print(t)
-    b = Table(title="bytes moved per tier edge (all rounds)")
-    b.add_column("edge")
-    b.add_column("bytes", justify="right")
-    for e, n in by_edge.items():
-        b.add_row(e, _fmt_bytes(n))
-    console.print(b)
-    c = Table(title="bytes per component")
-    c.add_column("component")
-    c.add_column("bytes", justify="right")
-    for e, n in by_comp.items():
-        c.add_row(e, _fmt_bytes(n))
-    console.print(c)
+    console.print(_bytes_table("bytes moved per tier edge (all rounds)", "edge", by_edge))
+    console.print(_bytes_table("bytes per component", "component", by_comp))
+
+
+def _bytes_table(title: str, key: str, sizes: dict) -> Table:
+    """One row per ``key`` value with its size in bytes, human-readable."""
+    table = Table(title=title)
+    table.add_column(key)
+    table.add_column("bytes", justify="right")
+    for k, n in sizes.items():
+        table.add_row(k, _fmt_bytes(n))
+    return table
 
 
 def _report(console: Console, run_dir: Path) -> int:
@@ -332,19 +298,6 @@ def _explain(console: Console, args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_export_parser(sub: Any) -> None:
-    e = sub.add_parser("export", help="export a run's model: peft adapter, components, model card")
-    e.add_argument("run_dir")
-    e.add_argument("--out", required=True, help="a new (or empty) folder to write")
-    e.add_argument(
-        "--personalized",
-        nargs="+",
-        default=[],
-        metavar="NODE",
-        help="also export these clients' (or tier nodes') personalized models; 'all' = every client",
-    )
-
-
 def _export(console: Console, args: argparse.Namespace) -> int:
     from hierfed.export import export_run
 
@@ -352,20 +305,6 @@ def _export(console: Console, args: argparse.Namespace) -> int:
     for folder in written:
         console.print(f"wrote {folder}", highlight=False)
     return 0
-
-
-def _add_evaluate_parser(sub: Any) -> None:
-    e = sub.add_parser("evaluate", help="evaluate a run's saved model on a test split")
-    e.add_argument("run_dir")
-    e.add_argument("--client", default=None, help="a client's personalized model, on its own rows")
-    e.add_argument(
-        "--data",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="data.* overrides: evaluate on another configured dataset (same modalities, tasks)",
-    )
-    e.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
 
 def _evaluate(console: Console, args: argparse.Namespace) -> int:
@@ -387,17 +326,6 @@ def _evaluate(console: Console, args: argparse.Namespace) -> int:
         t.add_row(task, f"{value:.4f}")
     console.print(t)
     return 0
-
-
-def _add_predict_parser(sub: Any) -> None:
-    e = sub.add_parser("predict", help="predict with a run's saved model on rows of a JSONL file")
-    e.add_argument("run_dir")
-    e.add_argument(
-        "--input", required=True, help="JSON Lines, one row per line (docs/python-api.md)"
-    )
-    e.add_argument("--out", default=None, help="write JSONL here instead of printing it")
-    e.add_argument("--task", nargs="+", default=None, help="only these tasks")
-    e.add_argument("--client", default=None, help="use this client's personalized model")
 
 
 def _predict(console: Console, args: argparse.Namespace) -> int:

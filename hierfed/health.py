@@ -15,15 +15,7 @@ from collections.abc import Collection, Mapping
 import torch
 
 from hierfed.errors import RunCollapsed
-
-
-def first_nonfinite(state: Mapping[str, Mapping[str, torch.Tensor]]) -> str | None:
-    """``component/param`` of the first tensor (sorted) holding NaN or Inf, else None."""
-    for c in sorted(state):
-        for p in sorted(state[c]):
-            if not bool(torch.isfinite(state[c][p]).all()):
-                return f"{c}/{p}"
-    return None
+from hierfed.update import first_nonfinite
 
 
 def check_round(

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hierfed.checkpoint import atomic_write_text, save_state
+from hierfed.checkpoint import atomic_write_text, nulled, save_state
 from hierfed.config import (
     RunConfig,
     check_federation,
@@ -339,13 +339,7 @@ def personalized_means(personalized: dict[str, dict[str, float]]) -> dict[str, f
 
 
 def _clean(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
+    return nulled(obj, null=math.isnan)  # NaN only: an infinite metric is written as it is
 
 
 def _write_outputs(

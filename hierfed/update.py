@@ -246,6 +246,15 @@ def state_norm(a: Mapping[str, Mapping[str, torch.Tensor]]) -> float:
     return math.sqrt(sq)
 
 
+def first_nonfinite(state: Mapping[str, Mapping[str, torch.Tensor]]) -> str | None:
+    """``component/param`` of the first tensor (in sorted order) holding NaN or Inf, else None."""
+    for c in sorted(state):
+        for p in sorted(state[c]):
+            if not bool(torch.isfinite(state[c][p]).all()):
+                return f"{c}/{p}"
+    return None
+
+
 def flat_state(a: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """``component/param`` -> tensor, the layout used on disk (safetensors)."""
     return {f"{c}/{p}": t for c, params in sorted(a.items()) for p, t in sorted(params.items())}

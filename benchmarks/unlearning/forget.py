@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -146,6 +145,7 @@ def _pick(original: Path, ids: list[str], rows: dict[str, int], rounds: int) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hierfed.checkpoint import nulled
     from hierfed.config import load_config
     from hierfed.ledger import CommLedger
     from hierfed.simulation import build_federation, run
@@ -201,20 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine_before": before,
         "machine_after": machine_info(),
     }
-    (out / "results.json").write_text(json.dumps(_finite(result), indent=1))
+    (out / "results.json").write_text(json.dumps(nulled(result), indent=1))
     (out / "REPORT.md").write_text(_report(result))
     print(_report(result))
     return 0
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _fmt(x: Any) -> str:

@@ -30,7 +30,8 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from abc import abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,17 +83,72 @@ def _scaled(update: Update, factor: float) -> Update:
     )
 
 
-def _rescale(total: Update, factors: Mapping[str, float], weights: Mapping[str, float]) -> Update:
-    """``total.tensors[c] * factors[c]`` with weight ``weights[c]`` (pre-weighted again)."""
+def _quotient(
+    scaled: Sequence[Update], denom: Mapping[str, float], weight: Mapping[str, float]
+) -> Update:
+    """``sum(scaled)[c] / denom[c]``, pre-weighted again by ``weight[c]`` (the holders' summed
+    sample weight); a component whose ``denom`` is not > 0 is left out."""
+    total = Update.sum(scaled)
+    assert total is not None
+    factors = {c: weight[c] / denom[c] for c in denom if denom[c] > 0}
     return Update(
         {
             c: {p: t * factors[c] for p, t in ps.items()}
             for c, ps in total.tensors.items()
             if c in factors
         },
-        {c: weights[c] for c in total.tensors if c in factors},
+        {c: weight[c] for c in total.tensors if c in factors},
         total.meta,
     )
+
+
+def _scalar_weighted(terms: Iterable[tuple[Update, float, float]]) -> Update:
+    """``e[c] = sum_k a_k U_k[c] / sum_k h_k W_k[c]`` over the terms ``(U_k, a_k, h_k)`` (``U_k``
+    pre-weighted, ``W_k[c]`` its weight on ``c``, over its holders), returned pre-weighted
+    by ``sum_k W_k[c]``: q-FFL's step (``a = F^q``, ``h`` adds the step-size term) and the
+    contribution-weighted mean (``a = h`` = the sender's scale). ``a == 1`` sums ``U_k``
+    itself, so unit scales give Update.sum's bits."""
+    scaled: list[Update] = []
+    denom: dict[str, float] = {}
+    weight: dict[str, float] = {}
+    for u, a, h in terms:
+        scaled.append(u if a == 1.0 else _scaled(u, a))
+        for c, w in u.weights.items():
+            if w > 0:
+                denom[c] = denom.get(c, 0.0) + float(w) * h
+                weight[c] = weight.get(c, 0.0) + float(w)
+    return _quotient(scaled, denom, weight)
+
+
+def _sorted_senders(updates: Sequence[Update]) -> list[Update]:
+    """The updates in sender order, so that float sums do not depend on arrival order."""
+    return sorted(updates, key=lambda u: u.meta.senders)
+
+
+class _PerSenderScores(Aggregator):
+    """A rule whose state is one number per sender it has seen (AFL's mixture weight,
+    ContributionWeighted's reputation): empty at first, handed to ``merge`` as a private
+    copy, and kept in sender order."""
+
+    associative = False
+
+    def init_state(self) -> dict[str, float]:
+        return {}
+
+    def aggregate(
+        self, updates: Sequence[Update], state: Any, ctx: AggContext
+    ) -> tuple[Update | None, Any]:
+        if not updates:
+            return None, state
+        merged, scores = self.merge(_sorted_senders(updates), dict(state or {}), ctx)
+        return merged, dict(sorted(scores.items()))
+
+    @abstractmethod
+    def merge(
+        self, ordered: list[Update], scores: dict[str, float], ctx: AggContext
+    ) -> tuple[Update, dict[str, float]]:
+        """Merge ``ordered`` (non-empty, sender order); returns the merge and the new scores
+        (``scores`` may be changed in place: it is the rule's own copy)."""
 
 
 @AGGREGATORS.register("qffl")
@@ -131,24 +187,13 @@ class QFFL(Aggregator):
         if not updates:
             return None, state
         q, lip = float(self.options["q"]), float(self.options["lipschitz"])
-        ordered = sorted(updates, key=lambda u: u.meta.senders)
-        scaled: list[Update] = []
-        denom: dict[str, float] = {}
-        weight: dict[str, float] = {}
-        for u in ordered:
+
+        def term(u: Update) -> tuple[Update, float, float]:
             f = sender_loss(u, ctx.node_id)
-            fq = f**q  # exactly 1.0 when q == 0: the sum below is then Update.sum's, bit for bit
-            h = fq + (q * lip * f ** (q - 1) * _sq_norm(u) if q > 0 and lip > 0 else 0.0)
-            scaled.append(u if fq == 1.0 else _scaled(u, fq))
-            for c, w in u.weights.items():
-                if w > 0:
-                    denom[c] = denom.get(c, 0.0) + float(w) * h
-                    weight[c] = weight.get(c, 0.0) + float(w)
-        total = Update.sum(scaled)
-        assert total is not None
-        # e[c] = total[c] / denom[c], returned pre-weighted by weight[c]
-        factors = {c: weight[c] / denom[c] for c in denom if denom[c] > 0}
-        return _rescale(total, factors, weight), state
+            fq = f**q  # exactly 1.0 when q == 0: the sum is then Update.sum's, bit for bit
+            return u, fq, fq + (q * lip * f ** (q - 1) * _sq_norm(u) if q > 0 and lip > 0 else 0.0)
+
+        return _scalar_weighted(term(u) for u in _sorted_senders(updates)), state
 
 
 def project_simplex(v: Sequence[float]) -> list[float]:
@@ -166,7 +211,7 @@ def project_simplex(v: Sequence[float]) -> list[float]:
 
 
 @AGGREGATORS.register("afl")
-class AgnosticFL(Aggregator):
+class AgnosticFL(_PerSenderScores):
     """Agnostic federated learning (Mohri, Sivek and Suresh, ICML 2019): minimise the loss
     of the worst mixture of senders, by projected gradient ascent on the mixture weights.
 
@@ -179,7 +224,6 @@ class AgnosticFL(Aggregator):
     Option ``step`` (>= 0, default 0.05).
     """
 
-    associative = False
     option_defaults = {"step": 0.05}
 
     @classmethod
@@ -187,16 +231,9 @@ class AgnosticFL(Aggregator):
         super().check_options(options, key)
         _number(f"{key}.step", options.get("step", 0.05), low=0, fix="a number >= 0")
 
-    def init_state(self) -> dict[str, float]:
-        return {}
-
-    def aggregate(
-        self, updates: Sequence[Update], state: Any, ctx: AggContext
-    ) -> tuple[Update | None, Any]:
-        if not updates:
-            return None, state
-        lam: dict[str, float] = dict(state or {})
-        ordered = sorted(updates, key=lambda u: u.meta.senders)
+    def merge(
+        self, ordered: list[Update], lam: dict[str, float], ctx: AggContext
+    ) -> tuple[Update, dict[str, float]]:
         names = ["|".join(u.meta.senders) for u in ordered]
         fresh = [s for s in names if s not in lam]
         if fresh:
@@ -220,17 +257,14 @@ class AgnosticFL(Aggregator):
             for c in tensors:
                 denom[c] = denom.get(c, 0.0) + pis[s]
                 weight[c] = weight.get(c, 0.0) + float(u.weights[c])
-        total = Update.sum(scaled)
-        assert total is not None
-        factors = {c: weight[c] / denom[c] for c in denom if denom[c] > 0}
-        merged = _rescale(total, factors, weight)
+        merged = _quotient(scaled, denom, weight)
         step = float(self.options["step"])
         if step > 0:
             for s, u in zip(names, ordered):
                 lam[s] += step * sender_loss(u, ctx.node_id)
             keys = sorted(lam)
             lam = dict(zip(keys, project_simplex([lam[k] for k in keys])))
-        return merged, dict(sorted(lam.items()))
+        return merged, lam
 
 
 def _flat_mean(update: Update, comps: Sequence[str]) -> torch.Tensor:
@@ -244,7 +278,7 @@ def _flat_mean(update: Update, comps: Sequence[str]) -> torch.Tensor:
 
 
 @AGGREGATORS.register("contribution_weighted")
-class ContributionWeighted(Aggregator):
+class ContributionWeighted(_PerSenderScores):
     """Weights senders by their running contribution score (cosine-gradient Shapley
     approximation in the spirit of CGSV, Xu et al., NeurIPS 2021).
 
@@ -259,7 +293,6 @@ class ContributionWeighted(Aggregator):
     weighted mean. Option ``decay`` in [0, 1) (default 0.5; 0 = this round's scores only).
     """
 
-    associative = False
     option_defaults = {"decay": 0.5}
 
     @classmethod
@@ -269,24 +302,17 @@ class ContributionWeighted(Aggregator):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 <= v < 1):
             raise ConfigError(f"{key}.decay", v, "a number in [0, 1) (0 = this round only)")
 
-    def init_state(self) -> dict[str, float]:
-        return {}
-
-    def aggregate(
-        self, updates: Sequence[Update], state: Any, ctx: AggContext
-    ) -> tuple[Update | None, Any]:
+    def merge(
+        self, ordered: list[Update], rep: dict[str, float], ctx: AggContext
+    ) -> tuple[Update, dict[str, float]]:
         from hierfed.explain.contribution import leave_one_out
 
-        if not updates:
-            return None, state
-        rep: dict[str, float] = dict(state or {})
-        ordered = sorted(updates, key=lambda u: u.meta.senders)
         full = Update.sum(ordered)
         assert full is not None
         decay = float(self.options["decay"])
         scale: dict[str, float] = {}
-        for u in ordered:
-            name = "|".join(u.meta.senders)
+        names = ["|".join(u.meta.senders) for u in ordered]
+        for u, name in zip(ordered, names):
             rest = leave_one_out(full, u)
             comps = sorted(
                 c
@@ -300,21 +326,9 @@ class ContributionWeighted(Aggregator):
                 score = float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
             rep[name] = decay * rep[name] + (1 - decay) * score if name in rep else score
             scale[name] = max(rep[name], 0.0)
-        scaled: list[Update] = []
-        denom: dict[str, float] = {}
-        weight: dict[str, float] = {}
-        for u in ordered:
-            s = scale["|".join(u.meta.senders)]
-            scaled.append(u if s == 1.0 else _scaled(u, s))
-            for c, w in u.weights.items():
-                if w > 0:
-                    denom[c] = denom.get(c, 0.0) + float(w) * s
-                    weight[c] = weight.get(c, 0.0) + float(w)
-        total = Update.sum(scaled)
-        assert total is not None
-        factors = {c: weight[c] / denom[c] for c in denom if denom[c] > 0}
-        merged = _rescale(total, factors, weight)
-        stuck = [c for c in weight if c not in factors]  # every holder scored <= 0
+        merged = _scalar_weighted((u, scale[n], scale[n]) for u, n in zip(ordered, names))
+        held = {c for u in ordered for c, w in u.weights.items() if w > 0}
+        stuck = held - set(merged.weights)  # every holder scored <= 0: the plain weighted mean
         if stuck:
             plain = full.restrict(stuck)
             merged = Update(
@@ -322,4 +336,4 @@ class ContributionWeighted(Aggregator):
                 {**merged.weights, **plain.weights},
                 merged.meta,
             )
-        return merged, dict(sorted(rep.items()))
+        return merged, rep

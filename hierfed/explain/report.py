@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hierfed.checkpoint import atomic_write_text
+from hierfed.checkpoint import atomic_write_text, nulled
 from hierfed.data.federation import ClientData
 from hierfed.data.partition import take
 from hierfed.explain.attribution import (
@@ -114,16 +113,7 @@ def _write_csv(path: Path, header: Sequence[str], rows: list[list[Any]]) -> None
 
 
 def _json(obj: Any) -> str:
-    def clean(o: Any) -> Any:
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [clean(v) for v in o]
-        return o
-
-    return json.dumps(clean(obj), indent=1, sort_keys=True)
+    return json.dumps(nulled(obj), indent=1, sort_keys=True)
 
 
 def explain_run(
@@ -197,6 +187,15 @@ def explain_run(
     return dest
 
 
+def _save(fig: Any, path: Path) -> None:
+    """Lay ``fig`` out, write it at the resolution of every explain plot, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plots(dest: Path, eq: dict[str, Any], attr: dict[str, Any], abl: dict[str, Any]) -> None:
     try:
         import matplotlib
@@ -218,9 +217,7 @@ def _plots(dest: Path, eq: dict[str, Any], attr: dict[str, Any], abl: dict[str, 
     ax.set_ylabel("mean |attribution| share")
     ax.set_title("what each task's prediction rests on (Integrated Gradients)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(dest / "attribution.png", dpi=110)
-    plt.close(fig)
+    _save(fig, dest / "attribution.png")
 
     comps = sorted(abl)
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(comps) * max(1, len(tasks)) / 2), 3.4))
@@ -233,9 +230,7 @@ def _plots(dest: Path, eq: dict[str, Any], attr: dict[str, Any], abl: dict[str, 
     ax.set_ylabel("metric drop when untrained")
     ax.set_title("component ablation")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(dest / "ablation.png", dpi=110)
-    plt.close(fig)
+    _save(fig, dest / "ablation.png")
 
     etasks = sorted(eq["by_unit"])
     units = sorted({u for t in etasks for u in eq["by_unit"][t]})
@@ -248,9 +243,7 @@ def _plots(dest: Path, eq: dict[str, Any], attr: dict[str, Any], abl: dict[str, 
         ax.set_xticks(np.arange(len(units)))
         ax.set_xticklabels([u.split("/")[-1] for u in units], rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{t} ({eq['metric'][t]}) per {eq['unit_tier']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(dest / "equity.png", dpi=110)
-    plt.close(fig)
+    _save(fig, dest / "equity.png")
 
 
 __all__ = ["explain_run", "group_columns"]

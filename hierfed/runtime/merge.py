@@ -22,8 +22,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from hierfed.aggregators.base import AggContext
 from hierfed.config import RunConfig
 from hierfed.errors import UpdateRejected
@@ -32,22 +30,13 @@ from hierfed.postprocess.base import PostContext, apply_chain, apply_receive, bu
 from hierfed.postprocess.validate import validate_update
 from hierfed.registry import AGGREGATORS, SERVER_OPTIMIZERS
 from hierfed.runtime.jobs import MergeResult, MergeTask
-from hierfed.update import State, Update, state_sub
+from hierfed.update import State, Update, first_nonfinite, state_sub
 
 log = logging.getLogger(__name__)
 
 
 class NodeRoundRejected(Exception):
     """Internal: the node-round's result failed a check (the reason is the message)."""
-
-
-def nonfinite_in(state: Mapping[str, Mapping[str, torch.Tensor]]) -> str | None:
-    """``component/param`` of the first tensor holding NaN or Inf, else None."""
-    for c in sorted(state):
-        for p in sorted(state[c]):
-            if not bool(torch.isfinite(state[c][p]).all()):
-                return f"{c}/{p}"
-    return None
 
 
 def check_merged(merged: Update) -> State:
@@ -61,7 +50,7 @@ def check_merged(merged: Update) -> State:
         if w == 0:
             continue
         mean[c] = {p: (t.double() / w).to(t.dtype) for p, t in params.items()}
-    bad = nonfinite_in(mean)
+    bad = first_nonfinite(mean)
     if bad is not None:
         raise NodeRoundRejected(f"the merged update overflows (NaN or Inf in {bad})")
     return mean
@@ -125,7 +114,7 @@ def _step(
         raise NodeRoundRejected(
             f"server optimizer '{tier.server_optimizer}' failed: {type(exc).__name__}: {exc}"
         ) from None
-    bad = nonfinite_in({c: new[c] for c in mean if c in new})
+    bad = first_nonfinite({c: new[c] for c in mean if c in new})
     if bad is not None:
         raise NodeRoundRejected(f"the new state overflows (NaN or Inf in {bad})")
     return new, agg_state, opt_state, weights

@@ -29,8 +29,8 @@ from hierfed.postprocess.base import PostContext, apply_chain, build_chain
 from hierfed.postprocess.validate import Expectation, validate_update
 from hierfed.privacy.dpsgd import train_client
 from hierfed.privacy.policy import plan_for
-from hierfed.runtime.merge import merge_node_round, nonfinite_in
-from hierfed.update import State, Update, state_add, state_sub
+from hierfed.runtime.merge import merge_node_round
+from hierfed.update import State, Update, first_nonfinite, state_add, state_sub
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class WorkerCore:
                             )
                         validate_update(upd, expectations[nid], self.spec, like=state)
                         stepped = state_add(state, upd.mean())
-                        bad = nonfinite_in({c: stepped[c] for c in upd.tensors})
+                        bad = first_nonfinite({c: stepped[c] for c in upd.tensors})
                         if bad is not None:
                             raise UpdateRejected(
                                 nid, f"its half-step overflows (NaN or Inf in {bad})"
@@ -282,7 +282,7 @@ class WorkerCore:
                 for c in comps:
                     new[c] = combine([(a, v[c]) for a, v in vals])
             why = tuple(sorted((s, r) for s, r in rejected.items() if s in used))
-            bad = nonfinite_in(new)
+            bad = first_nonfinite(new)
             if bad is not None:  # the node keeps its own start values; recorded, not merged
                 own = starts[task.node_id]
                 new = {c: own[c] for c in new}

@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from hierfed.checkpoint import atomic_write_text, load_state
+from hierfed.checkpoint import atomic_write_text, load_state, nulled
 from hierfed.client import task_loss
 from hierfed.config import RunConfig, load_config
 from hierfed.data.federation import Federation
 from hierfed.errors import CheckpointError, ConfigError, HierfedError
 from hierfed.resume import write_checkpoint
 from hierfed.simulation import RunResult, _fingerprint, build_federation, run
-from hierfed.unlearning.certificate import CERTIFICATE, _finite
+from hierfed.unlearning.certificate import CERTIFICATE
 from hierfed.unlearning.replay import (
     _checkpoint_rounds,
     _folder_sha256,
@@ -202,7 +202,7 @@ def certify_approximate(
         cert["verification"]["membership_inference"] = membership_auc(
             load_config(out / "config.yaml"), build_federation(res.cfg), states, res.clients
         )
-    cert = _finite(cert)
+    cert = nulled(cert)
     atomic_write_text(out / CERTIFICATE, json.dumps(cert, indent=1, sort_keys=True))
     return cert
 

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hierfed.checkpoint import atomic_write_text, load_state
+from hierfed.checkpoint import atomic_write_text, load_state, nulled
 from hierfed.config import load_config
 from hierfed.simulation import _fingerprint, build_federation
 from hierfed.unlearning.replay import ReplayResult, original_wall_s
@@ -29,16 +29,6 @@ def _final(run_dir: Path) -> dict[str, Any]:
         return dict(json.loads((run_dir / "summary.json").read_text()).get("final", {}))
     except (OSError, ValueError):
         return {}
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def certify(res: ReplayResult, original: str | Path, *, mia: bool = True) -> dict[str, Any]:
@@ -110,6 +100,6 @@ def certify(res: ReplayResult, original: str | Path, *, mia: bool = True) -> dic
             "the removed clients excluded; same result on any worker count)"
         ),
     }
-    cert = _finite(cert)
+    cert = nulled(cert)
     atomic_write_text(out / CERTIFICATE, json.dumps(cert, indent=1, sort_keys=True))
     return cert

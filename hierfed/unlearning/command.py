@@ -8,11 +8,14 @@ replayed and measured.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
+
+R = TypeVar("R")
 
 
 def add_parser(sub: Any) -> None:
@@ -54,6 +57,18 @@ def add_parser(sub: Any) -> None:
     )
 
 
+def _forget(unlearn: Callable[..., R], args: argparse.Namespace, **extra: Any) -> R:
+    """``unlearn`` (exact or approximate) called on the request the command line made."""
+    return unlearn(
+        Path(args.run_dir),
+        out=Path(args.out),
+        clients=args.client,
+        nodes=args.institution,
+        overrides=args.overrides,
+        **extra,
+    )
+
+
 def main(console: Console, args: argparse.Namespace) -> int:
     from hierfed.unlearning.certificate import CERTIFICATE, certify
     from hierfed.unlearning.replay import unlearn_exact
@@ -62,13 +77,7 @@ def main(console: Console, args: argparse.Namespace) -> int:
         console.print(f"unlearning from {args.run_dir} into {args.out} ...", style="dim")
     if args.approximate is not None:
         return _approximate(console, args)
-    res = unlearn_exact(
-        Path(args.run_dir),
-        out=Path(args.out),
-        clients=args.client,
-        nodes=args.institution,
-        overrides=args.overrides,
-    )
+    res = _forget(unlearn_exact, args)
     cert = certify(res, Path(args.run_dir), mia=not args.no_mia)
     table = Table(title=f"exact unlearning: {', '.join(cert['removed'])}")
     table.add_column("")
@@ -103,15 +112,9 @@ def main(console: Console, args: argparse.Namespace) -> int:
 
 def _approximate(console: Console, args: argparse.Namespace) -> int:
     from hierfed.unlearning.approx import certify_approximate, unlearn_approximate
+    from hierfed.unlearning.certificate import CERTIFICATE
 
-    res = unlearn_approximate(
-        Path(args.run_dir),
-        out=Path(args.out),
-        clients=args.client,
-        nodes=args.institution,
-        repair_rounds=args.approximate,
-        overrides=args.overrides,
-    )
+    res = _forget(unlearn_approximate, args, repair_rounds=args.approximate)
     cert = certify_approximate(
         res, Path(args.run_dir), exact_dir=args.exact_dir, mia=not args.no_mia
     )
@@ -128,5 +131,5 @@ def _approximate(console: Console, args: argparse.Namespace) -> int:
             if k in mia:
                 table.add_row(f"membership AUC, {k}", f"{mia[k]['auc']:.3f}")
     console.print(table)
-    console.print(f"certificate: {Path(args.out) / 'unlearning.json'}", highlight=False)
+    console.print(f"certificate: {Path(args.out) / CERTIFICATE}", highlight=False)
     return 0
