@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from hierfed.config import load_config
+from hierfed.config import TierConfig, load_config
+from hierfed.engine.sampling import draw
 from hierfed.errors import ConfigError
 from hierfed.ledger import CommLedger
 from hierfed.resume import read_checkpoint
 from hierfed.simulation import build_federation, run
-from hierfed.unlearning.exclusion import excluded_clients, excluded_members, present
+from hierfed.unlearning.exclusion import excluded_clients, excluded_members
 from tests.conftest import tiny_overrides
 
 ROUNDS = 4
@@ -124,9 +125,15 @@ def test_gossip_excluded_node_neither_trains_nor_mixes(tmp_path):
 # ---------------------------------------------------------------- the ids and the rule
 
 
-def test_present_drops_excluded_and_keeps_order():
-    assert present(["a", "b", "c"], frozenset({"b"})) == ["a", "c"]
-    assert present(["a"], frozenset()) == ["a"]
+def test_a_draw_drops_the_excluded_and_keeps_the_others_draws():
+    members = [f"s{i}" for i in range(10)]
+    tier = TierConfig(participation=0.5, dropout=0.3)
+    plain = draw(seed=3, node="n", members=members, tier=tier, rnd=2, key=(0,))
+    out = plain.sampled[1]
+    less = draw(seed=3, node="n", members=members, tier=tier, rnd=2, key=(0,), excluded={out})
+    assert less.full == plain.full and out not in less.sampled
+    assert less.sampled == [c for c in plain.sampled if c != out]  # order kept
+    assert less.gone == plain.gone - {out}
 
 
 def test_a_node_whose_clients_are_all_excluded_is_excluded():

@@ -17,8 +17,10 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
+from hierfed.config import TierConfig
 from hierfed.seeding import np_rng
 
 
@@ -46,3 +48,31 @@ def dropouts(
         return set()
     u = np_rng(seed, "dropout", rnd, *key, node).random(len(members))
     return {c for c, x in zip(members, u) if x < p}
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Who takes part in one node-round of one node."""
+
+    full: list[str]  # sampled, excluded members included
+    sampled: list[str]  # sampled and not excluded: they get the broadcast
+    gone: set[str]  # of those, the ones that drop out after it
+
+
+def draw(
+    *,
+    seed: int,
+    node: str,
+    members: Sequence[str],
+    tier: TierConfig,
+    rnd: int,
+    key: Sequence[object],
+    excluded: Collection[str] = (),
+) -> Draw:
+    """Sampling, exclusion and dropouts of one node-round. Excluded members (``exclude``,
+    unlearning) are drawn like everyone, so the others' sample and dropout draws stay as they
+    were, and dropped before the broadcast: no bytes, no training, no wait, no weight."""
+    full = sample(seed=seed, node=node, members=members, p=tier.participation, rnd=rnd, key=key)
+    sampled = [c for c in full if c not in excluded]
+    gone = dropouts(seed=seed, node=node, members=full, p=tier.dropout, rnd=rnd, key=key)
+    return Draw(full, sampled, gone.difference(excluded))

@@ -33,13 +33,13 @@ from hierfed.engine import leaves, peers
 from hierfed.engine.checks import check_tree
 from hierfed.engine.context import RoundContext
 from hierfed.engine.graph import TreeGraph
-from hierfed.engine.sampling import dropouts, sample
+from hierfed.engine.sampling import draw
 from hierfed.engine.stats import ClientStore, RoundStats, quorum_failure
 from hierfed.errors import NodeFailure
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.validate import Expectation
 from hierfed.runtime.jobs import MergeResult, MergeTask
-from hierfed.unlearning.exclusion import excluded_clients, excluded_members, present
+from hierfed.unlearning.exclusion import excluded_clients, excluded_members
 from hierfed.update import State, Update, state_nbytes
 
 log = logging.getLogger(__name__)
@@ -184,35 +184,27 @@ class TreeEngine:
         tier = self.tier_names[level]
         tcfg = self.cfg.tier(tier)
         child_level = level + 1
-        # excluded members are drawn like everyone (the others' draws stay as they were) and
-        # dropped before the broadcast: no bytes, no training, no wait, no weight
-        full = {
-            n: sample(
+        draws = {
+            n: draw(
                 seed=self.cfg.seed,
                 node=n,
                 members=self.nodes[n].children,
-                p=tcfg.participation,
+                tier=tcfg,
                 rnd=ctx.round,
                 key=ctx.key,
+                excluded=self.excluded,
             )
             for n in node_ids
         }
-        sampled = {n: present(full[n], self.excluded) for n in node_ids}
+        full = {n: d.full for n, d in draws.items()}
+        sampled = {n: d.sampled for n, d in draws.items()}
         self._broadcast(sampled, run.cur, ctx)
         # dropouts vanish after the broadcast: they neither train nor report
         drawn = {n: list(sampled[n]) for n in node_ids}
         for n in node_ids:
-            gone = dropouts(
-                seed=self.cfg.seed,
-                node=n,
-                members=full[n],  # over the full draw: the others' dropout draws stay the same
-                p=tcfg.dropout,
-                rnd=ctx.round,
-                key=ctx.key,
-            ).difference(self.excluded)
-            ctx.stats.dropped += sorted(gone)
-            sampled[n] = [c for c in sampled[n] if c not in gone]
-            ctx.times.never(gone)
+            ctx.stats.dropped += sorted(draws[n].gone)
+            sampled[n] = [c for c in sampled[n] if c not in draws[n].gone]
+            ctx.times.never(draws[n].gone)
         if child_level == self.graph.leaf_level:
             if self.d2d is None:
                 sources, expect = leaves.train(self, node_ids, sampled, run.cur, ctx)

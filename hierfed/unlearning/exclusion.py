@@ -4,7 +4,7 @@ The config's top-level ``exclude`` lists client ids (``global/inst-02/student-00
 ids (``global/inst-02``: every client below it). An excluded member is still *drawn*: a node
 samples over its full member list exactly as without the exclusion, so every other member's
 sampling, dropout draws, keys and batches stay what they were; the excluded member is dropped
-right after the draw (``present``): it gets no broadcast, trains nothing, is not waited for and
+right after the draw (``hierfed.engine.sampling.draw``): it gets no broadcast, trains nothing, is not waited for and
 carries no weight. A tier node all of whose clients are excluded is excluded with them, so
 naming every student of an institution is the same as naming the institution.
 
@@ -13,20 +13,21 @@ That is the property exact unlearning replays on (``hierfed.unlearning.replay``)
 
 Example::
 
-    >>> present(["s0", "s2", "s6"], frozenset({"s2"}))
-    ['s0', 's6']
+    >>> below = {"i0": ["i0/s1"], "i0/s1": ["i0/s1"], "i1": ["i1/s1", "i1/s2"], "i1/s1": ["i1/s1"]}
+    >>> sorted(excluded_members(frozenset({"i0/s1", "i1/s1"}), below))
+    ['i0', 'i0/s1', 'i1/s1']
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from hierfed.config import RunConfig
 from hierfed.data.federation import Federation
 from hierfed.errors import ConfigError
 
-__all__ = ["excluded_clients", "excluded_members", "present", "removable_ids"]
+__all__ = ["excluded_clients", "excluded_members", "removable_ids"]
 
 
 def removable_ids(federation: Federation) -> dict[str, frozenset[str]]:
@@ -84,8 +85,3 @@ def excluded_members(
     if not excluded:
         return frozenset()
     return frozenset(n for n, leaves in leaves_below.items() if set(leaves) <= excluded)
-
-
-def present(drawn: Sequence[str], excluded: frozenset[str]) -> list[str]:
-    """Of the members a node drew (in order), those that take part: the draw minus the excluded."""
-    return [m for m in drawn if m not in excluded]
