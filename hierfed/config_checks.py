@@ -243,6 +243,8 @@ def _check_tier_values(key: str, tier: TierConfig) -> None:
         fix="a probability in [0, 1) (0 = nobody drops out)",
     )
     _nonneg(f"{key}.deadline_s", tier.deadline_s)
+    if tier.sampling not in ("uniform", "by_resource"):
+        raise ConfigError(f"{key}.sampling", tier.sampling, "known: uniform, by_resource")
     if tier.straggler not in ("discard", "drop"):
         raise ConfigError(f"{key}.straggler", tier.straggler, "known: discard, drop")
     _nonneg_int(f"{key}.peer_steps", tier.peer_steps, "an integer >= 0 (0 = no peer mixing)")

@@ -100,6 +100,10 @@ class TierConfig:
     quorum: float = (
         0.0  # fraction of the sampled children whose updates must arrive and pass, [0, 1]
     )
+    # uniform | by_resource: a tier whose members are clients samples them stratified by
+    # resource class, every class kept represented (hierfed/engine/sampling.py); from
+    # topology.default it applies to those tiers only
+    sampling: str = "uniform"
 
 
 @dataclass

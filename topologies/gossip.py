@@ -104,6 +104,7 @@ class GossipTopology(Topology):
         self.tier_cfg = cfg.tier(self.root_tier)
         profiles = federation.by_id
         self.num_train = {n: profiles[n].num_train for n in self.nodes}
+        self.resource = {n: profiles[n].resource for n in self.nodes}
         self.tasks = {n: profiles[n].tasks for n in self.nodes}
         self.holds = {n: spec.holds(profiles[n]) for n in self.nodes}  # what a node trains
         # what its model needs (a copy of each)
@@ -162,9 +163,16 @@ class GossipTopology(Topology):
         seed, root, tier = self.cfg.seed, self.root_tier, self.tier_cfg
         gone = dropouts(seed=seed, node=root, members=self.nodes, p=tier.dropout, rnd=rnd, key=())
         online = [n for n in self.nodes if n not in gone and n not in self.excluded]
+        classes = self.resource if tier.sampling == "by_resource" else None
         chosen = set(
             sample(
-                seed=seed, node=root, members=self.nodes, p=tier.participation, rnd=rnd, key=(0,)
+                seed=seed,
+                node=root,
+                members=self.nodes,
+                p=tier.participation,
+                rnd=rnd,
+                key=(0,),
+                classes=classes,
             )
         )
         return online, [n for n in online if n in chosen]

@@ -27,6 +27,15 @@ def check_tree(cfg: RunConfig, graph: TreeGraph) -> None:
     # robust rules need enough updates per node-round (e.g. Krum: n >= 2f + 3)
     check_fanouts(cfg, [(n.tier, len(n.children)) for n in graph.inner()])
     _check_leaf_tier(cfg, graph.tier_names)
+    for tier in graph.tier_names[:-2]:  # their members are tier nodes, not clients
+        listed = cfg.topology.tiers.get(tier)
+        if listed is not None and listed.sampling == "by_resource":
+            raise ConfigError(
+                f"topology.tiers.{tier}.sampling",
+                "by_resource",
+                f"the members of the {tier} tier are tier nodes, which have no resource class; "
+                f"set it on the tier whose members are clients (topology.tiers.{graph.tier_names[-2]})",
+            )
     for node in graph.inner():
         _check_peer_graph(cfg, graph, node)
 

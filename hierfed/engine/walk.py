@@ -72,6 +72,7 @@ class TreeEngine:
         self.clients = clients
         profiles = federation.by_id
         self.holds = {cid: spec.holds(profiles[cid]) for cid in self.leaves}
+        self.resource = {cid: profiles[cid].resource for cid in self.leaves}
         check_tree(cfg, graph)
         # members dropped right after sampling (``exclude``: unlearning); empty by default
         below: dict[str, list[str]] = defaultdict(list)
@@ -193,6 +194,7 @@ class TreeEngine:
                 rnd=ctx.round,
                 key=ctx.key,
                 excluded=self.excluded,
+                classes=self.resource if child_level == self.graph.leaf_level else None,
             )
             for n in node_ids
         }
