@@ -324,6 +324,7 @@ class TreeEngine:
             run.cur[n] = res.state
             self.agg_states[n], self.opt_states[n] = res.agg_state, res.opt_state
             ctx.stats.rejections += [(s, f"{n}: {r}") for s, r in res.rejected]
+            ctx.stats.contributed(res.contributions)
             for c, w in res.weights.items():
                 run.weights[n][c].append(w)
             for c in run.cur[n]:

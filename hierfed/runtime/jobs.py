@@ -96,6 +96,8 @@ class MergeResult:
     emitted: Update | None = None
     emitted_sizes: dict[str, int] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)  # merge_stats of the accepted updates
+    # sender -> leave-one-out influence on this merge (only with ``eval.contributions``)
+    contributions: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

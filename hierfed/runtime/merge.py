@@ -25,6 +25,7 @@ from typing import Any
 from hierfed.aggregators.base import AggContext
 from hierfed.config import RunConfig
 from hierfed.errors import UpdateRejected
+from hierfed.explain.contribution import loo_influence
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.base import PostContext, apply_chain, apply_receive, build_chain
 from hierfed.postprocess.validate import validate_update
@@ -172,6 +173,12 @@ def merge_node_round(
         state, agg_state, opt_state, weights = task.state, task.agg_state, task.opt_state, {}
         accepted = []
     emitted, sizes = _emit(task, state, accepted, cfg, weights)
+    contributions: dict[str, float] = {}
+    mean = Update.sum(accepted) if cfg.eval.contributions and weights else None
+    if mean is not None:
+        # influence on the weighted mean of the accepted updates: the merge itself for an
+        # associative rule, the mean a robust or fair rule replaces otherwise
+        contributions = loo_influence(mean, accepted)
     return MergeResult(
         task.node_id,
         state,
@@ -184,6 +191,7 @@ def merge_node_round(
         emitted,
         sizes,
         merge_stats(accepted),
+        contributions,
     )
 
 
