@@ -182,6 +182,9 @@ class EvalConfig:
     # equity metrics in summary.json (hierfed/explain/equity.py): the final global model per
     # institution and per group on the clients' test rows; rebuilds the model on the driver
     equity: bool = True
+    # per round, each accepted sender's leave-one-out influence on its parent's merge
+    # (hierfed/explain/contribution.py, loo_influence) as ``contributions`` in metrics.jsonl
+    contributions: bool = False
 
 
 @dataclass

@@ -157,6 +157,8 @@ def _round_record(
     rec.update(privacy_metrics(cfg, topo.tier_names, rnd, stats.privacy, hist.dp_seen))
     if stats.failures:
         rec["failures"] = [f"{c}: {why}" for c, why in stats.failures[:20]]
+    if cfg.eval.contributions:  # leave-one-out influence per sender (hierfed/explain)
+        rec["contributions"] = dict(sorted(stats.contributions.items()))
     events = rt.drain_events()
     if events:
         rec["worker_failures"] = events

@@ -4,11 +4,10 @@ Both need each sender's loss. It travels as metadata beside the tensors: a clien
 mean training loss over its last local epoch in ``update.meta.stats["loss"]`` (the worker
 does, hierfed/runtime/worker.py). That loss is a proxy for the loss of the round's starting
 model on the sender's data (the quantity the papers use): it costs no extra pass over the
-data and orders senders alike. Use either rule at the tier that merges clients (e.g.
-``topology.tiers.institution.aggregator: qffl``): a tier node's own update does not carry
-its members' loss yet (the round engine builds it in a separate emit task that would have
-to pass ``merge_stats`` of the node-round's accepted updates along), so a tier above that
-fails with a one-line error naming the sender.
+data and orders senders alike. Either rule works at any tier: a tier node's update for its
+parent carries the sample-weighted mean of its accepted members' statistics over its
+node-rounds (``hierfed/runtime/merge.py``), so ``topology.tiers.global.aggregator: qffl``
+weighs each institution by its students' mean loss.
 
 Neither rule is associative: each needs every sender's own delta and loss. Like the robust
 rules, the estimate ``e[c]`` is returned pre-weighted by the holders' summed sample weight
@@ -48,14 +47,15 @@ _LOSS_FLOOR = 1e-10  # F**(q-1) at F = 0 would be infinite
 
 def sender_loss(update: Update, node_id: str) -> float:
     """The ``loss`` statistic an update carries; a missing or non-finite one is an error
-    naming the sender (the worker always sends it, so this means a foreign sender)."""
+    naming the sender (clients and tier nodes always send it, so this means a foreign
+    sender, or a tier node whose members sent none)."""
     loss = update.meta.stats.get("loss")
     who = ",".join(update.meta.senders) or "?"
     if loss is None or not math.isfinite(float(loss)):
         raise ValueError(
             f"{node_id}: update from {who} carries no finite 'loss' statistic "
             f"(got {loss!r}); fairness-aware aggregators need meta.stats['loss'], which clients "
-            "send but tier nodes do not yet: use this aggregator at the tier that merges clients"
+            "and tier nodes send: use a sender that reports its loss"
         )
     return max(float(loss), _LOSS_FLOOR)
 

@@ -38,10 +38,17 @@ class RoundStats:
     dropped: list[str] = field(default_factory=list)  # sampled children that dropped out
     late: list[str] = field(default_factory=list)  # past their parent's deadline: never merged
     sim_time_s: float = 0.0  # simulated wall-clock time of the round (hierfed/clock.py)
+    # sender -> leave-one-out influence summed over its node-rounds (``eval.contributions``)
+    contributions: dict[str, float] = field(default_factory=dict)
 
     @property
     def train_loss(self) -> float:
         return self.loss_sum / self.loss_rows if self.loss_rows else float("nan")
+
+    def contributed(self, influence: dict[str, float]) -> None:
+        """Add one merge's per-sender leave-one-out influence to the round's."""
+        for sender, v in influence.items():
+            self.contributions[sender] = self.contributions.get(sender, 0.0) + v
 
     def failed(self, meta: ClientMeta) -> bool:
         """Record ``meta``'s failure, if it failed."""

@@ -52,6 +52,7 @@ class LevelRun:
     cur: dict[str, State]
     weights: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)
 
 
 class TreeEngine:
@@ -321,9 +322,11 @@ class TreeEngine:
         for res in results:
             n = res.node_id
             run.samples[n] += res.num_samples
+            run.stats.setdefault(n, []).append((res.num_samples, res.stats))
             run.cur[n] = res.state
             self.agg_states[n], self.opt_states[n] = res.agg_state, res.opt_state
             ctx.stats.rejections += [(s, f"{n}: {r}") for s, r in res.rejected]
+            ctx.stats.contributed(res.contributions)
             for c, w in res.weights.items():
                 run.weights[n][c].append(w)
             for c in run.cur[n]:
@@ -351,6 +354,7 @@ class TreeEngine:
             "parent_id": node.parent or "",
             "parent_tier": self.nodes[node.parent].tier if node.parent else "",
             "emit_samples": run.samples[n],
+            "emit_stats": tuple(run.stats.get(n, ())),
         }
         if folded:
             fields["emit_prior"] = {c: tuple(hist[c]) for c in sends}

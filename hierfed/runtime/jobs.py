@@ -67,6 +67,10 @@ class MergeTask:
     # count only the earlier node-rounds)
     emit_prior: dict[str, tuple[float, ...]] | None = None
     local_rounds: int = 1
+    # (samples, merged sender statistics) of the node's node-rounds behind the emit, in order
+    # (a folded emit: the earlier ones; the worker adds this merge's); the emitted update
+    # carries their sample-weighted mean as ``meta.stats`` (e.g. the loss q-FFL reads above)
+    emit_stats: tuple[tuple[int, dict[str, float]], ...] = ()
 
     @classmethod
     def emitting(
@@ -91,6 +95,9 @@ class MergeResult:
     num_samples: int
     emitted: Update | None = None
     emitted_sizes: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)  # merge_stats of the accepted updates
+    # sender -> leave-one-out influence on this merge (only with ``eval.contributions``)
+    contributions: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

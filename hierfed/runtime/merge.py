@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from hierfed.aggregators.base import AggContext
 from hierfed.config import RunConfig
 from hierfed.errors import UpdateRejected
+from hierfed.explain.contribution import loo_influence
 from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.base import PostContext, apply_chain, apply_receive, build_chain
 from hierfed.postprocess.validate import validate_update
 from hierfed.registry import AGGREGATORS, SERVER_OPTIMIZERS
 from hierfed.runtime.jobs import MergeResult, MergeTask
-from hierfed.update import State, Update, first_nonfinite, state_sub
+from hierfed.update import State, Update, first_nonfinite, merge_stats, state_sub
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,11 @@ def _emit(
     if not task.emit or task.start is None:
         return None, {}
     emit_weights, emit_samples = task.emit_weights, task.emit_samples
+    history = list(task.emit_stats)
     if task.emit_prior is not None:
         emit_weights = _mean_weights(task, weights)
         emit_samples += sum(u.meta.num_samples for u in accepted)
+        history.append((sum(u.meta.num_samples for u in accepted), merge_stats(accepted)))
     sends = [c for c in task.sends if emit_weights.get(c, 0) > 0]
     if not sends:
         return None, {}
@@ -147,6 +150,7 @@ def _emit(
         sender=task.node_id,
         round=task.round,
         num_samples=emit_samples or sum(u.meta.num_samples for u in accepted),
+        stats=combine_stats(history),
     )
     ptier = cfg.tier(task.parent_tier)
     chain = build_chain(ptier.postprocess, ptier.postprocess_options)
@@ -169,6 +173,12 @@ def merge_node_round(
         state, agg_state, opt_state, weights = task.state, task.agg_state, task.opt_state, {}
         accepted = []
     emitted, sizes = _emit(task, state, accepted, cfg, weights)
+    contributions: dict[str, float] = {}
+    mean = Update.sum(accepted) if cfg.eval.contributions and weights else None
+    if mean is not None:
+        # influence on the weighted mean of the accepted updates: the merge itself for an
+        # associative rule, the mean a robust or fair rule replaces otherwise
+        contributions = loo_influence(mean, accepted)
     return MergeResult(
         task.node_id,
         state,
@@ -180,7 +190,24 @@ def merge_node_round(
         sum(u.meta.num_samples for u in accepted),
         emitted,
         sizes,
+        merge_stats(accepted),
+        contributions,
     )
+
+
+def combine_stats(history: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
+    """A node's statistics over its node-rounds from each one's ``(samples, merged stats)``:
+    per name every merging node-round carries, the mean weighted by samples (a plain mean
+    when none counts samples), so it equals ``merge_stats`` of all their accepted updates.
+    Node-rounds that merged nothing (no samples, no stats) do not count."""
+    rounds = [(float(n), s) for n, s in history if n > 0 or s]
+    if not rounds:
+        return {}
+    names = set(rounds[0][1]).intersection(*(s for _, s in rounds[1:]))
+    total = sum(n for n, _ in rounds)
+    if total <= 0:
+        rounds, total = [(1.0, s) for _, s in rounds], float(len(rounds))
+    return {k: sum(n * float(s[k]) for n, s in rounds) / total for k in sorted(names)}
 
 
 def _mean_weights(task: MergeTask, merged: Mapping[str, float]) -> dict[str, float]:
