@@ -368,6 +368,10 @@ def _write_outputs(
         "startup_s": startup_s,
         "total_s": total_s,
     }
+    if result.cfg.eval.contributions:  # leave-one-out influence per sender, over the run
+        from hierfed.explain.contribution import contribution_totals
+
+        summary["contributions"] = contribution_totals(result.metrics)
     if fed is not None and result.cfg.eval.equity:  # per institution and group (issue 18)
         from hierfed.explain.equity import equity_summary
 

@@ -79,3 +79,22 @@ def test_metrics_carry_each_rounds_contributions(monkeypatch, tmp_path):
         for s, v in want[rnd].items():
             assert got[s] == pytest.approx(v, rel=1e-9)
     assert result.metrics[1]["contributions"] == written[1]
+
+
+def test_summary_sums_each_senders_contributions_over_the_run(tmp_path):
+    import json
+
+    from hierfed.config import load_config
+    from hierfed.simulation import run
+    from tests.conftest import tiny_overrides
+
+    over = {"runtime.name": "local", "eval.contributions": True, "rounds": 2}
+    out = tmp_path / "run"
+    res = run(load_config(None, tiny_overrides(**over), out=str(out)))
+    summary = json.loads((out / "summary.json").read_text())["contributions"]
+    by_hand: dict[str, float] = {}
+    for rec in res.metrics[1:]:
+        for sender, value in rec["contributions"].items():
+            by_hand[sender] = by_hand.get(sender, 0.0) + value
+    assert summary.keys() == by_hand.keys() and len(summary) > 9  # students and institutions
+    assert all(abs(summary[k] - by_hand[k]) <= 1e-12 * max(1.0, abs(by_hand[k])) for k in by_hand)

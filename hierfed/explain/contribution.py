@@ -32,6 +32,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -182,3 +183,17 @@ def applied_utility(start: State, score: Callable[[State], float]) -> Utility:
         return score(state)
 
     return utility
+
+
+def contribution_totals(metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Each sender's leave-one-out influence summed over the rounds of a run's metrics records
+    (``eval.contributions``); empty when no record carries ``contributions``.
+
+    >>> contribution_totals([{"contributions": {"a": 0.5}}, {"contributions": {"a": 1.0, "b": 2.0}}])
+    {'a': 1.5, 'b': 2.0}
+    """
+    out: dict[str, float] = {}
+    for rec in metrics:
+        for sender, value in sorted(rec.get("contributions", {}).items()):
+            out[sender] = out.get(sender, 0.0) + float(value)
+    return dict(sorted(out.items()))
