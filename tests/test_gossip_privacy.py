@@ -3,12 +3,10 @@ exactly as under a tree (issue 12: ε used to restart every gossip round)."""
 
 from __future__ import annotations
 
-import shutil
-
 from hierfed.config import load_config
 from hierfed.simulation import run
 from tests.conftest import tiny_overrides
-from tests.test_gossip_resume import _digest
+from tests.test_gossip_resume import _digest, resume_from_round_1
 
 DP = {"privacy.policies.p.epsilon": 8.0, "privacy.default": "p", "runtime.name": "local"}
 
@@ -55,13 +53,7 @@ def test_gossip_with_dp_resumes_with_its_accountants(tmp_path):
     over = {**DP, "rounds": 3, "checkpoint.keep": 3}
     run(load_config(None, tiny_overrides(**over), topology="gossip", out=str(out)))
     reference = _digest(out)
-    ck = out / "checkpoints"
-    for name in ("round-0002", "round-0003"):
-        shutil.rmtree(ck / name)
-    (ck / "LATEST").write_text("round-0001\n")
-    for f in ("final_state.safetensors", "metrics.jsonl"):
-        (out / f).unlink()
-    run(load_config(out / "config.yaml", out=str(out)), resume=True)
+    resume_from_round_1(out)
     state, metrics = _digest(out)
     assert (state, metrics) == reference
     assert [m["dp_sample"]["max_epsilon"] > 0 for m in metrics[1:]] == [True] * 3

@@ -35,7 +35,13 @@ def test_gossip_resumes_bit_identically(tmp_path):
     cfg = load_config(None, tiny_overrides(**over), topology="gossip", out=str(out))
     run(cfg)
     reference = _digest(out)
-    # as if the driver died after round 1: only that checkpoint survives
+    resume_from_round_1(out)
+    assert _digest(out) == reference
+
+
+def resume_from_round_1(out):
+    """As if the driver of a finished 3-round run died after round 1 (only that checkpoint
+    survives, no outputs), then ``--resume`` with the run folder's own config."""
     ck = out / "checkpoints"
     for name in ("round-0002", "round-0003"):
         shutil.rmtree(ck / name)
@@ -43,4 +49,3 @@ def test_gossip_resumes_bit_identically(tmp_path):
     for f in ("final_state.safetensors", "metrics.jsonl"):
         (out / f).unlink()
     run(load_config(out / "config.yaml", out=str(out)), resume=True)
-    assert _digest(out) == reference
