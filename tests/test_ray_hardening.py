@@ -16,6 +16,8 @@ import pytest
 
 psutil = pytest.importorskip("psutil")
 
+from hierfed.runtime.reaper import _alive  # noqa: E402  (after the skip)
+
 DRIVER = """
 import json, sys, time
 import psutil
@@ -45,14 +47,6 @@ open(sys.argv[1], "w").write(json.dumps(info))
 print("READY", flush=True)
 time.sleep(300)
 """
-
-
-def _alive(pid: int, created: float) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 @pytest.mark.slow

@@ -17,17 +17,7 @@ from hierfed.ledger import CommLedger
 from hierfed.simulation import build_federation, run
 from hierfed.unlearning.replay import first_round_using, unlearn_exact
 from tests.conftest import tiny_overrides
-
-ROUNDS = 4
-OVERRIDES = tiny_overrides(
-    **{
-        "runtime.name": "local",
-        "rounds": ROUNDS,
-        "topology.tiers.global.participation": 0.3,
-        "topology.tiers.institution.participation": 0.4,
-        "checkpoint.keep": 10,
-    }
-)
+from tests.test_unlearning_exclusion import OVERRIDES, ROUNDS  # the same federation
 
 
 def folder_digest(run_dir: Path) -> dict[str, str]:
