@@ -108,18 +108,28 @@ class ClientTrainer:
         self.cfg = train_cfg
         self.seed = seed
         self.device = device  # where the model lives; None or CPU = no moves
+        self.continual: Any = None  # the next fit's hierfed.continual.fit.ContinualFit (or None)
 
     def schedule(
-        self, data: ClientData, tasks: Sequence[str], key: tuple
+        self,
+        data: ClientData,
+        tasks: Sequence[str],
+        key: tuple,
+        rows: Mapping[str, np.ndarray] | None = None,
     ) -> list[tuple[str, np.ndarray]]:
-        """One epoch's (task, row indices) batches, interleaved across tasks in a keyed order."""
+        """One epoch's (task, row indices) batches, interleaved across tasks in a keyed order
+        (``rows``: the only rows some tasks use, e.g. a continual client's replay memory)."""
         rng = np_rng(self.seed, *key, "batches")
         n = len(data)
         bs = self.cfg.batch_size
         batches: list[tuple[str, np.ndarray]] = []
         for t in tasks:
-            perm = rng.permutation(n)
-            batches += [(t, perm[i : i + bs]) for i in range(0, n, bs)]
+            perm = (
+                rng.permutation(n)
+                if not rows or t not in rows
+                else rows[t][rng.permutation(len(rows[t]))]
+            )
+            batches += [(t, perm[i : i + bs]) for i in range(0, len(perm), bs)]
         order = rng.permutation(len(batches))
         return [batches[i] for i in order]
 
@@ -140,6 +150,10 @@ class ClientTrainer:
         model.train()
         cfg = self.cfg
         opt = make_optimizer(cfg, params)
+        rows, ewc = {}, None
+        if self.continual is not None:  # hierfed/continual/fit.py: this round's tasks, replay, EWC
+            tasks, rows = self.continual.plan(seed=self.seed, n=len(data))
+            ewc = self.continual.penalty(self, data, trainable, key)
         prox = None
         if cfg.fedprox_mu > 0:
             prox = [p.detach().clone() for p in params]
@@ -149,7 +163,7 @@ class ClientTrainer:
         )
         for epoch in range(cfg.local_epochs):
             loss_sum, count = 0.0, 0
-            for i, (t, idx) in enumerate(self.schedule(data, tasks, (*key, epoch))):
+            for i, (t, idx) in enumerate(self.schedule(data, tasks, (*key, epoch), rows)):
                 spec = model.tasks[t]
                 inputs, y = _batch(data, idx, spec.modalities, t, self.device)
                 with torch.random.fork_rng(devices=[], enabled=use_dropout):
@@ -161,6 +175,8 @@ class ClientTrainer:
                     total = total + 0.5 * cfg.fedprox_mu * sum(
                         ((p - p0) ** 2).sum() for p, p0 in zip(params, prox)
                     )
+                if ewc is not None:
+                    total = total + ewc()
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 if cfg.max_grad_norm > 0:

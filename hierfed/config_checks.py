@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hierfed.config_schema import RunConfig, TierConfig
+from hierfed.continual.checks import check_continual_config, check_continual_federation
 from hierfed.errors import ConfigError, RegistryError
 
 __all__ = ["check_federation", "check_gossip_options", "check_tier_names", "validate_config"]
@@ -96,6 +97,7 @@ def validate_config(cfg: RunConfig) -> None:
     from hierfed.tracking import check_logging_config
 
     check_logging_config(cfg)
+    check_continual_config(cfg)
 
 
 def _check_data(cfg: RunConfig) -> None:
@@ -401,6 +403,7 @@ def check_federation(cfg: RunConfig, federation: Any) -> None:
     Call it after the federation is built and before any worker starts. (``topology.tiers``
     names need the built topology: ``check_tier_names``.)"""
     _check_attack_tier(cfg, tuple(federation.tier_names))
+    check_continual_federation(cfg, federation)
     if cfg.model.backbone != "tiny":
         return  # a pretrained backbone's budget is its own max_position_embeddings
     for task, width in sorted(_task_widths(cfg, federation).items()):

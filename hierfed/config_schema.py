@@ -239,6 +239,30 @@ class LoggingConfig:  # experiment tracking (hierfed/tracking.py); never changes
 
 
 @dataclass
+class ContinualConfig:
+    """Tasks, modalities and institutions that arrive over time (hierfed/continual,
+    docs/continual.md). Everything empty and off (the default): the run is not continual."""
+
+    # task -> its data window: N (from round N on) or [N, M] (from round N until before M);
+    # a task not listed has data from round 1 to the end
+    tasks: dict[str, Any] = field(default_factory=dict)
+    modalities: dict[str, Any] = field(default_factory=dict)  # modality -> window, as tasks
+    # tier-node or client id -> {tasks: {...}, modalities: {...}}: windows for the clients below
+    # it (the most specific id wins, task by task)
+    nodes: dict[str, Any] = field(default_factory=dict)
+    join: dict[str, int] = field(default_factory=dict)  # node or client id -> first round in
+    leave: dict[str, int] = field(default_factory=dict)  # node or client id -> first round out
+    # mitigations (default off): old tasks' heads and prompts frozen once a newer task arrived;
+    # EWC pull (lambda) toward the global state at the end of a client's old tasks; replay of
+    # ``memory`` kept rows per old task (the memory never leaves the client)
+    freeze_old: bool = False
+    ewc: float = 0.0
+    replay: bool = False
+    memory: int = 32  # rows per old task a client keeps for replay and the EWC Fisher
+    levels: bool = True  # tier/client accuracy matrices and the aggregation probe at stage ends
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     rounds: int = 5  # rounds of the root tier
@@ -259,6 +283,7 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     def tier(self, name: str) -> TierConfig:
         """The configuration of the aggregating tier ``name`` (the default if not listed)."""

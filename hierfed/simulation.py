@@ -24,6 +24,8 @@ from hierfed.config import (
     to_yaml,
     validate_config,
 )
+from hierfed.continual.record import Recorder, write_continual
+from hierfed.continual.schedule import continual_on
 from hierfed.data.federation import Federation
 from hierfed.engine import ChannelSet, RoundContext, RoundStats, require_no_failures
 from hierfed.health import check_round
@@ -278,14 +280,18 @@ def _run(
         else:
             emit("resume", {"round": hist.start_round - 1})
         channels = ChannelSet(cfg, fed, ledger)
+        cl = Recorder.make(cfg, fed)  # continual runs: stage-end evaluations (hierfed/continual)
         for rnd in range(hist.start_round, cfg.rounds + 1):
             t_round = time.perf_counter()
+            snap = cl.before_round(rnd, topo) if cl else None
             stats = topo.run_round(
                 RoundContext(round=rnd, runtime=rt, channels=channels, clients=topo.clients)
             )
             # a failed client fails the run, unless failures are tolerated (then quorums decide)
             require_no_failures(stats, rnd, tolerate=cfg.runtime.on_client_failure == "drop")
             rec = _round_record(cfg, rnd, stats, topo, rt, fed, hist, t_round)
+            if cl and (stage := cl.after_round(rnd, topo, rt, snap)) is not None:
+                rec["continual"] = stage
             metrics.append(rec)
             emit("round", rec)
             check_round(
@@ -378,6 +384,8 @@ def _write_outputs(
         summary["equity"] = equity_summary(
             result.cfg, fed, result.final_state, result.ledger, result.personalized
         )
+    if fed is not None and continual_on(result.cfg):  # accuracy matrices, forgetting
+        summary["continual"] = write_continual(out, result.cfg, fed, result.metrics)
     atomic_write_text(out / "summary.json", json.dumps(_clean(summary), indent=1, sort_keys=True))
     if result.personalized:
         atomic_write_text(

@@ -32,15 +32,16 @@ def job(
         tier=tier,
         round=ctx.round,
         key=(ctx.round, ordinal, c),
-        trains=eng.holds[c],
-        sends=eng.sends_up(eng.holds[c], eng.graph.leaf_level),
+        trains=eng.trains[c],
+        sends=eng.sends_up(eng.trains[c], eng.graph.leaf_level),
         local=ctx.clients.local.get(c),
         privacy=ctx.clients.privacy.get(c),
+        continual=eng.continual.fit(c, ctx.round) if eng.continual is not None else None,
     )
 
 
 def _expect(eng: TreeEngine, c: str, max_weight: float) -> Expectation:
-    sends = eng.sends_up(eng.holds[c], eng.graph.leaf_level)
+    sends = eng.sends_up(eng.trains[c], eng.graph.leaf_level)
     return Expectation(c, frozenset(sends), exact=True, max_weight=max_weight)
 
 
@@ -113,7 +114,7 @@ def train_d2d(
     leaf = eng.tier_names[-1]
     first = eng.ordinal(ctx.key) * d2d.local_rounds
     parent = {c: n for n in node_ids for c in sampled[n]}
-    shared = {c: eng.sends_up(eng.holds[c], eng.graph.leaf_level) for c in parent}
+    shared = {c: eng.sends_up(eng.trains[c], eng.graph.leaf_level) for c in parent}
     # each leaf's own values of what it sends up, and its push-sum weight for each
     own: dict[str, State] = {c: {x: cur[parent[c]][x] for x in shared[c]} for c in parent}
     carried = {c: dict.fromkeys(shared[c], eng.nodes[c].max_weight) for c in parent}

@@ -51,7 +51,7 @@ class TreeTopology(Topology):
     def tier_names(self) -> tuple[str, ...]:
         return self._tiers
 
-    carried = ("engine.states", "engine.agg_states", "engine.opt_states")
+    carried = ("engine.states", "engine.agg_states", "engine.opt_states", "engine.anchors")
 
     def init(self, initial: State) -> None:
         self.engine.init(initial)
@@ -60,7 +60,7 @@ class TreeTopology(Topology):
         return self.engine.run_round(ctx)
 
     def global_state(self) -> State:
-        return self.engine.states[self.engine.root]
+        return self.engine.global_state()
 
     def personalized_state(self, client_id: str) -> State:
         return self.engine.personalized_state(client_id)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hierfed.config import RunConfig, TierConfig
+from hierfed.continual.engine import continual_engine
 from hierfed.data.federation import Federation
 from hierfed.engine import leaves, peers
 from hierfed.engine.checks import check_tree
@@ -81,6 +82,9 @@ class TreeEngine:
             for nid in (leaf, *graph.ancestors(leaf)):
                 below[nid].append(leaf)
         self.excluded = excluded_members(excluded_clients(cfg, federation), below)
+        self.below, self.trains = below, self.holds  # trains: holds less frozen components
+        self.anchors: dict[int, State] = {}  # continual EWC: round -> global state then
+        self.continual = continual_engine(self)  # hierfed/continual; None unless scheduled
         self.states: dict[str, State] = {}
         self.agg_states: dict[str, Any] = {}
         self.opt_states: dict[str, Any] = {}
@@ -106,13 +110,18 @@ class TreeEngine:
         """A node's starting state: the parent's value of components merged above it, its own otherwise."""
         return {c: (parent_state[c] if self.level_of(c) < level else own[c]) for c in parent_state}
 
+    def global_state(self) -> State:
+        """The root's state; continual: with not-yet-existing components at their initial value."""
+        root = self.states[self.root]
+        return root if self.continual is None else {**self.initial, **root}
+
     def personalized_state(self, client_id: str) -> State:
         """Root components plus the client's tier-scoped (ancestors') and local components."""
-        state = dict(self.states[self.root])
+        state = dict(self.global_state())
         for nid in reversed(self.graph.ancestors(client_id)[:-1]):  # from the root's children down
             lvl = self.nodes[nid].level
             for c in state:
-                if self.level_of(c) >= lvl:
+                if self.level_of(c) >= lvl and c in self.states[nid]:
                     state[c] = self.states[nid][c]
         for c, v in self.clients.local.get(client_id, {}).items():
             state[c] = v
@@ -137,6 +146,8 @@ class TreeEngine:
                 "a round's context must carry its topology's client store (topo.clients)"
             )
         root = self.root
+        if self.continual is not None:  # who is in, what exists and who holds what this round
+            self.continual.enter_round(ctx.round)
         self._run_level([root], {root: self.states[root]}, ctx)
         ctx.stats.sim_time_s = ctx.times.elapsed[root]
         ctx.stats.late += ctx.times.late

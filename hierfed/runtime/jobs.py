@@ -24,6 +24,9 @@ class TrainJob:
     privacy: Any = (
         None  # the client's DP accountant state (privacy.PrivacyState) from earlier rounds
     )
+    continual: Any = (
+        None  # hierfed.continual.fit.ContinualFit: a continual run's tasks, mitigations
+    )
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,7 @@ class WorkerCore:
                 c: (truncate_rank(p, rank) if c.startswith("adapter.") and c in job.trains else p)
                 for c, p in start.items()
             }
+        self.trainer.continual = job.continual  # a continual run's tasks and mitigations
         fit, privacy = train_client(
             self.trainer,
             plan=plan_for(self.cfg, profile, len(data), self.fed.tier_names),
