@@ -280,6 +280,11 @@ def _report(console: Console, run_dir: Path) -> int:
 
         for table in equity_tables(s["equity"]):
             console.print(table)
+    if (run_dir / "continual.json").is_file():  # accuracy matrix, forgetting (hierfed/continual)
+        from hierfed.continual.report import continual_tables
+
+        for item in continual_tables(run_dir):
+            console.print(item)
     return 0
 
 

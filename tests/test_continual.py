@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from hierfed import plugins  # noqa: F401  (registers the built-in plug-ins)
+from hierfed.cli import main
 from hierfed.config import load_config
 from hierfed.continual.fit import ContinualFit
 from hierfed.continual.metrics import aggregation_forgetting, summarize
+from hierfed.continual.report import continual_tables
 from hierfed.errors import ConfigError
 from hierfed.ledger import CommLedger
 from hierfed.registry import TOPOLOGIES
@@ -187,6 +189,31 @@ def test_resume_in_the_middle_of_a_schedule_is_bit_identical(tmp_path):
         (out / f).unlink()
     run(load_config(out / "config.yaml", out=str(out)), resume=True)
     assert _digest(out) == reference
+    summary = json.loads((out / "summary.json").read_text())["continual"]
+    assert summary["acc"] == pytest.approx(reference[2]["global"]["acc"])
+    # the report command's tables and plot
+    assert main(["report", str(out)]) == 0
+    assert (out / "continual.png").stat().st_size > 0
+    tables = continual_tables(out)
+    assert tables[0].row_count == 1 + 2  # random init + one row per stage
+
+
+def test_freeze_old_stops_training_and_sending_old_heads(tmp_path):
+    cfg = _cfg(
+        tmp_path, rounds=2, **{"continual.tasks": "{essay_topic: 2}", "continual.freeze_old": True}
+    )
+    trains = {}
+
+    def spy(jobs, states, topo):
+        trains[jobs[0].round] = {j.client_id: set(j.trains) for j in jobs}
+
+    _, ledger, _, _ = _play(cfg, 2, spy)
+    old = {"head.essay_grade", "prompt.essay_grade"}
+    cid = "global/inst-02/student-000"
+    assert old <= trains[1][cid] and not old & trains[2][cid]
+    assert "head.essay_topic" in trains[2][cid]
+    up2 = {t.component for t in ledger.records if t.round == 2 and t.edge.startswith("student")}
+    assert not old & up2 and "adapter.backbone" in up2
 
 
 # ---------------------------------------------------------------- bad input
