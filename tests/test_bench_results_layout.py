@@ -29,6 +29,7 @@ PART_FOLDERS: dict[str, frozenset[str]] = {
     "topologies": frozenset({"metrics"}),
     "scale": frozenset(),
     "unlearning": frozenset(),
+    "continual": frozenset(),
     # the attribution report on the edu-m3t MiniLM config (`python -m hierfed explain` output)
     "equity": frozenset({"minilm"}),
 }
