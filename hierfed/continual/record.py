@@ -134,7 +134,8 @@ class Recorder:
             )
             for c, j in zip(who, jobs)
         ]
-        local = {r.node_id: r.state for r in rt.merge(tasks, [updates])}
+        ok = {m.client_id for m in metas if m.error is None}
+        local = {r.node_id: r.state for r in rt.merge(tasks, [updates]) if r.node_id in ok}
         for m in metas:
             if m.local and m.client_id in local:
                 local[m.client_id] = {**local[m.client_id], **m.local}

@@ -29,8 +29,8 @@ def continual_tables(run_dir: Path) -> list[Any]:
     for t in tasks:
         mat.add_column(f"{t} (s{c['task_stage'][t]})", justify="right")
     mat.add_row("random init", *(_fmt(c["baseline"].get(t)) for t in tasks))
-    for i, row in enumerate(c["global"]["matrix"]):
-        mat.add_row(f"{i} (rounds {starts[i]}-{ends[i]})", *(_fmt(v) for v in row))
+    for i, vals in enumerate(c["global"]["matrix"]):
+        mat.add_row(f"{i} (rounds {starts[i]}-{ends[i]})", *(_fmt(v) for v in vals))
     out: list[Any] = [mat]
     met = Table(
         title="continual metrics (ACC, BWT, FWT: Lopez-Paz & Ranzato 2017; F: Chaudhry et al. 2018)"

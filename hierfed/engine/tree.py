@@ -51,7 +51,11 @@ class TreeTopology(Topology):
     def tier_names(self) -> tuple[str, ...]:
         return self._tiers
 
-    carried = ("engine.states", "engine.agg_states", "engine.opt_states", "engine.anchors")
+    @property
+    def carried(self) -> tuple[str, ...]:  # type: ignore[override]
+        # a continual run also carries its EWC anchors; checkpoints of other runs are unchanged
+        base = ("engine.states", "engine.agg_states", "engine.opt_states")
+        return (*base, "engine.anchors") if self.engine.continual is not None else base
 
     def init(self, initial: State) -> None:
         self.engine.init(initial)
