@@ -256,6 +256,9 @@ class ContinualConfig:
     # EWC pull (lambda) toward the global state at the end of a client's old tasks; replay of
     # ``memory`` kept rows per old task (the memory never leaves the client)
     freeze_old: bool = False
+    # a tier name: from then on each of its nodes keeps its own copy of the old tasks' heads and
+    # prompts (merged no higher than that tier); "" = off
+    old_scope: str = ""
     ewc: float = 0.0
     replay: bool = False
     memory: int = 32  # rows per old task a client keeps for replay and the EWC Fisher

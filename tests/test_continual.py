@@ -181,7 +181,12 @@ def test_resume_in_the_middle_of_a_schedule_is_bit_identical(tmp_path):
     cfg = load_config(None, tiny_overrides(**{"runtime.name": "local", **over}), out=str(out))
     run(cfg)
     reference = _digest(out)
-    assert reference[2]["global"]["matrix"] and len(reference[2]["global"]["matrix"]) == 2
+    cont = reference[2]
+    assert len(cont["global"]["matrix"]) == 2 and cont["tasks"][-1] == "essay_topic"
+    assert sorted(cont["tier"]) == ["global/inst-00", "global/inst-01", "global/inst-02"]
+    assert len(cont["client"]) == 9
+    probed = cont["aggregation"]["by_stage"]["1"]["per_client"]  # stage 1 ends with round 4
+    assert probed and all(c.startswith("global/inst-") for c in probed)
     ck = out / "checkpoints"  # as if the driver died after round 3 (the EWC anchor is taken)
     shutil.rmtree(ck / "round-0004")
     (ck / "LATEST").write_text("round-0003\n")
@@ -216,6 +221,25 @@ def test_freeze_old_stops_training_and_sending_old_heads(tmp_path):
     assert not old & up2 and "adapter.backbone" in up2
 
 
+def test_old_scope_keeps_old_heads_per_institution_once_a_new_task_arrives(tmp_path):
+    over = {"continual.tasks": "{essay_topic: 2}", "continual.old_scope": "institution"}
+    _, ledger, _, after = _play(_cfg(tmp_path, rounds=2, **over), 2)
+    head = "head.essay_grade"
+    up = {
+        r: {t.component for t in ledger.records if t.round == r and t.edge == e}
+        for r, e in ((1, "institution->global"), (2, "institution->global"))
+    }
+    assert head in up[1] and head not in up[2] and "head.essay_topic" in up[2]
+    assert any(
+        t.component == head
+        for t in ledger.records
+        if t.round == 2 and t.edge == "student->institution"
+    )
+    root, inst = after[1]["global"][head], after[1]["global/inst-00"][head]
+    assert all(torch.equal(root[k], after[0]["global"][head][k]) for k in root)  # not merged up
+    assert not all(torch.equal(root[k], inst[k]) for k in root)  # moved on in its institution
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -238,6 +262,7 @@ def test_freeze_old_stops_training_and_sending_old_heads(tmp_path):
             "after join",
         ),
         ({"continual.ewc": 1.0, "continual.tasks": "{essay_topic: 2}"}, "continual.ewc", "[N, M]"),
+        ({"continual.old_scope": "student_group"}, "continual.old_scope", "below the root"),
         (
             {
                 "continual.tasks": "{essay_grade: [1, 2], essay_topic: [1, 2], digit: [1, 2], "

@@ -52,6 +52,13 @@ def check_continual_federation(cfg: RunConfig, federation: Federation) -> None:
             "continual schedules run on tree topologies (star, hierarchical); drop the "
             "continual section or pick one of them",
         )
+    tiers = TOPOLOGIES.get(cfg.topology.name).tree(federation)[1]
+    if cfg.continual.old_scope and cfg.continual.old_scope not in tiers[1:]:
+        raise ConfigError(
+            "continual.old_scope",
+            cfg.continual.old_scope,
+            f"give a tier of this tree below the root: {list(tiers[1:])} ('' = off)",
+        )
     sch = Schedule(cfg, federation)
     ids = [c.id for c in federation.clients]
     for rnd in range(1, cfg.rounds + 1):

@@ -1,8 +1,10 @@
 """The continual schedule inside the round walk (``TreeEngine``), one call per round.
 
-``enter_round(r)`` sets, from the schedule alone (so a resume replays it): which clients take
+``enter_round(r)`` sets, from the schedule alone (so a resume replays it; calling it twice for
+one round changes nothing): which clients take
 part (the others are dropped right after the draw, exactly as ``exclude`` drops them, so
-everyone else's draws stay the same); which components each client holds and trains; and
+everyone else's draws stay the same); which components each client holds and trains; the
+scopes (``old_scope``); and
 which components exist: every node state grows a component from its seed-initialised value
 the round it first exists, and never carries or sends one before. A node that joins late
 takes the current state of its parent when first drawn, as every member does.
@@ -25,9 +27,11 @@ class ContinualEngine:
         self.eng = eng
         self.schedule = Schedule(eng.cfg, eng.fed)
         self.base = frozenset(c for c in eng.excluded if c in eng.leaves)  # ``exclude``
+        self.spec = eng.spec  # the tree's own scopes; ``old_scope`` narrows them by round
 
     def enter_round(self, rnd: int) -> None:
-        eng, sch, spec = self.eng, self.schedule, self.eng.spec
+        eng, sch = self.eng, self.schedule
+        spec = eng.spec = sch.spec_at(self.spec, rnd)
         eng.holds = {c: sch.holds(spec, c, rnd) for c in eng.leaves}
         frozen = sch.frozen(rnd)
         eng.trains = {c: tuple(x for x in h if x not in frozen) for c, h in eng.holds.items()}

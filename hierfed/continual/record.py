@@ -53,6 +53,7 @@ class Recorder:
         """At a probed stage end: every client's state at the start of the round."""
         if not self._probed(rnd):
             return None
+        topo.engine.continual.enter_round(rnd)  # this round's scopes and components (idempotent)
         return {c.id: topo.personalized_state(c.id) for c in self.fed.clients}
 
     def _probed(self, rnd: int) -> bool:

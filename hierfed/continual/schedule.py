@@ -48,7 +48,15 @@ def continual_on(cfg: RunConfig) -> bool:
     (``hierfed/batched``) and DP-SGD paths must refuse a run for which this is true."""
     c = cfg.continual
     return bool(
-        c.tasks or c.modalities or c.nodes or c.join or c.leave or c.freeze_old or c.ewc or c.replay
+        c.tasks
+        or c.modalities
+        or c.nodes
+        or c.join
+        or c.leave
+        or c.freeze_old
+        or c.old_scope
+        or c.ewc
+        or c.replay
     )
 
 
@@ -275,10 +283,8 @@ class Schedule:
             out.update(spec.holds(_restrict(profile, tasks, mods)))
         return frozenset(out)
 
-    def frozen(self, rnd: int) -> frozenset[str]:
-        """With ``freeze_old``: heads and prompts of tasks of an earlier stage than ``rnd``'s."""
-        if not self.cfg.continual.freeze_old:
-            return frozenset()
+    def old_components(self, rnd: int) -> frozenset[str]:
+        """Heads and prompts of tasks of an earlier stage than ``rnd``'s."""
         now = self.stage_of_round(rnd)
         return frozenset(
             f"{kind}.{t}"
@@ -286,6 +292,25 @@ class Schedule:
             if s < now
             for kind in ("head", "prompt")
         )
+
+    def frozen(self, rnd: int) -> frozenset[str]:
+        """With ``freeze_old``: the old components (``old_components``), trained by no one."""
+        return self.old_components(rnd) if self.cfg.continual.freeze_old else frozenset()
+
+    def spec_at(self, spec: ModelSpec, rnd: int) -> ModelSpec:
+        """``spec`` with the old components scoped to ``continual.old_scope`` (when set and
+        narrower than theirs) from ``rnd`` on."""
+        tier = self.cfg.continual.old_scope
+        if not tier:
+            return spec
+        scope = "local" if tier == spec.tier_names[-1] else tier
+        level = len(spec.tier_names) - 1 if scope == "local" else spec.tier_names.index(scope)
+        old = self.old_components(rnd)
+        comps = {
+            name: replace(c, scope=scope) if name in old and spec.scope_level(name) < level else c
+            for name, c in spec.components.items()
+        }
+        return replace(spec, components=comps)
 
     # ---------------------------------------------------------------- stages
 
