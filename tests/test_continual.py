@@ -342,3 +342,27 @@ def test_replay_trains_old_tasks_on_the_memory_rows_only(tmp_path):
     used = {int(i) for t, idx in batches if t == "essay_grade" for i in idx}
     assert used == {int(i) for i in rows["essay_grade"]}
     assert sum(len(idx) for t, idx in batches if t == "digit") == 33
+
+
+def test_ray_actors_give_the_local_runtimes_result(ray_session, tmp_path):
+    """Continual jobs (tasks, replay memory, EWC anchor) and the stage-end probe travel to Ray
+    actors and back: two workers end bit-identical to the in-process runtime."""
+    over = {
+        "rounds": 3,
+        "data.num_institutions": 2,
+        "continual.tasks": "{essay_grade: [1, 3], essay_topic: 3}",
+        "continual.ewc": 10.0,
+        "continual.replay": True,
+        "continual.memory": 4,
+    }
+    outs = {}
+    for name, rt in (("ray", {"runtime.name": "ray", "runtime.num_workers": 2}), ("local", {})):
+        out = tmp_path / name
+        run(
+            load_config(
+                None, tiny_overrides(**{"runtime.name": "local", **over, **rt}), out=str(out)
+            )
+        )
+        outs[name] = _digest(out)
+    assert outs["ray"][0] == outs["local"][0] and outs["ray"][2] == outs["local"][2]
+    assert outs["ray"][2]["aggregation"]["by_stage"]["1"]["per_client"]
