@@ -38,6 +38,8 @@ RUN_FILES = frozenset(
         "final_state.json",
         "summary.json",
         "personalized.json",
+        "continual.json",  # a continual run's accuracy matrices (hierfed/continual)
+        "continual.png",  # its plot, written by `python -m hierfed report`
     }
 )
 

@@ -185,6 +185,7 @@ def test_resume_in_the_middle_of_a_schedule_is_bit_identical(tmp_path):
     assert len(cont["global"]["matrix"]) == 2 and cont["tasks"][-1] == "essay_topic"
     assert sorted(cont["tier"]) == ["global/inst-00", "global/inst-01", "global/inst-02"]
     assert len(cont["client"]) == 9
+    assert all(cont["tier"][n]["fwt"] is not None for n in cont["tier"])  # b_j per tier node
     probed = cont["aggregation"]["by_stage"]["1"]["per_client"]  # stage 1 ends with round 4
     assert probed and all(c.startswith("global/inst-") for c in probed)
     ck = out / "checkpoints"  # as if the driver died after round 3 (the EWC anchor is taken)

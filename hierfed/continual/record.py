@@ -6,8 +6,10 @@ entry to that round's line in metrics.jsonl (so it is checkpointed and resumed w
 * ``global``: the global model on the global test set, every task (tasks not yet seen use
   their components' initial values: that row entry is what FWT reads);
 * ``tier``: each node of the tier below the root, with its state (the root's components and
-  its own tier-scoped ones), on the test rows of its clients, tasks they have had, row-weighted;
-* ``client``: each client's personalized model on its own test rows, tasks it has had;
+  its own tier-scoped ones), on the test rows of its clients, row-weighted;
+* ``client``: each client's personalized model on its own test rows, each of its tasks
+  (one not yet arrived with its initial components); after stage 0 also ``baseline``: the
+  initial model on the same rows, per client and tier node (their FWT's ``b_j``);
 * ``aggregation`` (from the second stage on): each client that trained in the round, its old
   tasks (arrived in an earlier stage) on its test rows, with its own model right after local
   training in that round versus the merged state it gets back. The local model is recomputed
@@ -70,8 +72,13 @@ class Recorder:
         if not self.cfg.continual.levels:
             return out
         sch, eng = self.schedule, topo.engine
-        had = {c.id: sch.tasks_at(c.id, rnd, started=True) for c in self.fed.clients if c.num_test}
-        had = {c: t for c, t in had.items() if t}
+        # every task of each client that has joined by now; a task not yet arrived is scored
+        # with its initial components (what forward transfer reads)
+        had = {
+            c.id: c.tasks
+            for c in self.fed.clients
+            if c.num_test and any(sch.present(c.id, r) for r in range(1, rnd + 1))
+        }
         states = {c: topo.personalized_state(c) for c in had}
         res = dict(rt.evaluate([EvalJob(c, had[c], c, split="client-test") for c in had], states))
         out["client"] = {c: {t: m for t, (m, _) in r.items()} for c, r in sorted(res.items())}
@@ -81,7 +88,15 @@ class Recorder:
             for c in had
             if _ancestor(eng, c) in tier_states
         ]
-        out["tier"] = _pooled(rt.evaluate(jobs, tier_states), {j.name: j.state_key for j in jobs})
+        node_of = {j.name: j.state_key for j in jobs}
+        out["tier"] = _pooled(rt.evaluate(jobs, tier_states), node_of)
+        if stage == 0:  # the random-init baseline b_j of every client and tier node (FWT)
+            init = [EvalJob(c, self.fed.by_id[c].tasks, "init", split="client-test") for c in had]
+            res0 = rt.evaluate(init, {"init": dict(eng.initial)})
+            out["baseline"] = {
+                "client": {c: {t: m for t, (m, _) in r.items()} for c, r in res0},
+                "tier": _pooled([x for x in res0 if x[0] in node_of], node_of),
+            }
         if snap is not None:
             out["aggregation"] = self._probe(rnd, stage, topo, rt, snap, states)
         return out
@@ -209,9 +224,9 @@ def matrices(
     )
     baseline = [base0.get(t) for t in order]
 
-    def level(rows: list[Mapping[str, float]], with_base: bool) -> dict[str, Any]:
+    def level(rows: list[Mapping[str, float]], base: list[Any] | None) -> dict[str, Any]:
         mat = [[r.get(t) for t in order] for r in rows]
-        s = summarize(mat, stage=stage, baseline=baseline if with_base else None)
+        s = summarize(mat, stage=stage, baseline=base)
         s["f"] = {order[j]: v for j, v in s["f"].items()}
         return {"matrix": mat, **s}
 
@@ -221,12 +236,19 @@ def matrices(
         "stage_starts": list(sch.stage_starts),
         "stage_ends": list(sch.stage_ends()),
         "baseline": dict(zip(order, baseline)),
-        "global": level([r["global"] for r in recs], True),
+        "global": level([r["global"] for r in recs], baseline),
     }
     for name in ("tier", "client"):
         ids = sorted({i for r in recs for i in r.get(name, {})})
         if ids:
-            out[name] = {i: level([r.get(name, {}).get(i, {}) for r in recs], False) for i in ids}
+            bases = recs[0].get("baseline", {}).get(name, {}) if recs else {}
+            out[name] = {
+                i: level(
+                    [r.get(name, {}).get(i, {}) for r in recs],
+                    [bases[i].get(t) for t in order] if i in bases else None,
+                )
+                for i in ids
+            }
     agg = {str(r["stage"]): r["aggregation"] for r in recs if "aggregation" in r}
     if agg:
         means = [a["mean"] for a in agg.values() if a["mean"] is not None]

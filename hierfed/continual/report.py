@@ -47,7 +47,7 @@ def continual_tables(run_dir: Path) -> list[Any]:
     clients = c.get("client", {})
     if clients:
         means = {}
-        for k in ("acc", "bwt", "forgetting"):
+        for k in ("acc", "bwt", "fwt", "forgetting"):
             vals = [m[k] for m in clients.values() if m.get(k) is not None]
             means[k] = sum(vals) / len(vals) if vals else None
         row(f"clients (mean of {len(clients)})", means)
