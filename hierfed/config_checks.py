@@ -96,6 +96,9 @@ def validate_config(cfg: RunConfig) -> None:
     from hierfed.tracking import check_logging_config
 
     check_logging_config(cfg)
+    from hierfed.runtime.gpus import check_gpu_config  # a GPU share Ray can place
+
+    check_gpu_config(cfg)
 
 
 def _check_data(cfg: RunConfig) -> None:
