@@ -163,3 +163,19 @@ def test_gpus_on_a_cluster_without_gpus_fail_at_once_naming_the_gpus(ray_session
     # take (the federation is built first; this bound is loose on a shared, busy machine)
     assert took < 15, took
     assert not out.exists()
+
+
+def test_the_driver_logs_placement_and_names_gpu_workers_that_see_no_cuda(caplog):
+    from hierfed.runtime.ray import _log_placement
+
+    info = [(11, "aa", "cuda:0"), (12, "bb", "cpu"), (13, "aa", "cuda:0")]
+    with caplog.at_level("INFO", logger="hierfed.runtime.ray"):
+        _log_placement(info, 0.5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "worker pool: 3 workers on 2 nodes (node aa: 2, node bb: 1)" in lines
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "workers [1]" in warned[0] and "gpus_per_worker=0.5" in warned[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hierfed.runtime.ray"):
+        _log_placement([(11, "aa", "cpu")], 0.0)  # no GPU asked: the CPU is no news
+    assert [r.levelname for r in caplog.records] == ["INFO"]
