@@ -86,6 +86,7 @@ def _node_args(temp_dir: Path) -> list[str]:
         f"--temp-dir={temp_dir}",
         "--object-store-memory=78643200",  # 75 MiB, Ray's minimum
         "--disable-usage-stats",
+        "--include-log-monitor=false",  # streams worker logs to drivers: none are wanted
         f"--dashboard-agent-listen-port={agent_http}",
         f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--runtime-env-agent-port={env_agent}",

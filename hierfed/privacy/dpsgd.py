@@ -82,7 +82,8 @@ def noise_generator(device: torch.device | None, root: int, *keys: object) -> to
     Opacus draws the noise with ``torch.normal(..., device=grad.device, generator=g)``, which
     refuses a CPU generator for CUDA tensors. On the CPU (``device`` None or cpu) it is
     ``seeding.torch_gen``'s generator, draw for draw; a GPU's generator draws other numbers
-    from the same seed, so DP-SGD on a GPU is keyed and repeatable there, not equal to the CPU.
+    from the same seed, so DP-SGD on a GPU is keyed by the same values but not equal to the
+    CPU's.
 
     >>> a = noise_generator(None, 0, "k")
     >>> b = noise_generator(torch.device("cpu"), 0, "k")
