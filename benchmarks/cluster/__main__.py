@@ -7,7 +7,8 @@ Ray serializes) of what goes in and comes out: the states the driver ``put``s on
 the jobs, the updates and metas the workers return, what each merging worker receives, and
 the merge results. Objects that reach a worker through a reference are counted once per
 worker that receives them (on a cluster, each is a copy to that worker's node unless it is
-already there). The once-per-run worker setup (config and federation) is counted too. Sizes
+already there; a merging worker is sent the update objects that hold its nodes' senders,
+``RayRuntime.sources_for``). The once-per-run worker setup (config and federation) is counted too. Sizes
 do not depend on the machine; the counts are per round, averaged over the run's rounds.
 """
 
@@ -30,7 +31,7 @@ ROWS = {
     "jobs": "train jobs (task arguments)",
     "updates": "client updates back (one object per chunk of clients)",
     "metas": "client metas back (loss, sizes, privacy)",
-    "merge_in": "merge: every update, to each worker that merges",
+    "merge_in": "merge: the updates each merging worker's nodes expect",
     "merge_tasks": "merge tasks (task arguments)",
     "merge_out": "merge results back to the driver (node states)",
 }
@@ -47,7 +48,6 @@ def _size(obj: Any) -> int:
 
 
 def _counting_runtime(cfg: Any) -> Any:
-    from hierfed.runtime.base import split_even
     from hierfed.runtime.ray import RayRuntime
 
     class Counting(RayRuntime):
@@ -67,12 +67,12 @@ def _counting_runtime(cfg: Any) -> Any:
             self.bytes["metas"] += _size(metas)
             return metas, refs
 
+        def sources_for(self, tasks: Any, sources: Any) -> list[Any]:
+            out = super().sources_for(tasks, sources)  # what one merging worker is sent
+            self.bytes["merge_in"] += sum(_size(s) for s in out)
+            return out
+
         def merge(self, tasks: Any, sources: Any) -> Any:
-            flat: list[Any] = []
-            for s in sources:
-                flat += s if isinstance(s, list) else [s]
-            calls = len(split_even(tasks, len(self.actors)))
-            self.bytes["merge_in"] += _size(flat) * calls if flat else 0
             self.bytes["merge_tasks"] += _size(list(tasks))
             out = super().merge(tasks, sources)
             self.bytes["merge_out"] += _size(out)

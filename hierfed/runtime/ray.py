@@ -135,6 +135,9 @@ class RayRuntime(Runtime):
         self._round = -1
         self._events: list[str] = []
         self.placement: list[str] = []  # the Ray node id of each worker, as started
+        # update object (ref hex) -> (round, the clients it holds), from train's chunks: a
+        # merging worker is sent the objects that hold its nodes' senders, not every one
+        self._holds: dict[str, tuple[int, frozenset[str]]] = {}
 
     def start(self, setup: WorkerSetup) -> None:
         if not self.cfg.address:
@@ -249,6 +252,9 @@ class RayRuntime(Runtime):
             self._round = jobs[0].round
         import ray
 
+        # a late update may be merged a round after it was trained; older holdings are dropped
+        # (an object whose holdings are unknown goes to every merging worker)
+        self._holds = {h: v for h, v in self._holds.items() if v[0] >= self._round - 1}
         chunks = split_even(jobs, len(self.actors) * self.cfg.chunks_per_worker)  # validated >= 1
         metas: list[list[msg.ClientMeta]] = [[] for _ in chunks]
         update_refs: list[Any] = [None] * len(chunks)
@@ -315,6 +321,7 @@ class RayRuntime(Runtime):
                 ]
                 update_ref = ray.put({})
             update_refs[chunk] = update_ref
+            self._holds[update_ref.hex()] = (self._round, frozenset(j.client_id for j in part))
             nxt = next(queue, None)
             if nxt is not None:
                 submit(worker, nxt)
@@ -327,10 +334,35 @@ class RayRuntime(Runtime):
         for s in sources:
             flat += s if isinstance(s, list) else [s]
         parts = split_even(tasks, len(self.actors))
-        refs = [actor.merge.remote(part, *flat) for actor, part in zip(self.actors, parts)]
+        refs = [
+            actor.merge.remote(part, *self.sources_for(part, flat))
+            for actor, part in zip(self.actors, parts)
+        ]
         out: list[msg.MergeResult] = []
         for chunk in self._get(refs, "aggregation"):
             out += chunk
+        return out
+
+    def sources_for(self, tasks: Sequence[msg.MergeTask], sources: Sequence[Any]) -> list[Any]:
+        """The sources a worker merging ``tasks`` needs: the update objects that hold one of
+        their expected senders (all, where unknown) and, of an inline mapping, those senders'
+        entries. A merge reads only its expected senders' updates (attacks included), and the
+        order of the sources is kept, so the pools agree on every sender a merge reads: the
+        result is the same as sending every source, with each update sent to one worker
+        instead of all of them (benchmarks/cluster)."""
+        import ray
+
+        wanted = {e.sender for t in tasks for e in t.expectations}
+        out: list[Any] = []
+        for s in sources:
+            if isinstance(s, ray.ObjectRef):
+                holds = self._holds.get(s.hex())
+                if holds is None or not holds[1].isdisjoint(wanted):
+                    out.append(s)
+            elif isinstance(s, Mapping):
+                out.append({k: v for k, v in s.items() if k in wanted})
+            else:
+                out.append(s)
         return out
 
     def evaluate(
