@@ -1,100 +1,18 @@
-"""GPUs that work (issue 14, item 2), checked on a machine without one: DP-SGD runs on the
-trainer's device and hands its state back on the CPU; a GPU share the Ray cluster cannot
-hold is refused at once with an error that names the GPUs, not after round_timeout_s."""
+"""GPUs that work (issue 14, item 2), checked on a machine without one: a GPU share the Ray
+cluster cannot hold is refused at once with an error that names the GPUs, not after
+round_timeout_s. (DP-SGD on the worker's device: tests/test_privacy_dpsgd.py.)"""
 
 from __future__ import annotations
 
 import time
 
 import pytest
-import torch
 
-import hierfed.privacy.dpsgd as dpsgd
-from hierfed.client import ClientTrainer
 from hierfed.config import load_config
 from hierfed.errors import ConfigError
-from hierfed.model.m3t import build_model
-from hierfed.privacy.policy import DPPlan
 from hierfed.runtime.gpus import plan_gpu_workers, workers_per_node
-from hierfed.seeding import torch_gen
-from hierfed.simulation import build_federation, run
+from hierfed.simulation import run
 from tests.conftest import tiny_overrides
-
-# ---------------------------------------------------------------- DP-SGD on the worker's device
-
-
-@pytest.fixture(scope="module")
-def dp_setup():
-    cfg = load_config(None, tiny_overrides(**{"runtime.name": "local"}))
-    fed = build_federation(cfg)
-    model = build_model(cfg.model, fed, cfg.seed)
-    prof = next(c for c in fed.clients if "image" in c.modalities)
-    return cfg, fed, model, prof, model.component_state()
-
-
-def _fit(trainer, setup, steps=3):
-    _, fed, _, prof, start = setup
-    # q = 0.5 of 24 rows: an empty Poisson batch has probability 2**-24 per step
-    plan = DPPlan("p", 100.0, 1e-5, 1.0, 1.0, 0.5, steps, 10)
-    return dpsgd.fit_dp(
-        trainer,
-        data=fed.train[prof.id],
-        tasks=["digit"],
-        start=start,
-        trainable=["encoder.image", "head.digit", "prompt.digit"],
-        key=(1, prof.id),
-        dp=dpsgd.DPSpec(plan),
-    )
-
-
-def test_dp_sgd_builds_every_batch_on_the_trainers_device(dp_setup, monkeypatch):
-    """Every batch fit_dp hands the model is built for ``trainer.device`` (a GPU worker's
-    ``cuda:0``); CPU is used here, so the spy sees the device asked for, and a fit_dp that
-    drops it again (builds on the default, the CPU) is caught: it would record None."""
-    cfg, _, model, _, _ = dp_setup
-    seen: list[torch.device | None] = []
-    real = dpsgd._batch
-
-    def spy(data, idx, modalities, task, device=None):
-        seen.append(device)
-        return real(data, idx, modalities, task, device)
-
-    monkeypatch.setattr(dpsgd, "_batch", spy)
-    device = torch.device("cpu")
-    fit, _ = _fit(ClientTrainer(model, cfg.train, cfg.seed, device), dp_setup)
-    assert fit.steps == 3 and seen == [device] * 3
-
-
-def test_dp_sgd_state_comes_back_on_the_cpu_and_the_cpu_result_is_unchanged(dp_setup, monkeypatch):
-    """The trained state leaves through ``to_cpu`` (as ClientTrainer.fit's does on a GPU), and
-    naming the CPU as the device changes no bit of the result."""
-    cfg, _, model, _, _ = dp_setup
-    moved: list[object] = []
-    real = dpsgd.to_cpu
-
-    def spy(state):
-        out = real(state)
-        moved.append(out)
-        return out
-
-    monkeypatch.setattr(dpsgd, "to_cpu", spy)
-    on_cpu, hist = _fit(ClientTrainer(model, cfg.train, cfg.seed, torch.device("cpu")), dp_setup)
-    assert len(moved) == 1 and on_cpu.state is moved[0]
-    assert all(t.device.type == "cpu" for p in on_cpu.state.values() for t in p.values())
-    plain, hist0 = _fit(ClientTrainer(model, cfg.train, cfg.seed), dp_setup)
-    assert hist == hist0 and on_cpu.loss == plain.loss
-    for c, params in plain.state.items():
-        for k, t in params.items():
-            assert torch.equal(t, on_cpu.state[c][k]), f"{c}/{k}"
-
-
-def test_dp_noise_generator_on_the_cpu_draws_what_torch_gen_draws():
-    # the CPU results (and the pinned digests) keep their noise; on a GPU it is drawn there
-    a = dpsgd.noise_generator(torch.device("cpu"), 7, "k", "dp-noise")
-    b = torch_gen(7, "k", "dp-noise")
-    assert a.device == torch.device("cpu")
-    assert torch.equal(torch.normal(0.0, 1.0, (5,), generator=a), torch.randn(5, generator=b))
-
 
 # ---------------------------------------------------------------- GPU shares vs the cluster
 
