@@ -97,3 +97,21 @@ def test_the_driver_logs_placement_and_names_gpu_workers_that_see_no_cuda(caplog
     with caplog.at_level("INFO", logger="hierfed.runtime.ray"):
         _log_placement([(11, "aa", "cpu")], 0.0)  # no GPU asked: the CPU is no news
     assert [r.levelname for r in caplog.records] == ["INFO"]
+
+
+def test_node_gpus_reads_each_live_nodes_total_from_ray_nodes():
+    from hierfed.runtime.ray import _node_gpus
+
+    class FakeRay:  # the shape of ray.nodes() (Ray 2.55): one dict per node, dead ones kept
+        @staticmethod
+        def nodes():
+            return [
+                {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}},
+                {"Alive": True, "Resources": {"CPU": 4.0, "node2": 1.0}},
+                {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 8.0}},
+            ]
+
+    assert _node_gpus(FakeRay) == [2.0, 0.0]
+    # a dead node's GPUs count for nothing: 4 workers of 1 GPU do not fit
+    with pytest.raises(ConfigError, match="hold 2 such workers"):
+        plan_gpu_workers(1.0, num_workers=4, cpu_workers=12, node_gpus=_node_gpus(FakeRay))
