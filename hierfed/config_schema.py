@@ -153,10 +153,12 @@ class TopologyConfig:
 class RuntimeConfig:
     name: str = "ray"  # ray | local
     num_workers: int = 0  # 0 = one per CPU Ray sees
-    num_cpus: int = 0  # CPUs given to a local Ray instance; 0 = all
-    address: str | None = (
-        None  # an existing Ray cluster ("auto" or host:port); None = start locally
-    )
+    num_cpus: int = 0  # CPUs given to a local Ray instance; 0 = all (ignored with address)
+    # join a running Ray cluster: "auto" (the driver runs on one of its nodes) or
+    # "<head-ip>:<port>"; None = start a session on this machine (docs/cluster.md)
+    address: str | None = None
+    # GPUs each worker asks Ray for: a fraction shares one GPU, above 1 whole GPUs; checked
+    # against the cluster's nodes before any worker starts
     gpus_per_worker: float = 0.0
     round_timeout_s: float = 600.0  # bound on every wait inside a round
     # the Ray runtime cuts a round's clients into this many chunks per worker and hands them

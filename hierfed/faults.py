@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 
 class InjectedFault(RuntimeError):
@@ -52,3 +54,32 @@ class Faults:
             time.sleep(self.sleep_for[client_id])
         if client_id in self.raise_for:
             raise InjectedFault(f"injected fault in client {client_id}")
+
+
+def check_faults_config(cfg: Any) -> None:
+    """``runtime.faults``: every entry one of the four forms above (raises ConfigError)."""
+    from hierfed.errors import ConfigError
+
+    faults = cfg.runtime.faults
+    usage = (
+        "use raise:<client>, sleep:<client>:<seconds>, kill-worker:<round>:<client> or "
+        "crash-worker:<round>:<client>"
+    )
+    if not isinstance(faults, list):
+        raise ConfigError("runtime.faults", faults, f"must be a list; {usage}")
+    for f in faults:
+        parts = f.split(":") if isinstance(f, str) else []
+        kind = parts[0] if parts else ""
+        ok = False
+        if kind == "raise" and len(parts) == 2:
+            ok = bool(parts[1])
+        elif kind == "sleep" and len(parts) == 3:
+            try:
+                secs = float(parts[2])
+            except ValueError:
+                secs = math.nan
+            ok = bool(parts[1]) and math.isfinite(secs) and secs >= 0
+        elif kind in ("kill-worker", "crash-worker") and len(parts) == 3:
+            ok = parts[1].isdigit() and int(parts[1]) >= 1 and bool(parts[2])
+        if not ok:
+            raise ConfigError("runtime.faults", f, usage)

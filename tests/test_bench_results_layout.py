@@ -20,6 +20,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 # benchmark folder -> the subfolders that are part of its current result
 PART_FOLDERS: dict[str, frozenset[str]] = {
     "bytes": frozenset(),
+    # what a run moves through Ray's object store per round (docs/cluster.md)
+    "cluster": frozenset(),
     "overhead": frozenset(),
     "privacy": frozenset(),
     "reliability": frozenset(),

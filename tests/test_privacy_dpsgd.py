@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hierfed.privacy.dpsgd as dpsgd
 from hierfed.client import ClientTrainer, _batch, task_loss
 from hierfed.config import load_config
 from hierfed.errors import UpdateRejected
@@ -18,6 +19,7 @@ from hierfed.postprocess.base import PostContext
 from hierfed.privacy.dpsgd import DPSpec, fit_dp, per_sample_grads, train_client
 from hierfed.privacy.gaussian import GaussianMechanism
 from hierfed.privacy.policy import DPPlan
+from hierfed.seeding import torch_gen
 from hierfed.simulation import build_federation, run
 from hierfed.update import Update, state_norm, state_sub
 from tests.conftest import tiny_overrides
@@ -308,3 +310,74 @@ def test_dp_sgd_with_lora_dropout_is_keyed_and_really_drops():
         assert state_norm(state_sub(runs[0], start)) > 0
         results[p] = runs[0]
     assert state_norm(state_sub(results[0.3], results[0.0])) > 0
+
+
+# ---------------------------------------------------------------- on the worker's device (issue 14)
+
+
+def _fit_on(trainer, setup, start, steps=3):
+    _, fed, _, _, prof = setup
+    # q = 0.5 of 24 rows: an empty Poisson batch has probability 2**-24 per step
+    plan = DPPlan("p", 100.0, 1e-5, 1.0, 1.0, 0.5, steps, 10)
+    return fit_dp(
+        trainer,
+        data=fed.train[prof.id],
+        tasks=["digit"],
+        start=start,
+        trainable=["encoder.image", "head.digit", "prompt.digit"],
+        key=(1, prof.id),
+        dp=DPSpec(plan),
+    )
+
+
+def test_dp_sgd_builds_every_batch_on_the_trainers_device(setup, monkeypatch):
+    """Every batch fit_dp hands the model is built for ``trainer.device`` (a GPU worker's
+    ``cuda:0``); CPU is used here, so the spy sees the device asked for, and a fit_dp that
+    drops it again (builds on the default, the CPU) is caught: it would record None."""
+    cfg, _, model, _, _ = setup
+    start = model.component_state()
+    seen: list[torch.device | None] = []
+    real = dpsgd._batch
+
+    def spy(data, idx, modalities, task, device=None):
+        seen.append(device)
+        return real(data, idx, modalities, task, device)
+
+    monkeypatch.setattr(dpsgd, "_batch", spy)
+    device = torch.device("cpu")
+    fit, _ = _fit_on(ClientTrainer(model, cfg.train, cfg.seed, device), setup, start)
+    assert fit.steps == 3 and seen == [device] * 3
+
+
+def test_dp_sgd_state_comes_back_on_the_cpu_and_the_cpu_result_is_unchanged(setup, monkeypatch):
+    """The trained state leaves through ``to_cpu`` (as ClientTrainer.fit's does on a GPU), and
+    naming the CPU as the device changes no bit of the result."""
+    cfg, _, model, _, _ = setup
+    start = model.component_state()
+    moved: list[object] = []
+    real = dpsgd.to_cpu
+
+    def spy(state):
+        out = real(state)
+        moved.append(out)
+        return out
+
+    monkeypatch.setattr(dpsgd, "to_cpu", spy)
+    on_cpu, hist = _fit_on(
+        ClientTrainer(model, cfg.train, cfg.seed, torch.device("cpu")), setup, start
+    )
+    assert len(moved) == 1 and on_cpu.state is moved[0]
+    assert all(t.device.type == "cpu" for p in on_cpu.state.values() for t in p.values())
+    plain, hist0 = _fit_on(ClientTrainer(model, cfg.train, cfg.seed), setup, start)
+    assert hist == hist0 and on_cpu.loss == plain.loss
+    for c, params in plain.state.items():
+        for k, t in params.items():
+            assert torch.equal(t, on_cpu.state[c][k]), f"{c}/{k}"
+
+
+def test_dp_noise_generator_on_the_cpu_draws_what_torch_gen_draws():
+    # the CPU results (and the pinned digests) keep their noise; on a GPU it is drawn there
+    a = dpsgd.noise_generator(torch.device("cpu"), 7, "k", "dp-noise")
+    b = torch_gen(7, "k", "dp-noise")
+    assert a.device == torch.device("cpu")
+    assert torch.equal(torch.normal(0.0, 1.0, (5,), generator=a), torch.randn(5, generator=b))

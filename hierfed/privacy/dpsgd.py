@@ -17,8 +17,11 @@ Clipping, noise and the mean are Opacus's ``DPOptimizer`` (noise from a generato
 ``(seed, round key, client)``); the accounting is Opacus's RDP accountant, fed one entry per
 optimizer step and carried across rounds in ``PrivacyState``. Batches are Poisson-sampled
 (each row independently with probability ``q``), as the accountant assumes; an empty batch
-still takes a (pure-noise) step. The frozen backbone stays in eval mode. FedProx's proximal
-term is not applied under DP-SGD.
+still takes a (pure-noise) step. The frozen backbone stays in eval mode.
+
+Like ``ClientTrainer.fit``, it runs on the trainer's device (``runtime.gpus_per_worker``):
+batches are built there, the noise is drawn there (``noise_generator``), and the trained
+state comes back on the CPU.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from hierfed.client import ClientTrainer, FitResult, _batch, task_loss
+from hierfed.client import ClientTrainer, FitResult, _batch, task_loss, to_cpu
 from hierfed.data.federation import ClientData
 from hierfed.model.m3t import M3TModel
 from hierfed.privacy.accountant import PrivacyState, accountant_of, epsilon_of, merge_history
 from hierfed.privacy.policy import DPPlan
-from hierfed.seeding import derive_seed, np_rng, torch_gen
+from hierfed.seeding import derive_seed, np_rng
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,24 @@ def per_sample_grads(
             grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different"
         )(detached, dict(inputs), y)
     return grads, losses
+
+
+def noise_generator(device: torch.device | None, root: int, *keys: object) -> torch.Generator:
+    """The DP noise generator, keyed like ``derive_seed``, on the device the gradients live on:
+    Opacus draws the noise with ``torch.normal(..., device=grad.device, generator=g)``, which
+    refuses a CPU generator for CUDA tensors. On the CPU (``device`` None or cpu) it is
+    ``seeding.torch_gen``'s generator, draw for draw; a GPU's generator draws other numbers
+    from the same seed, so DP-SGD on a GPU is keyed by the same values but not equal to the
+    CPU's.
+
+    >>> a = noise_generator(None, 0, "k")
+    >>> b = noise_generator(torch.device("cpu"), 0, "k")
+    >>> torch.equal(torch.randn(3, generator=a), torch.randn(3, generator=b))
+    True
+    """
+    g = torch.Generator(device=device if device is not None else "cpu")
+    g.manual_seed(derive_seed(root, *keys))
+    return g
 
 
 def fit_dp(
@@ -112,7 +133,7 @@ def fit_dp(
         max_grad_norm=plan.clip_norm,
         expected_batch_size=max(1, int(round(q * n))),
         loss_reduction="mean",
-        generator=torch_gen(trainer.seed, *key, "dp-noise"),
+        generator=noise_generator(trainer.device, trainer.seed, *key, "dp-noise"),
     )
     prox = [p.detach().clone() for p in params] if cfg.fedprox_mu > 0 else None
     accountant = accountant_of(dp.history)
@@ -127,7 +148,7 @@ def fit_dp(
         spec = model.tasks[t]
         opt.zero_grad(set_to_none=True)
         if len(idx):
-            inputs, y = _batch(data, idx, spec.modalities, t)
+            inputs, y = _batch(data, idx, spec.modalities, t, trainer.device)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(trainer.seed, *key, "dp-dropout", e, t, j))
                 grads, losses = per_sample_grads(model, named, inputs, y, t)
@@ -137,7 +158,7 @@ def fit_dp(
             count += len(idx)
         else:  # an empty Poisson batch: the step is pure noise, as the accountant assumes
             for p in named.values():
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
         if prox is None:
             opt.step()
         elif opt.pre_step():  # clipped, summed and noised: p.grad is the private gradient
@@ -155,7 +176,8 @@ def fit_dp(
             if hasattr(p, attr):
                 delattr(p, attr)
     model.eval()
-    fit = FitResult(model.component_state(trainable), loss_sum / max(count, 1), steps)
+    # the state leaves the worker on the CPU whatever device trained it, as ClientTrainer.fit's
+    fit = FitResult(to_cpu(model.component_state(trainable)), loss_sum / max(count, 1), steps)
     history = tuple((float(s), float(qq), int(k)) for s, qq, k in accountant.history)
     return fit, history
 

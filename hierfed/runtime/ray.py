@@ -7,6 +7,10 @@
 * One actor per worker (``runtime.num_workers``, default one per CPU), never one per client.
   Each builds one model skeleton and frozen backbone, then trains slice after slice.
 * The round's states go into the object store once (``put``); jobs reference them.
+* ``runtime.gpus_per_worker`` is checked against the cluster's nodes before any actor starts
+  (``hierfed.runtime.gpus``): a cluster without GPUs, or without a node big enough for one
+  worker's share, is refused at once. Where the workers landed is logged (INFO) and kept in
+  ``placement``. Running on a cluster: docs/cluster.md.
 * Failures come back as ``NodeFailure`` naming the worker and the cause, not a Ray trace.
 """
 
@@ -23,6 +27,7 @@ from hierfed.config import RuntimeConfig
 from hierfed.errors import ConfigError, DataError, NodeFailure
 from hierfed.model.spec import ModelSpec
 from hierfed.runtime.base import Runtime, split_even
+from hierfed.runtime.gpus import plan_gpu_workers
 from hierfed.runtime.reaper import start_reaper
 from hierfed.runtime.worker import WorkerCore, WorkerSetup
 from hierfed.update import State
@@ -46,10 +51,13 @@ class _WorkerShell:
         except Exception as exc:
             self.error = exc
 
-    def ready(self) -> int:
+    def ready(self) -> tuple[int, str, str]:
+        """The worker's pid, its Ray node id and the device it trains on."""
+        import ray
+
         if self.error is not None:
             raise self.error
-        return os.getpid()
+        return os.getpid(), ray.get_runtime_context().get_node_id(), str(self.core.device)
 
     def model_info(self) -> tuple[ModelSpec, State]:
         return self.core.model_info()
@@ -90,6 +98,33 @@ def _loopback_only() -> None:
         constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
 
 
+def _node_gpus(ray: Any) -> list[float]:
+    """Each live node's GPU total (0 for a node without)."""
+    return [float(nd["Resources"].get("GPU", 0)) for nd in ray.nodes() if nd.get("Alive")]
+
+
+def _log_placement(info: Sequence[tuple[int, str, str]], gpus: float) -> None:
+    """One INFO line: how many workers landed on each node; a warning for a worker that was
+    given a GPU share but sees no CUDA (it trains on the CPU: select_device)."""
+    nodes: dict[str, int] = {}
+    for _, node, _ in info:
+        nodes[node] = nodes.get(node, 0) + 1
+    log.info(
+        "worker pool: %d workers on %d nodes (%s)",
+        len(info),
+        len(nodes),
+        ", ".join(f"node {nid}: {k}" for nid, k in nodes.items()),
+    )
+    on_cpu = [i for i, (_, _, dev) in enumerate(info) if dev == "cpu"]
+    if gpus > 0 and on_cpu:
+        log.warning(
+            "runtime.gpus_per_worker=%g: workers %s were given a GPU share but torch sees no "
+            "CUDA there (a CPU-only torch build?); they train on the CPU",
+            gpus,
+            on_cpu,
+        )
+
+
 class RayRuntime(Runtime):
     name = "ray"
 
@@ -99,6 +134,10 @@ class RayRuntime(Runtime):
         self.actors: list[Any] = []
         self._round = -1
         self._events: list[str] = []
+        self.placement: list[str] = []  # the Ray node id of each worker, as started
+        # update object (ref hex) -> (round, the clients it holds), from train's chunks: a
+        # merging worker is sent the objects that hold its nodes' senders, not every one
+        self._holds: dict[str, tuple[int, frozenset[str]]] = {}
 
     def start(self, setup: WorkerSetup) -> None:
         if not self.cfg.address:
@@ -126,14 +165,28 @@ class RayRuntime(Runtime):
                     kwargs["num_cpus"] = self.cfg.num_cpus
                 ray.init(**kwargs)
                 self._reaper = start_reaper()  # ends the agents Ray leaves after a SIGKILL
-        cpus = int(ray.available_resources().get("CPU", 1)) or 1
-        n = self.cfg.num_workers or max(1, cpus)
-        remote = ray.remote(
-            num_cpus=min(1, cpus / n) if n > cpus else 1, num_gpus=self.cfg.gpus_per_worker or 0
-        )(_WorkerShell)
+        free = ray.available_resources()
+        cpus = int(free.get("CPU", 1)) or 1
+        gpus = self.cfg.gpus_per_worker or 0
+        # asked of a cluster that cannot hold them, GPU workers would wait for round_timeout_s:
+        # refuse at once, naming the GPUs (hierfed/runtime/gpus.py)
+        n = plan_gpu_workers(
+            gpus,
+            num_workers=self.cfg.num_workers,
+            cpu_workers=max(1, cpus),
+            node_gpus=_node_gpus(ray) if gpus > 0 else (),
+        )
+        per_cpu = min(1, cpus / n) if n > cpus else 1
+        remote = ray.remote(num_cpus=per_cpu, num_gpus=gpus)(_WorkerShell)
         self._remote, self._setup_ref = remote, ray.put(setup)
         self.actors = [remote.remote(self._setup_ref) for _ in range(n)]
-        self._get([a.ready.remote() for a in self.actors], "worker start")
+        ask = f"{n} workers of {per_cpu:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
+        have = ", ".join(f"{k} {free.get(k, 0):g}" for k in ("CPU", "GPU"))
+        info = self._get(
+            [a.ready.remote() for a in self.actors], f"worker start ({ask}; free: {have})"
+        )
+        self.placement = [node for _, node, _ in info]
+        _log_placement(info, gpus)
 
     def _replace(self, i: int) -> None:
         """Restore the pool: a fresh actor (new skeleton) in place of a dead one."""
@@ -144,7 +197,7 @@ class RayRuntime(Runtime):
         except Exception:  # already gone
             pass
         self.actors[i] = self._remote.remote(self._setup_ref)
-        self._get(self.actors[i].ready.remote(), "worker restart")
+        _, self.placement[i], _ = self._get(self.actors[i].ready.remote(), "worker restart")
 
     def drain_events(self) -> list[str]:
         out, self._events = self._events, []
@@ -199,6 +252,9 @@ class RayRuntime(Runtime):
             self._round = jobs[0].round
         import ray
 
+        # a late update may be merged a round after it was trained; older holdings are dropped
+        # (an object whose holdings are unknown goes to every merging worker)
+        self._holds = {h: v for h, v in self._holds.items() if v[0] >= self._round - 1}
         chunks = split_even(jobs, len(self.actors) * self.cfg.chunks_per_worker)  # validated >= 1
         metas: list[list[msg.ClientMeta]] = [[] for _ in chunks]
         update_refs: list[Any] = [None] * len(chunks)
@@ -265,6 +321,7 @@ class RayRuntime(Runtime):
                 ]
                 update_ref = ray.put({})
             update_refs[chunk] = update_ref
+            self._holds[update_ref.hex()] = (self._round, frozenset(j.client_id for j in part))
             nxt = next(queue, None)
             if nxt is not None:
                 submit(worker, nxt)
@@ -277,10 +334,35 @@ class RayRuntime(Runtime):
         for s in sources:
             flat += s if isinstance(s, list) else [s]
         parts = split_even(tasks, len(self.actors))
-        refs = [actor.merge.remote(part, *flat) for actor, part in zip(self.actors, parts)]
+        refs = [
+            actor.merge.remote(part, *self.sources_for(part, flat))
+            for actor, part in zip(self.actors, parts)
+        ]
         out: list[msg.MergeResult] = []
         for chunk in self._get(refs, "aggregation"):
             out += chunk
+        return out
+
+    def sources_for(self, tasks: Sequence[msg.MergeTask], sources: Sequence[Any]) -> list[Any]:
+        """The sources a worker merging ``tasks`` needs: the update objects that hold one of
+        their expected senders (all, where unknown) and, of an inline mapping, those senders'
+        entries. A merge reads only its expected senders' updates (attacks included), and the
+        order of the sources is kept, so the pools agree on every sender a merge reads: the
+        result is the same as sending every source, with each update sent to one worker
+        instead of all of them (benchmarks/cluster)."""
+        import ray
+
+        wanted = {e.sender for t in tasks for e in t.expectations}
+        out: list[Any] = []
+        for s in sources:
+            if isinstance(s, ray.ObjectRef):
+                holds = self._holds.get(s.hex())
+                if holds is None or not holds[1].isdisjoint(wanted):
+                    out.append(s)
+            elif isinstance(s, Mapping):
+                out.append({k: v for k, v in s.items() if k in wanted})
+            else:
+                out.append(s)
         return out
 
     def evaluate(
