@@ -16,6 +16,7 @@ from typing import Any
 
 from hierfed.config_schema import RunConfig, TierConfig
 from hierfed.errors import ConfigError, RegistryError
+from hierfed.secagg.checks import check_edges, check_edges_federation
 
 __all__ = ["check_federation", "check_gossip_options", "check_tier_names", "validate_config"]
 
@@ -96,6 +97,7 @@ def validate_config(cfg: RunConfig) -> None:
     from hierfed.tracking import check_logging_config
 
     check_logging_config(cfg)
+    check_edges(cfg)  # codecs and secure aggregation on tier edges
 
 
 def _check_data(cfg: RunConfig) -> None:
@@ -401,6 +403,7 @@ def check_federation(cfg: RunConfig, federation: Any) -> None:
     Call it after the federation is built and before any worker starts. (``topology.tiers``
     names need the built topology: ``check_tier_names``.)"""
     _check_attack_tier(cfg, tuple(federation.tier_names))
+    check_edges_federation(cfg, tuple(federation.tier_names))
     if cfg.model.backbone != "tiny":
         return  # a pretrained backbone's budget is its own max_position_embeddings
     for task, width in sorted(_task_widths(cfg, federation).items()):
