@@ -235,7 +235,10 @@ def secure_sum(
         return None, [], report, server
     sums, weights = decode_sum(total, lay, comps, n=len(survivors), scale=scale, opts=o)
     keep = [c for c in comps if weights[c] > 0]
-    tensors = {c: {p: t.to(like[c][p].dtype) for p, t in sums[c].items()} for c in keep}
+    tensors = {
+        c: {p: t.reshape(like[c][p].shape).to(like[c][p].dtype) for p, t in sums[c].items()}
+        for c in keep
+    }
     meta = UpdateMeta(
         tuple(sorted(alive)),
         max(u.meta.round for u in survivors),
