@@ -175,6 +175,14 @@ def test_topk_residual_resumes_bit_identically(codec_run):
 def test_codec_settings_refused_before_work():
     with pytest.raises(ConfigError, match="broadcast_codec"):
         load_config(None, tiny_overrides(**{"topology.tiers.global.broadcast_codec": "topk"}))
+    with pytest.raises(ConfigError, match="gossip has no broadcast"):
+        load_config(
+            None, tiny_overrides(**{"topology.default.broadcast_codec": "fp16"}), topology="gossip"
+        )
+    with pytest.raises(ConfigError, match="needs a parent that merges"):
+        load_config(
+            None, tiny_overrides(**{"topology.default.postprocess": "[topk]"}), topology="gossip"
+        )
     with pytest.raises(ConfigError, match="last"):
         load_config(None, tiny_overrides(**{"topology.tiers.global.postprocess": "[topk, clip]"}))
 

@@ -32,6 +32,10 @@ def check_edges(cfg: RunConfig) -> None:
                 f"known: {', '.join(BROADCAST_CODECS)} (top-k has no broadcast form: a sparse "
                 "state is not a model; use it in postprocess, for uploads)",
             )
+        if tier.broadcast_codec != "none" and cfg.topology.name == "gossip":
+            raise ConfigError(
+                f"{key}.broadcast_codec", tier.broadcast_codec, "gossip has no broadcast; use none"
+            )
         chain = [POSTPROCESSORS.get(n) for n in tier.postprocess]
         for i, cls in enumerate(chain):
             if getattr(cls, "stateful", False) and i != len(chain) - 1:
