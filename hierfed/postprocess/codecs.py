@@ -124,7 +124,7 @@ class TopK(Codec):
         tensors = {}
         for c, params in update.tensors.items():
             w = update.weights[c]
-            masks = wire_masks(dict(params), ctx.rank)
+            masks = wire_masks(params, ctx.rank)
             kept = residual.setdefault(c, {})
             out = {}
             for p, t in params.items():

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Mapping
 
 import torch
 
@@ -31,13 +32,11 @@ from hierfed.update import Update
 WEIGHT_NBYTES = 4  # one fp32 weight per component
 
 
-def wire_masks(
-    params: dict[str, torch.Tensor] | object, rank: int | None
-) -> dict[str, torch.Tensor]:
+def wire_masks(params: Mapping[str, torch.Tensor], rank: int | None) -> dict[str, torch.Tensor]:
     """Per parameter of one component, the boolean mask of entries on the wire for a sender
     of LoRA rank ``rank``; parameters sent whole are absent (all of them when ``rank`` is
     None or at least every layer's stored rank)."""
-    if rank is None or not isinstance(params, dict):
+    if rank is None:
         return {}
     out: dict[str, torch.Tensor] = {}
     for ka, kb in lora_pairs(params):
@@ -56,7 +55,7 @@ def payload_nbytes(update: Update, rank: int | None) -> dict[str, int]:
     """Raw bytes per component of what a sender of ``rank`` sends (float values only)."""
     out: dict[str, int] = {}
     for c, params in update.tensors.items():
-        masks = wire_masks(dict(params), rank)
+        masks = wire_masks(params, rank)
         out[c] = sum(
             int(masks[p].sum() if p in masks else t.numel()) * t.element_size()
             for p, t in params.items()
@@ -68,7 +67,7 @@ def on_wire_counts(update: Update, rank: int | None) -> dict[str, dict[str, int]
     """Values on the wire per component and parameter."""
     out: dict[str, dict[str, int]] = {}
     for c, params in update.tensors.items():
-        masks = wire_masks(dict(params), rank)
+        masks = wire_masks(params, rank)
         out[c] = {p: int(masks[p].sum()) if p in masks else t.numel() for p, t in params.items()}
     return out
 
@@ -93,7 +92,7 @@ class Codec(Postprocessor):
         tensors = {}
         for c, params in update.tensors.items():
             w = update.weights[c]
-            masks = wire_masks(dict(params), ctx.rank)
+            masks = wire_masks(params, ctx.rank)
             out = {}
             for p, t in params.items():
                 mean = t / w
