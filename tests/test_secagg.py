@@ -240,3 +240,17 @@ def test_secagg_refuses_rules_that_need_individual_updates():
                 }
             ),
         )
+
+
+def test_a_weight_sum_at_its_bound_does_not_come_out_above_it():
+    # every member at its full weight: the plain sum equals the sum of the bounds exactly, and
+    # the dequantized one (off by up to n * scale / L) is clamped to it, so the parent's
+    # validation does not refuse the node's update for a weight above its bound
+    ups, like = _updates()
+    bounds = {u.meta.senders[0]: u.weights["head.t"] for u in ups}
+    args = {"like": like, "components": ["head.t", "encoder.x"], "scale": 40.0, "opts": {}}
+    free, *_ = secure_sum(ups, **args, seed=0, key=(1,), node="g")
+    capped, *_ = secure_sum(ups, **args, seed=0, key=(1,), node="g", bounds=bounds)
+    total = sum(bounds.values())
+    assert free.weights["head.t"] != total  # the rounding error the clamp removes
+    assert capped.weights["head.t"] == total

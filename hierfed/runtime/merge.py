@@ -244,6 +244,7 @@ def _secure(
         seed=cfg.seed,
         key=(task.round, *task.key),
         node=task.node_id,
+        bounds={e.sender: e.max_weight for e in task.expectations},
     )
     return ([summed] if summed is not None else []), survivors, report
 

@@ -184,9 +184,14 @@ def secure_sum(
     seed: int,
     key: Sequence[object],
     node: str,
+    bounds: Mapping[str, float] | None = None,
 ) -> tuple[Update | None, list[Update], SecAggReport, SecAggServer]:
     """Sum ``updates`` under SecAgg+; returns the unmasked sum (the dtype of ``like``), the
-    updates that survived, the ledger report and the server (what it saw)."""
+    updates that survived, the ledger report and the server (what it saw).
+
+    ``bounds``: each member's weight bound, known to the server; a dequantized weight sum is
+    clamped to the survivors' total (the true sum never exceeds it, and a sum at its bound,
+    every member at full weight, must not come out above it by the rounding error)."""
     o = {**OPTION_DEFAULTS, **opts}
     comps = sorted(c for c in components if c in like)
     lay = layout(like, comps)
@@ -234,6 +239,9 @@ def secure_sum(
     if not survivors:
         return None, [], report, server
     sums, weights = decode_sum(total, lay, comps, n=len(survivors), scale=scale, opts=o)
+    if bounds is not None:
+        cap = sum(float(bounds[i]) for i in alive)
+        weights = {c: min(w, cap) for c, w in weights.items()}
     keep = [c for c in comps if weights[c] > 0]
     tensors = {
         c: {p: t.reshape(like[c][p].shape).to(like[c][p].dtype) for p, t in sums[c].items()}
