@@ -12,8 +12,9 @@ where the tensors are); the channel
   ``straggler``).
 
 Nothing else in hierfed writes the ledger or asks the clock for a time (a test keeps it so).
-A later edge feature (a codec, secure aggregation, a real transport) is an option here, never
-a branch in the engine.
+An edge feature is an option here, never a branch in the engine: codecs arrive as encoded
+sizes (``hierfed.postprocess.codecs``, ``broadcast``), and under secure aggregation the
+parent's merge hands back the protocol's messages (``secure_round``, ``hierfed.secagg``).
 
 Example::
 
