@@ -230,10 +230,11 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "the protocol's downstream messages); the simulated time of the run against `none` in "
         "the same seed (hierfed's clock, which charges SecAgg+'s three extra message rounds), "
         "mean over seeds; the wall time of the run, mean over seeds, and its ratio to `none`. "
-        "The wall times swing with the other jobs on these shared CPUs (load average above): "
-        "the top-k runs' 1.6x is such noise. A side-by-side profile of two rounds, none "
-        "against topk-10%, took 15.6 s and 16.3 s, with top-k's own work not among the top "
-        "entries. The SecAgg+ node-round figure above isolates the protocol's own cost.",
+        "The wall times swing with the other jobs on these shared CPUs (load average above), "
+        "by up to 2x between runs doing the same work, so they say nothing about a codec's "
+        "cost. A side-by-side profile of two rounds, none against topk-10% (load about 9), "
+        "took 15.6 s and 16.3 s, and top-k's own work was not among the top entries; the "
+        "SecAgg+ node-round figure above isolates the protocol's own cost.",
         "",
         "Accuracy per seed:",
         "",
