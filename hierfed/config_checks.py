@@ -18,6 +18,7 @@ from typing import Any
 from hierfed.config_schema import RunConfig, TierConfig
 from hierfed.continual.checks import check_continual_federation
 from hierfed.errors import ConfigError, RegistryError
+from hierfed.secagg.checks import check_edges_federation
 
 __all__ = ["check_federation", "check_gossip_options", "check_tier_names", "validate_config"]
 
@@ -82,6 +83,7 @@ FEATURE_CHECKS = (
     "hierfed.tracking:check_logging_config",
     "hierfed.continual.checks:check_continual_config",
     "hierfed.faults:check_faults_config",
+    "hierfed.secagg.checks:check_edges",  # codecs and secure aggregation on tier edges
     "hierfed.runtime.gpus:check_gpu_config",  # a GPU share Ray can place
 )
 
@@ -385,6 +387,7 @@ def check_federation(cfg: RunConfig, federation: Any) -> None:
     names need the built topology: ``check_tier_names``.)"""
     _check_attack_tier(cfg, tuple(federation.tier_names))
     check_continual_federation(cfg, federation)
+    check_edges_federation(cfg, tuple(federation.tier_names))
     if cfg.model.backbone != "tiny":
         return  # a pretrained backbone's budget is its own max_position_embeddings
     for task, width in sorted(_task_widths(cfg, federation).items()):

@@ -104,6 +104,13 @@ class TierConfig:
     # resource class, every class kept represented (hierfed/engine/sampling.py); from
     # topology.default it applies to those tiers only
     sampling: str = "uniform"
+    # codec on this tier's broadcasts to its members: none | fp16 | int8 (the state, encoded
+    # once per node-round; docs/codecs-secagg.md). Upload codecs go in `postprocess`
+    broadcast_codec: str = "none"
+    # secure aggregation of the members' updates into this tier: none | secagg+ (SecAgg+'s
+    # arithmetic in simulation: masked, quantized; hierfed/secagg/, docs/codecs-secagg.md)
+    secure_aggregation: str = "none"
+    secure_aggregation_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

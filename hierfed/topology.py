@@ -73,7 +73,9 @@ from hierfed.model.spec import ModelSpec
 from hierfed.update import State
 
 #: what every topology carries between rounds, whatever its own ``carried`` says
-CLIENT_STATE = ("clients.local", "clients.privacy")
+CLIENT_STATE = ("clients.local", "clients.privacy", "clients.codec")
+#: carried paths a checkpoint written before them may lack (restored empty)
+OPTIONAL_STATE = frozenset({"clients.codec"})
 
 
 class Topology(ABC):
@@ -124,6 +126,7 @@ class Topology(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned; every carried path must be present."""
         paths = (*CLIENT_STATE, *self.carried)
+        state = {**{p: {} for p in OPTIONAL_STATE}, **state}
         missing = set(paths) - set(state)
         if missing:
             raise CheckpointError(

@@ -34,6 +34,7 @@ PART_FOLDERS: dict[str, frozenset[str]] = {
     "continual": frozenset(),
     # the attribution report on the edu-m3t MiniLM config (`python -m hierfed explain` output)
     "equity": frozenset({"minilm"}),
+    "codecs": frozenset(),
 }
 # JSON files whose commit and machine live in a sibling file (glob, relative to RESULTS)
 COVERED_BY: dict[str, str] = {

@@ -12,8 +12,9 @@ where the tensors are); the channel
   ``straggler``).
 
 Nothing else in hierfed writes the ledger or asks the clock for a time (a test keeps it so).
-A later edge feature (a codec, secure aggregation, a real transport) is an option here, never
-a branch in the engine.
+An edge feature is an option here, never a branch in the engine: codecs arrive as encoded
+sizes (``hierfed.postprocess.codecs``, ``broadcast``), and under secure aggregation the
+parent's merge hands back the protocol's messages (``secure_round``, ``hierfed.secagg``).
 
 Example::
 
@@ -40,6 +41,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from hierfed.clock import Clock
 from hierfed.config import RunConfig
@@ -88,6 +90,9 @@ class Channel:
         tier = cfg.tier(parent)
         self.deadline_s = tier.deadline_s  # 0 = no deadline
         self.straggler = tier.straggler  # discard | drop
+        # under secure aggregation the parent's merge reports what went on the wire (the
+        # masked inputs and the protocol's messages: ``secure_round``), not ``report``
+        self.secure = not self.peer and tier.secure_aggregation != "none"
 
     # ------------------------------------------------------------ parent <-> child
 
@@ -136,7 +141,7 @@ class Channel:
         in_time = not (self.deadline_s > 0 and t > self.deadline_s)
         if not in_time:
             times.late.append(child)
-        if sizes and (in_time or self.straggler == "discard"):
+        if sizes and (in_time or self.straggler == "discard") and not self.secure:
             self.ledger.record(
                 round=rnd,
                 src=child,
@@ -157,6 +162,35 @@ class Channel:
         if dl > 0 and len(on_time) < len(arrivals):
             waited = dl
         return waited
+
+    def secure_round(self, rnd: int, node: str, report: Any, key: Sequence[object]) -> float:
+        """A secure-aggregation node-round's messages (``hierfed.secagg.edge.SecAggReport``):
+        every one recorded (up: member -> node, down: node -> member), and the simulated
+        seconds its extra message rounds add (per stage, the slowest member's download and
+        upload; the masked inputs' upload was clocked by ``report``)."""
+        slowest: dict[tuple[str, str], float] = defaultdict(float)
+        for stage, src, dst, sizes in report.messages:
+            up = dst == node
+            member = src if up else dst
+            self.ledger.record(
+                round=rnd,
+                src=src,
+                dst=dst,
+                edge=self.up_name if up else self.down_name,
+                direction="up" if up else "down",
+                sizes=dict(sizes),
+            )
+            if stage != "masked":
+                t = self.clock.transfer_s(
+                    member,
+                    sum(n for _, n in sizes),
+                    rnd=rnd,
+                    key=(*key, "secagg", stage, "up" if up else "down"),
+                )
+                slowest[stage, "up" if up else "down"] = max(
+                    slowest[stage, "up" if up else "down"], t
+                )
+        return sum(slowest.values())
 
     # ------------------------------------------------------------ peers
 

@@ -42,7 +42,9 @@ def job(
 
 def _expect(eng: TreeEngine, c: str, max_weight: float) -> Expectation:
     sends = eng.sends_up(eng.trains[c], eng.graph.leaf_level)
-    return Expectation(c, frozenset(sends), exact=True, max_weight=max_weight)
+    rank = eng.spec.rank_of(eng.fed.by_id[c])  # a lower-rank client sends only its rank
+    low = rank if rank < eng.spec.lora_rank else None
+    return Expectation(c, frozenset(sends), exact=True, max_weight=max_weight, rank=low)
 
 
 def train(

@@ -19,10 +19,17 @@ from hierfed.update import State
 @dataclass
 class ClientStore:
     """Per-client state carried across rounds and checkpoints: components that never leave the
-    client (``local``) and its DP accountant (``privacy``, a ``privacy.PrivacyState``)."""
+    client (``local``) and its DP accountant (``privacy``, a ``privacy.PrivacyState``); and
+    per sender (a client or a tier node) its codec memory (``codec``: top-k's error-feedback
+    residual, ``hierfed.postprocess.codecs``)."""
 
     local: dict[str, State] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
+    codec: dict[str, State] = field(default_factory=dict)
+
+    def memory_of(self, senders: list[str]) -> dict[str, State]:
+        """The codec memories of ``senders`` that have one (what their receiver's merge needs)."""
+        return {s: self.codec[s] for s in senders if s in self.codec}
 
 
 @dataclass

@@ -31,6 +31,7 @@ from hierfed.config import RunConfig, TierConfig
 from hierfed.continual.engine import continual_engine
 from hierfed.data.federation import Federation
 from hierfed.engine import leaves, peers
+from hierfed.engine.broadcast import broadcast
 from hierfed.engine.checks import check_tree
 from hierfed.engine.context import RoundContext
 from hierfed.engine.graph import TreeGraph
@@ -41,7 +42,7 @@ from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.validate import Expectation
 from hierfed.runtime.jobs import MergeResult, MergeTask
 from hierfed.unlearning.exclusion import excluded_clients, excluded_members
-from hierfed.update import State, Update, state_nbytes
+from hierfed.update import State, Update
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class TreeEngine:
         }
         full = {n: d.full for n, d in draws.items()}
         sampled = {n: d.sampled for n, d in draws.items()}
-        self._broadcast(sampled, run.cur, ctx)
+        sent = broadcast(self, sampled, run.cur, ctx)  # what the members receive (decoded)
         # dropouts vanish after the broadcast: they neither train nor report
         drawn = {n: list(sampled[n]) for n in node_ids}
         for n in node_ids:
@@ -221,13 +222,13 @@ class TreeEngine:
             ctx.times.never(draws[n].gone)
         if child_level == self.graph.leaf_level:
             if self.d2d is None:
-                sources, expect = leaves.train(self, node_ids, sampled, run.cur, ctx)
+                sources, expect = leaves.train(self, node_ids, sampled, sent, ctx)
             else:
                 # the device-to-device graph spans the full draw (an excluded leaf's links are
                 # down, as a dropout's), so the others' graphs stay the same
-                sources, expect = leaves.train_d2d(self, node_ids, full, sampled, run.cur, ctx)
+                sources, expect = leaves.train_d2d(self, node_ids, full, sampled, sent, ctx)
         else:
-            sources, expect = self._inner_members(sampled, run, ctx)
+            sources, expect = self._inner_members(sampled, sent, ctx)
         # the node-round lasts until its last on-time member reported, or until the deadline
         # when a sampled member dropped out or was late
         for n in node_ids:
@@ -235,36 +236,12 @@ class TreeEngine:
             ctx.times.elapsed[n] += channel.waited(ctx.times, drawn[n])
         return self._merge(node_ids, sampled, expect, sources, run, ctx, emit_from=emit_from)
 
-    def _broadcast(
-        self, sampled: dict[str, list[str]], cur: dict[str, State], ctx: RoundContext
-    ) -> None:
-        """Each sampled member (``sampled``: node -> members) gets its parent's state: only the
-        components it uses from above (a leaf's local components are never sent: it starts
-        them from the skeleton)."""
-        child_level = self.nodes[next(iter(sampled))].level + 1
-        for n, members in sampled.items():
-            for c in members:
-                comps = [
-                    x
-                    for x in (self.holds[c] if c in self.leaves else cur[n])
-                    if self.level_of(x) < child_level
-                ]
-                channel = ctx.channels.edge(self.nodes[c].tier, self.nodes[n].tier)
-                channel.down(
-                    ctx.times,
-                    rnd=ctx.round,
-                    parent=n,
-                    child=c,
-                    sizes={x: state_nbytes(cur[n][x]) for x in comps},
-                    key=ctx.key,
-                )
-
     def _inner_members(
-        self, sampled: dict[str, list[str]], run: LevelRun, ctx: RoundContext
+        self, sampled: dict[str, list[str]], cur: dict[str, State], ctx: RoundContext
     ) -> tuple[list[Any], dict[str, Expectation]]:
-        """Sampled inner members (``sampled``: node -> members) run their own parent-round;
-        their emitted updates and what each is expected to send."""
-        cur, child_level = run.cur, self.nodes[next(iter(sampled))].level + 1
+        """Sampled inner members (``sampled``: node -> members) run their own parent-round from
+        ``cur`` (their parents' broadcasts); their emitted updates and what each must send."""
+        child_level = self.nodes[next(iter(sampled))].level + 1
         kids = [c for members in sampled.values() for c in members]
         kid_start = {
             c: self.take_from_parent(cur[self.graph.parent(c)], self.states[c], child_level)
@@ -315,6 +292,7 @@ class TreeEngine:
                 state=run.cur[n],
                 agg_state=self.agg_states.get(n),
                 opt_state=self.opt_states.get(n),
+                memory=ctx.clients.memory_of(sampled[n]),
                 **(
                     {"emit": True, **self._emit_fields(n, run, emit_from[n], folded=True)}
                     if emit_from
@@ -338,6 +316,11 @@ class TreeEngine:
             self.agg_states[n], self.opt_states[n] = res.agg_state, res.opt_state
             ctx.stats.rejections += [(s, f"{n}: {r}") for s, r in res.rejected]
             ctx.stats.contributed(res.contributions)
+            ctx.clients.codec.update(res.memory)
+            if res.secagg is not None:  # its extra messages: in the ledger, on the clock
+                ctx.stats.dropped += list(res.secagg.dropped)
+                edge = ctx.channels.edge(self.nodes[self.nodes[n].children[0]].tier, tier)
+                ctx.times.elapsed[n] += edge.secure_round(ctx.round, n, res.secagg, ctx.key)
             for c, w in res.weights.items():
                 run.weights[n][c].append(w)
             for c in run.cur[n]:

@@ -42,6 +42,7 @@ class Expectation:
     exact: bool  # True: exactly these components (a client); False: a non-empty subset (a tier)
     max_weight: float  # a weight above this is abusive (e.g. more samples than the sender has)
     min_weight: float = MIN_WEIGHT  # a weight below this is refused (it would amplify the delta)
+    rank: int | None = None  # a lower-rank client's LoRA rank (what its codecs sent), else None
 
 
 def _check_tensor(

@@ -139,6 +139,12 @@ def client_level_report(
             "sample_rate": q,
             "steps": steps,
         }
+        if tier.secure_aggregation != "none":  # composes: each sender noises, then masks
+            out[name]["secure_aggregation"] = (
+                f"{tier.secure_aggregation}: each {tier_names[lvl + 1]} adds its noise before "
+                "masking; the server sees only the masked sum (epsilon is the per-sender bound, "
+                "not amplified by the sum)"
+            )
         if name in uncovered:  # no bound is claimed: say so, and why
             out[name]["epsilon"] = math.inf
             out[name]["not_covered"] = uncovered[name]

@@ -74,6 +74,9 @@ class MergeTask:
     # (a folded emit: the earlier ones; the worker adds this merge's); the emitted update
     # carries their sample-weighted mean as ``meta.stats`` (e.g. the loss q-FFL reads above)
     emit_stats: tuple[tuple[int, dict[str, float]], ...] = ()
+    # sender -> its codec memory from its last send (top-k's error-feedback residual,
+    # ``Postprocessor.deliver``); only for tiers whose chain has a stateful step
+    memory: dict[str, State] = field(default_factory=dict)
 
     @classmethod
     def emitting(
@@ -101,6 +104,10 @@ class MergeResult:
     stats: dict[str, float] = field(default_factory=dict)  # merge_stats of the accepted updates
     # sender -> leave-one-out influence on this merge (only with ``eval.contributions``)
     contributions: dict[str, float] = field(default_factory=dict)
+    # sender -> its codec memory after this send (only for tiers with a stateful step)
+    memory: dict[str, State] = field(default_factory=dict)
+    # under secure aggregation: what the protocol sent (hierfed.secagg.edge.SecAggReport)
+    secagg: Any = None
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,18 @@ from hierfed.config import RunConfig
 from hierfed.errors import UpdateRejected
 from hierfed.explain.contribution import loo_influence
 from hierfed.model.spec import ModelSpec
-from hierfed.postprocess.base import PostContext, apply_chain, apply_receive, build_chain
+from hierfed.postprocess.base import (
+    PostContext,
+    apply_chain,
+    apply_deliver,
+    apply_receive,
+    build_chain,
+)
 from hierfed.postprocess.validate import validate_update
 from hierfed.registry import AGGREGATORS, SERVER_OPTIMIZERS
 from hierfed.runtime.jobs import MergeResult, MergeTask
+from hierfed.secagg.edge import secure_sum
+from hierfed.secagg.protocol import SecAggFailure
 from hierfed.update import State, Update, first_nonfinite, merge_stats, state_sub
 
 log = logging.getLogger(__name__)
@@ -58,11 +66,18 @@ def check_merged(merged: Update) -> State:
 
 
 def _accept(
-    task: MergeTask, pool: Mapping[str, Update], spec: ModelSpec, cfg: RunConfig
+    task: MergeTask,
+    pool: Mapping[str, Update],
+    spec: ModelSpec,
+    cfg: RunConfig,
+    memory: dict[str, State],
 ) -> tuple[list[Update], list[tuple[str, str]]]:
-    """Validated (and receiver-side processed) updates, and the rejected senders' reasons."""
+    """Validated (and receiver-side processed) updates, and the rejected senders' reasons.
+    A stateful step (top-k) delivers each accepted update with its sender's ``memory``
+    (updated in place: sender -> memory after this send)."""
     tier = cfg.tier(task.tier)
     chain = build_chain(tier.postprocess, tier.postprocess_options)
+    stateful = any(pp.stateful for pp in chain)
     accepted: list[Update] = []
     rejected: list[tuple[str, str]] = []
     for exp in task.expectations:
@@ -77,7 +92,11 @@ def _accept(
                     exp.sender, f"stale update from round {rnd} in round {task.round}"
                 )
             validate_update(upd, exp, spec, like=task.state)
-            ctx = PostContext(exp.sender, task.node_id, task.tier, task.round, cfg.seed)
+            ctx = PostContext(exp.sender, task.node_id, task.tier, task.round, cfg.seed, exp.rank)
+            if stateful:
+                upd, mem = apply_deliver(chain, upd, ctx, task.memory.get(exp.sender))
+                if mem is not None:
+                    memory[exp.sender] = mem
             accepted.append(apply_receive(chain, upd, ctx))
         except UpdateRejected as rej:
             log.warning("round %d, %s: %s", task.round, task.node_id, rej)
@@ -163,9 +182,18 @@ def merge_node_round(
 ) -> MergeResult:
     """Run one node-round (see the module docstring); ``pool`` maps sender -> update and is
     not mutated (simulated attacks are applied by the caller before)."""
-    accepted, rejected = _accept(task, pool, spec, cfg)
+    memory: dict[str, State] = {}
+    accepted, rejected = _accept(task, pool, spec, cfg, memory)
+    merge_in, secagg = accepted, None
     try:
-        state, agg_state, opt_state, weights = _step(task, accepted, cfg)
+        merge_in, accepted, secagg = _secure(task, accepted, cfg)
+    except SecAggFailure as why:
+        reason = f"node-round rejected, nothing merged: secure aggregation failed: {why}"
+        log.warning("round %d, %s: %s", task.round, task.node_id, reason)
+        rejected.append((task.node_id, reason))
+        merge_in, accepted = [], []
+    try:
+        state, agg_state, opt_state, weights = _step(task, merge_in, cfg)
     except NodeRoundRejected as why:
         reason = f"node-round rejected, nothing merged: {why}"
         log.warning("round %d, %s: %s", task.round, task.node_id, reason)
@@ -192,7 +220,33 @@ def merge_node_round(
         sizes,
         merge_stats(accepted),
         contributions,
+        memory,
+        secagg,
     )
+
+
+def _secure(
+    task: MergeTask, accepted: list[Update], cfg: RunConfig
+) -> tuple[list[Update], list[Update], Any]:
+    """Under ``secure_aggregation``: the accepted updates summed through SecAgg+ (what the
+    aggregator merges: one update), the ones that survived, and the protocol's report."""
+    tier = cfg.tier(task.tier)
+    if tier.secure_aggregation == "none" or not accepted:
+        return accepted, accepted, None
+    opts = dict(tier.secure_aggregation_options)
+    scale = float(opts.get("max_weight") or 0.0) or max(e.max_weight for e in task.expectations)
+    summed, survivors, report, _ = secure_sum(
+        accepted,
+        like=task.state,
+        components=sorted({c for e in task.expectations for c in e.components}),
+        scale=scale,
+        opts=opts,
+        seed=cfg.seed,
+        key=(task.round, *task.key),
+        node=task.node_id,
+        bounds={e.sender: e.max_weight for e in task.expectations},
+    )
+    return ([summed] if summed is not None else []), survivors, report
 
 
 def combine_stats(history: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, float]:

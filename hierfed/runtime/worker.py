@@ -187,7 +187,8 @@ class WorkerCore:
         )
         tier = self.cfg.tier(job.tier)
         chain = build_chain(tier.postprocess, tier.postprocess_options)
-        ctx = PostContext(job.client_id, job.parent_id, job.tier, job.round, self.cfg.seed)
+        low = rank if rank < self.spec.lora_rank else None  # only its rank goes on the wire
+        ctx = PostContext(job.client_id, job.parent_id, job.tier, job.round, self.cfg.seed, low)
         update, sizes = apply_chain(chain, update, ctx)
         return msg.ClientMeta(
             job.client_id, job.parent_id, n, fit.loss, fit.steps, sizes, local, privacy=privacy

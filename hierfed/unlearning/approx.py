@@ -137,7 +137,7 @@ def unlearn_approximate(
         raise CheckpointError(f"{final}: cannot tell the root among {sorted(states)[:4]}")
     states[roots[0]] = ascend(cfg, fed, states[roots[0]], sorted(removed))
     ascent_s = time.perf_counter() - t0
-    for path in ("clients.local", "clients.privacy"):  # their own state is forgotten too
+    for path in ("clients.local", "clients.privacy", "clients.codec"):  # their own state too
         held = bundle["topology"].get(path, {})
         for c in removed & set(held):
             del held[c]

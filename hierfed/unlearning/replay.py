@@ -181,7 +181,7 @@ def _clean(bundle: Mapping[str, Any], ids: Sequence[str], clients: frozenset[str
     if touched is not None:
         return f"its ledger names them in round {touched}"
     topo = bundle.get("topology", {})
-    for path in ("clients.local", "clients.privacy"):
+    for path in ("clients.local", "clients.privacy", "clients.codec"):
         held = sorted(set(topo.get(path, {})) & clients)
         if held:
             return f"its {path} holds {held[:3]}"
