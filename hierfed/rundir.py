@@ -38,6 +38,7 @@ RUN_FILES = frozenset(
         "final_state.json",
         "summary.json",
         "personalized.json",
+        "deployment.json",  # a deployed run's status (hierfed.deploy)
     }
 )
 

@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from hierfed.checkpoint import atomic_write_text, load_bundle, save_bundle
-from hierfed.config import RunConfig, load_config
+from hierfed.config import RunConfig, load_config, to_yaml, validate_config
 from hierfed.data.federation import Federation
 from hierfed.engine import ChannelSet, RoundContext
 from hierfed.engine.subtree import SubtreeEngine, SubtreeReply, with_engine
 from hierfed.errors import HierfedError
 from hierfed.ledger import CommLedger
+from hierfed.model.spec import ModelSpec
 from hierfed.registry import TOPOLOGIES
-from hierfed.runtime.base import make_runtime
+from hierfed.runtime.base import Runtime, make_runtime
 from hierfed.runtime.worker import WorkerSetup
 from hierfed.update import State
 
@@ -61,7 +62,27 @@ def site_config(config_yaml: str, data_yaml: str | None, workdir: Path) -> RunCo
     if data_yaml:
         mine = load_config(data_yaml, validate=False)
         cfg = replace(cfg, data=mine.data)
+    validate_config(cfg)  # also imports the built-in and configured plug-ins
     return cfg
+
+
+# the in-process runtime of the last config, kept while this process lives: a ClientApp
+# process usually serves one message, but in-process sites (tests, benchmarks) serve many, and
+# a worker holds no state between rounds (the simulation reuses its workers the same way)
+_RUNTIMES: dict[str, tuple[Runtime, ModelSpec, State]] = {}
+
+
+def _runtime(cfg: RunConfig, fed: Federation) -> tuple[Runtime, ModelSpec, State]:
+    key = to_yaml(replace(cfg, out=None))
+    if key not in _RUNTIMES:
+        for old, _, _ in _RUNTIMES.values():
+            old.shutdown()
+        _RUNTIMES.clear()
+        rt = make_runtime(cfg.runtime)
+        rt.start(WorkerSetup(cfg, fed))
+        spec, initial = rt.model_info()
+        _RUNTIMES[key] = (rt, spec, initial)
+    return _RUNTIMES[key]
 
 
 class InstitutionSite:
@@ -111,10 +132,8 @@ class InstitutionSite:
         fed = build_federation(cfg)
         self.check(cfg, fed, expected)
         topo_cls = TOPOLOGIES.get(cfg.topology.name)
-        rt = make_runtime(cfg.runtime)
-        rt.start(WorkerSetup(cfg, fed))
+        rt, spec, initial = _runtime(cfg, fed)
         try:
-            spec, initial = rt.model_info()
             topo = with_engine(topo_cls(cfg=cfg, federation=fed, spec=spec), SubtreeEngine)
             topo.init(initial)
             done = self._restore(folder, topo, rnd)
@@ -131,7 +150,9 @@ class InstitutionSite:
             ledger.save(folder / "ledger.csv")
             atomic_write_text(folder / "DONE", f"{rnd}\n")
         finally:
-            rt.shutdown()
+            if rt.name != "local":  # a local runtime is kept for the next round (below)
+                _RUNTIMES.clear()
+                rt.shutdown()
         return reply, ledger.by_edge(rnd)
 
     def _restore(self, folder: Path, topo: Any, rnd: int) -> int:
