@@ -69,6 +69,14 @@ def _bin(name: str) -> str:
     return str(here) if here.exists() else (shutil.which(name) or name)
 
 
+def flower_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower's processes: this Python's bin folder first on PATH (the
+    SuperLink and SuperNode start ``flower-superexec`` from there)."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
 def _file(key: str, value: str) -> str:
     if not value:
         raise ConfigError(
@@ -176,7 +184,7 @@ def flwr_home(cfg: RunConfig) -> Path:
 
 
 def _flwr_env(cfg: RunConfig) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(flwr_home(cfg))}
+    return {**flower_env(), "FLWR_HOME": str(flwr_home(cfg))}
 
 
 def register_commands(cfg: RunConfig) -> list[list[str]]:
@@ -302,7 +310,9 @@ def main(args: Any) -> int:
         return 0
     if args.deploy_cmd in ("register", "supernode"):
         preflight(cfg)
-    env = _flwr_env(cfg) if args.deploy_cmd == "register" else None
+    if args.deploy_cmd != "register":  # Flower itself takes this process over (and its signals)
+        os.execvpe(cmds[0][0], cmds[0], flower_env())
+    env = _flwr_env(cfg)
     for cmd in cmds:
         rc = subprocess.call(cmd, env=env)
         if rc:
