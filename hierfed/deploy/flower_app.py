@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from hierfed.config import RunConfig, load_config, to_yaml
 from hierfed.deploy import node_name
 from hierfed.deploy.node import InstitutionSite, SiteMismatch, institution_profile
+from hierfed.deploy.secagg import check_secagg
 from hierfed.deploy.server import check_deployable, run_server
 from hierfed.deploy.wire import reply_from_wire, reply_to_wire, state_from_bytes, state_to_bytes
 from hierfed.engine.subtree import SubtreeReply
@@ -38,6 +40,7 @@ from hierfed.update import State
 
 log = logging.getLogger(__name__)
 REC = "hierfed"  # the one ConfigRecord of every message
+PLAIN = "train.hierfed"  # a plain round (SecAgg+ rounds are Flower's "train" messages)
 
 server = ServerApp()
 client = ClientApp()
@@ -54,8 +57,8 @@ def _say(text: str) -> None:
 class FlowerSites:
     """Dispatch over Flower: institution -> SuperNode, one ``train`` message each per round."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, wanted: list[str]) -> None:
-        self.grid, self.cfg = grid, cfg
+    def __init__(self, grid: Grid, cfg: RunConfig, wanted: list[str], context: Context) -> None:
+        self.grid, self.cfg, self.context = grid, cfg, context
         self.fed = build_federation(cfg)
         self.config_yaml = to_yaml(cfg)
         self.nodes = self._discover(wanted)
@@ -120,22 +123,17 @@ class FlowerSites:
     def __call__(
         self, rnd: int, key: tuple, above: Mapping[str, State]
     ) -> dict[str, SubtreeReply | str]:
+        fields = {inst: self._fields(rnd, key, inst, above[inst]) for inst in sorted(above)}
+        for f in fields.values():
+            self.wire["down_bytes"] += len(f["state"]) + len(self.config_yaml)
+        if self.cfg.deployment.secagg:
+            return self._secagg(rnd, fields, above)
         msgs, who = [], {}
-        for inst in sorted(above):
-            rec = ConfigRecord(
-                {
-                    "institution": inst,
-                    "round": rnd,
-                    "key": json.dumps(list(key)),
-                    "config": self.config_yaml,
-                    "expected": json.dumps(institution_profile(self.fed, inst)),
-                    "state": state_to_bytes(above[inst]),
-                }
-            )
-            self.wire["down_bytes"] += len(rec["state"]) + len(self.config_yaml)  # type: ignore[arg-type]
+        for inst, f in fields.items():
             node = self.nodes[inst]
             who[node] = inst
-            msgs.append(Message(RecordDict({REC: rec}), dst_node_id=node, message_type="train"))
+            rec = ConfigRecord(f)  # type: ignore[arg-type]
+            msgs.append(Message(RecordDict({REC: rec}), dst_node_id=node, message_type=PLAIN))
         self.wire["messages"] += len(msgs)
         out: dict[str, SubtreeReply | str] = dict.fromkeys(
             above,
@@ -160,6 +158,43 @@ class FlowerSites:
             out[inst] = reply_from_wire(data, head)
             for edge, n in json.loads(str(c["inner"])).items():
                 self.inner_bytes[edge] = self.inner_bytes.get(edge, 0) + int(n)
+        return out
+
+    def _fields(self, rnd: int, key: tuple, inst: str, above: State) -> dict[str, Any]:
+        """One institution's instructions for round ``rnd`` (no secret: the root's broadcast)."""
+        return {
+            "institution": inst,
+            "round": rnd,
+            "key": json.dumps(list(key)),
+            "config": self.config_yaml,
+            "expected": json.dumps(institution_profile(self.fed, inst)),
+            "state": state_to_bytes(above),
+        }
+
+    def _secagg(
+        self, rnd: int, fields: dict[str, dict[str, Any]], above: Mapping[str, State]
+    ) -> dict[str, SubtreeReply | str]:
+        from hierfed.deploy.secagg import Layout
+        from hierfed.deploy.secagg_flower import secagg_round
+
+        scale = float(sum(c.num_train for c in self.fed.clients))  # public: every row counted
+        layout = Layout.of(above[next(iter(fields))], scale)
+        self.wire["messages"] += 8 * len(fields)  # four stages, there and back
+        out, inner = secagg_round(
+            grid=self.grid,
+            context=self.context,
+            cfg=self.cfg,
+            nodes=self.nodes,
+            messages=fields,
+            layout=layout,
+            rnd=rnd,
+        )
+        for r in out.values():
+            if isinstance(r, SubtreeReply):
+                self.wire["up_bytes"] += sum(r.sizes.values())
+                self.wire["down_bytes"] += sum(r.down_sizes.values())
+        for edge, n in inner.items():
+            self.inner_bytes[edge] = self.inner_bytes.get(edge, 0) + n
         return out
 
 
@@ -198,7 +233,8 @@ def _server_main(grid: Grid, context: Context) -> None:
     try:
         wanted = check_deployable(build_federation(cfg))
         _say(f"run folder {cfg.out}; waiting for SuperNodes of {wanted}")
-        sites = FlowerSites(grid, cfg, wanted)
+        check_secagg(cfg)
+        sites = FlowerSites(grid, cfg, wanted, context)
 
         def on_event(kind: str, data: dict[str, Any]) -> None:
             if kind == "round":
@@ -250,25 +286,41 @@ def _client_query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({REC: rec}), reply_to=msg)
 
 
-@client.train()
+def _round(c: Mapping[str, Any], context: Context) -> tuple[SubtreeReply, dict[str, int]]:
+    """This SuperNode's institution runs the round ``c`` describes."""
+    site = _site(context)
+    if str(c["institution"]) != site.institution:
+        raise SiteMismatch(
+            f"the server addressed this SuperNode as '{c['institution']}' but it was "
+            f"started for '{site.institution}': start it with the key registered for "
+            "its own institution"
+        )
+    return site.round(
+        run_id=str(context.run_id),
+        config_yaml=str(c["config"]),
+        rnd=int(c["round"]),
+        key=tuple(json.loads(str(c["key"]))),
+        above=state_from_bytes(bytes(c["state"])),
+        expected=json.loads(str(c["expected"])),
+    )
+
+
+@client.train(mods=[secaggplus_mod])
+def _client_secagg(msg: Message, context: Context) -> Message:
+    from hierfed.deploy.secagg_flower import client_fit
+
+    try:
+        return client_fit(msg, lambda conf: _round(conf, context))
+    except HierfedError as exc:  # the workflow sees a dropout; the reason stays in this log
+        log.error("SecAgg+ round refused: %s", exc)
+        raise
+
+
+@client.train("hierfed")
 def _client_train(msg: Message, context: Context) -> Message:
     c = msg.content[REC]
     try:
-        site = _site(context)
-        if str(c["institution"]) != site.institution:
-            raise SiteMismatch(
-                f"the server addressed this SuperNode as '{c['institution']}' but it was "
-                f"started for '{site.institution}': start it with the key registered for "
-                "its own institution"
-            )
-        reply, inner = site.round(
-            run_id=str(context.run_id),
-            config_yaml=str(c["config"]),
-            rnd=int(c["round"]),  # type: ignore[arg-type]
-            key=tuple(json.loads(str(c["key"]))),
-            above=state_from_bytes(bytes(c["state"])),  # type: ignore[arg-type]
-            expected=json.loads(str(c["expected"])),
-        )
+        reply, inner = _round(c, context)
     except HierfedError as exc:  # a clear one-line reason for the server's log and quorum
         return Message(RecordDict({REC: ConfigRecord({"error": str(exc)})}), reply_to=msg)
     data, head = reply_to_wire(reply)

@@ -75,6 +75,7 @@ def reply_to_wire(reply: SubtreeReply) -> tuple[bytes, str]:
         "late": list(reply.late),
         "privacy": reply.privacy,
         "contributions": reply.contributions,
+        "down_sizes": reply.down_sizes,
     }
     return data, json.dumps(head, sort_keys=True)
 
@@ -95,4 +96,5 @@ def reply_from_wire(data: bytes, head_json: str) -> SubtreeReply:
         late=tuple(h["late"]),
         privacy=dict(h["privacy"]),
         contributions={k: float(v) for k, v in h["contributions"].items()},
+        down_sizes={c: int(n) for c, n in h.get("down_sizes", {}).items()},
     )

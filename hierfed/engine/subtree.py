@@ -19,13 +19,14 @@ each other (level-synchronous batching changes no result).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hierfed.engine.context import RoundContext
 from hierfed.engine.stats import RoundStats, quorum_failure
 from hierfed.engine.walk import TreeEngine
 from hierfed.errors import NodeFailure
+from hierfed.postprocess.validate import Expectation
 from hierfed.runtime.jobs import MergeResult
 from hierfed.update import State, Update
 
@@ -36,8 +37,10 @@ class SubtreeReply:
     of its subtree (counts, sums, ids: never a member's update or data)."""
 
     node_id: str
-    update: Update | None  # the pre-weighted update for the root (None: nothing to send)
-    sizes: dict[str, int]  # its wire size per component (after the top edge's postprocessors)
+    # the pre-weighted update for the root (None: nothing to send, or, under secure
+    # aggregation, its part of a sum that another reply carries: ``update.meta.senders``)
+    update: Update | None
+    sizes: dict[str, int]  # what it sent up, per component (after the edge's postprocessors)
     elapsed_s: float  # simulated seconds its parent-round took (before sending up)
     participants: int = 0
     loss_sum: float = 0.0
@@ -48,6 +51,8 @@ class SubtreeReply:
     late: tuple[str, ...] = ()
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
     contributions: dict[str, float] = field(default_factory=dict)
+    # what the root sent it beyond its broadcast (a secure-aggregation protocol's messages)
+    down_sizes: dict[str, int] = field(default_factory=dict)
 
     def fold_into(self, stats: RoundStats) -> None:
         """Add the subtree's statistics to the root's round (as the simulated walk would)."""
@@ -145,9 +150,18 @@ class RemoteChildrenEngine(TreeEngine):
                 child=n,
                 parent=self.root,
                 busy_s=r.elapsed_s,
-                sizes=r.sizes if r.update is not None else None,
+                sizes=r.sizes or None,
                 key=ctx.key,
             )
+            if r.down_sizes:  # recorded after the report, so its time is not charged twice
+                ctx.channels.edge(self.nodes[n].tier, self.nodes[self.root].tier).down(
+                    ctx.times,
+                    rnd=ctx.round,
+                    parent=self.root,
+                    child=n,
+                    sizes=r.down_sizes,
+                    key=(*ctx.key, "protocol"),
+                )
             if r.update is not None and in_time:
                 emitted[n] = r.update
         if failed:  # a child that never answered counts against the root's quorum
@@ -156,6 +170,18 @@ class RemoteChildrenEngine(TreeEngine):
             if why is not None:
                 raise NodeFailure(self.root, ctx.round, why)
         return emitted
+
+    def _inner_members(
+        self, sampled: dict[str, list[str]], run: Any, ctx: RoundContext
+    ) -> tuple[list[Any], dict[str, Expectation]]:
+        sources, expect = super()._inner_members(sampled, run, ctx)
+        ups = sources[0]
+        for c, e in list(expect.items()):
+            senders = ups[c].meta.senders
+            if len(senders) > 1:  # a secure sum: bounded by all of its senders together
+                bound = sum(self.nodes[s].max_weight for s in senders if s in self.nodes)
+                expect[c] = replace(e, max_weight=bound)
+        return sources, expect
 
 
 def with_engine(topo: Any, engine_cls: type[TreeEngine]) -> Any:
