@@ -171,7 +171,9 @@ def test_a_dropped_site_is_tolerated_when_the_quorum_allows(tmp_path):
         1,
         1,
     ]  # 1 of the 3 sampled (ceil(0.67 * 3)), each round
-    strict = load_config(None, ov + ["topology.tiers.global.quorum=1.0"], out=str(tmp_path / "q"))
+    strict = load_config(
+        None, ov + ["topology.tiers.global.quorum=1.0", "rounds=1"], out=str(tmp_path / "q")
+    )
     with pytest.raises(NodeFailure, match=r"quorum 1 not met: 2/3 .*no reply"):
         run_server(strict, losing_one(LocalSites(strict, tmp_path / "sites", run_id="b")))
 

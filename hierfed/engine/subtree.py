@@ -109,6 +109,9 @@ class SubtreeEngine(TreeEngine):
         )
 
 
+#: relative slack on the weight bound of a securely aggregated sum (its weights are quantized)
+SUM_SLACK = 1e-3
+
 #: (round, node-round key, child -> the components the root broadcast to it) ->
 #: child -> its reply, or a one-line reason it failed
 Dispatch = Callable[[int, tuple, Mapping[str, State]], Mapping[str, "SubtreeReply | str"]]
@@ -178,9 +181,10 @@ class RemoteChildrenEngine(TreeEngine):
         ups = sources[0]
         for c, e in list(expect.items()):
             senders = ups[c].meta.senders
-            if len(senders) > 1:  # a secure sum: bounded by all of its senders together
+            if len(senders) > 1:  # a secure sum: bounded by all of its senders together,
+                # with room for its quantization (SecAgg+ unmasks a quantized sum)
                 bound = sum(self.nodes[s].max_weight for s in senders if s in self.nodes)
-                expect[c] = replace(e, max_weight=bound)
+                expect[c] = replace(e, max_weight=bound * (1 + SUM_SLACK))
         return sources, expect
 
 
