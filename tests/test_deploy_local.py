@@ -18,7 +18,7 @@ from hierfed.deploy.preflight import SuperLinkUnreachable, check_superlink
 from hierfed.deploy.server import LocalSites, run_server
 from hierfed.deploy.wire import reply_from_wire, reply_to_wire
 from hierfed.engine.subtree import SubtreeReply
-from hierfed.errors import HierfedError, NodeFailure
+from hierfed.errors import ConfigError, HierfedError, NodeFailure
 from hierfed.simulation import build_federation, run
 from hierfed.update import Update
 from tests.conftest import tiny_overrides
@@ -237,3 +237,35 @@ def test_trial_credentials_verify_and_others_do_not(tmp_path):
         check_superlink(f"127.0.0.1:{port}", root_certificates=str(creds.ca_cert))
     with pytest.raises(HierfedError, match="already holds a CA"):
         make_credentials(tmp_path / "a", nodes=[])
+
+
+def test_commands_are_secure_by_default_and_insecure_only_when_asked(tmp_path, capsys):
+    from hierfed.deploy import command
+
+    creds = make_credentials(tmp_path / "c", nodes=["inst-00"])
+    dep = [
+        f"deployment.root_certificates={creds.ca_cert}",
+        f"deployment.ssl_certfile={creds.server_cert}",
+        f"deployment.ssl_keyfile={creds.server_key}",
+        f"deployment.node_keys={{global/inst-00: {creds.node_keys['inst-00'][1]}}}",
+    ]
+    cfg = load_config(None, RICH + dep)
+    link = command.superlink_command(cfg)
+    assert "--insecure" not in link and "--enable-supernode-auth" in link
+    assert link[link.index("--ssl-certfile") + 1] == str(creds.server_cert.resolve())
+    node = command.supernode_command(
+        cfg, institution="global/inst-00", key=str(creds.node_keys["inst-00"][0]), workdir="w"
+    )
+    assert "--root-certificates" in node and "--auth-supernode-private-key" in node
+    assert node[-1].startswith('institution="global/inst-00" workdir=')
+    reg = command.register_commands(cfg)
+    assert reg[0][-2:] == ["--name", "global_inst-00"]
+    assert capsys.readouterr().err == ""  # nothing to warn about
+    with pytest.raises(ConfigError, match=r"deployment.supernode_auth is on: pass this"):
+        command.supernode_command(cfg, institution="global/inst-00", key=None, workdir="w")
+    bare = load_config(None, RICH)
+    with pytest.raises(ConfigError, match=r"deployment.ssl_certfile.*deploy certs DIR"):
+        command.superlink_command(bare)
+    insecure = load_config(None, RICH + ["deployment.insecure=true"])
+    assert "--insecure" in command.superlink_command(insecure)
+    assert "no TLS" in capsys.readouterr().err
