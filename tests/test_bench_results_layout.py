@@ -31,6 +31,8 @@ PART_FOLDERS: dict[str, frozenset[str]] = {
     "unlearning": frozenset(),
     # the attribution report on the edu-m3t MiniLM config (`python -m hierfed explain` output)
     "equity": frozenset({"minilm"}),
+    # a deployed run over Flower (TLS, SuperNode auth, SecAgg+) against the simulated one
+    "deploy": frozenset(),
 }
 # JSON files whose commit and machine live in a sibling file (glob, relative to RESULTS)
 COVERED_BY: dict[str, str] = {
