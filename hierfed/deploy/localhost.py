@@ -141,7 +141,7 @@ class Localhost:
         if p.poll() is None:
             try:
                 os.killpg(p.pid, signal.SIGTERM)  # the group we started: it and its children
-                p.wait(3)
+                p.wait(2)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(5)
@@ -149,6 +149,17 @@ class Localhost:
                 pass
         self._logs.pop(name).close()
 
-    def down(self) -> None:
+    def down(self, grace_s: float = 2.0) -> None:
+        """End every process group this site started: SIGTERM to all, then SIGKILL to what
+        is still running after ``grace_s`` (all waited for together)."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        while any(p.poll() is None for p in self.procs.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
         for name in list(self.procs):
-            self.stop(name)
+            self.stop(name)  # SIGKILLs a group that is still there
