@@ -1,9 +1,6 @@
 """A whole deployment on one machine, for tests and benchmarks: trial credentials, a
 SuperLink, registered keys and one SuperNode per institution, each Flower process in its own
 process group (stopped by that group, never by name).
-
->>> Localhost  # doctest: +ELLIPSIS
-<class 'hierfed.deploy.localhost.Localhost'>
 """
 
 from __future__ import annotations

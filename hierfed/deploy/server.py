@@ -16,7 +16,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from hierfed.config import RunConfig, RuntimeConfig, to_yaml
 from hierfed.data.federation import Federation
@@ -118,8 +117,3 @@ class LocalSites:
             for edge, n in inner.items():
                 self.inner_bytes[edge] = self.inner_bytes.get(edge, 0) + n
         return out
-
-
-def deployed_summary(result: RunResult) -> dict[str, Any]:
-    """What a deployed run's caller wants at a glance."""
-    return {"out": str(result.out_dir), "final": result.final_metrics}
