@@ -271,5 +271,12 @@ def test_commands_are_secure_by_default_and_insecure_only_when_asked(tmp_path, c
     with pytest.raises(ConfigError, match=r"deployment.ssl_certfile.*deploy certs DIR"):
         command.superlink_command(bare)
     insecure = load_config(None, RICH + ["deployment.insecure=true"])
-    assert "--insecure" in command.superlink_command(insecure)
+    with pytest.raises(ConfigError, match="SuperNode authentication needs TLS"):
+        command.superlink_command(insecure)  # Flower would refuse it too
+    insecure = load_config(
+        None, RICH + ["deployment.insecure=true", "deployment.supernode_auth=false"]
+    )
+    command._WARNED.clear()
+    link = command.superlink_command(insecure)
+    assert "--insecure" in link and "--enable-supernode-auth" not in link
     assert "no TLS" in capsys.readouterr().err

@@ -93,13 +93,25 @@ def _file(key: str, value: str) -> str:
 
 
 def _warn_insecure(dep: DeploymentConfig) -> bool:
-    if dep.insecure:
-        log.warning(
-            "deployment.insecure=true: no TLS, updates cross the network in the clear "
-            "(local trials only)"
+    """Whether TLS is off (then warn, once per command); refuse what Flower would refuse."""
+    if dep.insecure and dep.supernode_auth:
+        raise ConfigError(
+            "deployment.supernode_auth",
+            True,
+            "SuperNode authentication needs TLS: with deployment.insecure=true also set "
+            "deployment.supernode_auth=false (a local trial), or give TLS certificates",
         )
-        print("WARNING: deployment.insecure=true: no TLS (local trials only)", file=sys.stderr)
+    if dep.insecure and not _WARNED:
+        _WARNED.append(True)
+        print(
+            "WARNING: deployment.insecure=true: no TLS and no SuperNode authentication; "
+            "updates cross the network in the clear (local trials only)",
+            file=sys.stderr,
+        )
     return dep.insecure
+
+
+_WARNED: list[bool] = []
 
 
 def preflight(cfg: RunConfig) -> None:
