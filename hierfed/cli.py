@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hierfed.cli_args import add_subcommands
+from hierfed.deploy import command as deploy_cmd
 from hierfed.errors import HierfedError
 from hierfed.unlearning import command as unlearn_cmd
 
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     add_subcommands(sub)
     unlearn_cmd.add_parser(sub)
+    deploy_cmd.add_parser(sub)
     return p
 
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             return _explain(console, args)
         if args.cmd == "unlearn":
             return unlearn_cmd.main(console, args)
+        if args.cmd == "deploy":
+            return deploy_cmd.main(args)
         return _run(console, args)
     except HierfedError as exc:
         return _print_error(console, exc)

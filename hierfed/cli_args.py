@@ -18,7 +18,8 @@ def arg(*flags: str, **options: Any) -> Arg:
 
 RUN_DIR = arg("run_dir")
 # subcommand -> (help, its arguments in order), in the order ``--help`` lists them; ``unlearn``
-# comes last and declares its own (hierfed.unlearning.command.add_parser)
+# and ``deploy`` come last and declare their own (hierfed.unlearning.command.add_parser,
+# hierfed.deploy.command.add_parser: certs, superlink, register, supernode, run)
 SUBCOMMANDS: dict[str, tuple[str, list[Arg]]] = {
     "run": (
         "run a federation",

@@ -275,6 +275,29 @@ class ContinualConfig:
 
 
 @dataclass
+class DeploymentConfig:
+    """The top edge over Flower (``python -m hierfed deploy``, docs/deployment.md); a simulated
+    ``run`` ignores it. Secure by default: TLS and SuperNode authentication are on."""
+
+    superlink: str = "127.0.0.1:9093"  # the SuperLink's address (host:port) as nodes reach it
+    root_certificates: str = ""  # CA certificate (PEM) that signed the SuperLink's certificate
+    ssl_certfile: str = ""  # the SuperLink's TLS certificate (server side)
+    ssl_keyfile: str = ""  # ... and its private key
+    insecure: bool = False  # no TLS at all: local trials only (warns)
+    supernode_auth: bool = True  # only SuperNodes whose public key is registered may connect
+    # institution id -> its SuperNode's public key (OpenSSH format) to register at the SuperLink
+    node_keys: dict[str, str] = field(default_factory=dict)
+    # Flower SecAgg+ on the top edge: the server learns only the sum of the institutions' updates
+    secagg: bool = False
+    secagg_shares: int = 0  # secret shares per institution; 0 = every other institution
+    secagg_threshold: int = 0  # shares needed to unmask; 0 = all but one institution (min 2)
+    secagg_clip: float = 8.0  # |value| bound before quantization (values beyond are clipped)
+    secagg_bits: int = 22  # quantization levels 2**bits over [-clip, clip]
+    connect_timeout_s: float = 120.0  # how long the server waits for every SuperNode
+    round_timeout_s: float = 600.0  # how long it waits for the institutions' replies per round
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     rounds: int = 5  # rounds of the root tier
@@ -296,6 +319,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
 
     def tier(self, name: str) -> TierConfig:
         """The configuration of the aggregating tier ``name`` (the default if not listed)."""

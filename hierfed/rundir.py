@@ -40,6 +40,7 @@ RUN_FILES = frozenset(
         "personalized.json",
         "continual.json",  # a continual run's accuracy matrices (hierfed/continual)
         "continual.png",  # its plot, written by `python -m hierfed report`
+        "deployment.json",  # a deployed run's status (hierfed.deploy)
     }
 )
 

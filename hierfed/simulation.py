@@ -112,12 +112,19 @@ class History:
 
 
 def _build_topology(
-    cfg: RunConfig, fed: Federation, rt: Runtime, topo_cls: type[Topology]
+    cfg: RunConfig,
+    fed: Federation,
+    rt: Runtime,
+    topo_cls: type[Topology],
+    prepare: Callable[[Topology], None] | None = None,
 ) -> tuple[ModelSpec, Topology]:
     """The run's topology on the model worker 0 built: the driver takes the spec and initial
-    state from there and never loads a backbone or peft itself (seconds of start-up each)."""
+    state from there and never loads a backbone or peft itself (seconds of start-up each).
+    ``prepare`` sees the topology before its ``init`` (a deployment rewires its top edge)."""
     spec, initial = rt.model_info()
     topo = topo_cls(cfg=cfg, federation=fed, spec=spec)
+    if prepare is not None:
+        prepare(topo)
     topo.init(initial)
     check_tier_names(cfg, topo.tier_names)  # before any round: no setting silently unused
     for edge, why in gossip_uncovered(cfg, topo.tier_names).items():
@@ -213,19 +220,36 @@ def run(
     write: bool = True,
     resume: bool = False,
     overwrite: bool = False,
+    prepare: Callable[[Topology], None] | None = None,
 ) -> RunResult:
     """Run a whole federation. ``runtime`` may be passed in (e.g. a test's shared one).
 
     With ``resume=True`` the run continues from the newest checkpoint in ``cfg.out`` and ends
     bit-identical to an uninterrupted run with the same config (CPU). The run folder is made
     and locked first (hierfed.rundir); one that holds anything is refused unless ``resume``
-    or ``overwrite``."""
+    or ``overwrite``. ``prepare``: see ``_build_topology`` (hierfed.deploy's server)."""
     validate_config(cfg)
     out_dir = Path(cfg.out) if cfg.out else unique_default(default_out_dir(cfg))
     if not (write or resume):
-        return _run(cfg, out_dir, runtime=runtime, on_event=on_event, write=write, resume=resume)
+        return _run(
+            cfg,
+            out_dir,
+            runtime=runtime,
+            on_event=on_event,
+            write=write,
+            resume=resume,
+            prepare=prepare,
+        )
     with claim_run_dir(out_dir, resume=resume, overwrite=overwrite):
-        return _run(cfg, out_dir, runtime=runtime, on_event=on_event, write=write, resume=resume)
+        return _run(
+            cfg,
+            out_dir,
+            runtime=runtime,
+            on_event=on_event,
+            write=write,
+            resume=resume,
+            prepare=prepare,
+        )
 
 
 def _run(
@@ -236,6 +260,7 @@ def _run(
     on_event: Event | None,
     write: bool,
     resume: bool,
+    prepare: Callable[[Topology], None] | None = None,
 ) -> RunResult:
     emit = on_event or (lambda kind, data: None)
     t0 = time.perf_counter()
@@ -255,7 +280,7 @@ def _run(
         if own_runtime:
             emit("launch", {"runtime": rt.name, "federation": summary})
             rt.start(WorkerSetup(cfg, fed))
-        spec, topo = _build_topology(cfg, fed, rt, topo_cls)
+        spec, topo = _build_topology(cfg, fed, rt, topo_cls, prepare)
         if write:
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
@@ -323,7 +348,7 @@ def _run(
 def _fingerprint(cfg: RunConfig) -> str:
     """What a resumed run must share with the original: everything that affects results
     (not the run folder, the runtime, the checkpoint cadence or the tracking)."""
-    from hierfed.config import CheckpointConfig, LoggingConfig, RuntimeConfig
+    from hierfed.config import CheckpointConfig, DeploymentConfig, LoggingConfig, RuntimeConfig
 
     return config_fingerprint(
         to_yaml(
@@ -333,6 +358,7 @@ def _fingerprint(cfg: RunConfig) -> str:
                 runtime=RuntimeConfig(),
                 checkpoint=CheckpointConfig(),
                 logging=LoggingConfig(),
+                deployment=DeploymentConfig(),
             )
         )
     )

@@ -35,6 +35,8 @@ PART_FOLDERS: dict[str, frozenset[str]] = {
     # the attribution report on the edu-m3t MiniLM config (`python -m hierfed explain` output)
     "equity": frozenset({"minilm"}),
     "codecs": frozenset(),
+    # a deployed run over Flower (TLS, SuperNode auth, SecAgg+) against the simulated one
+    "deploy": frozenset(),
 }
 # JSON files whose commit and machine live in a sibling file (glob, relative to RESULTS)
 COVERED_BY: dict[str, str] = {
