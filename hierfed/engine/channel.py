@@ -163,6 +163,20 @@ class Channel:
             waited = dl
         return waited
 
+    def protocol(
+        self, *, rnd: int, src: str, dst: str, direction: str, sizes: Mapping[str, int]
+    ) -> None:
+        """Protocol messages a real transport already carried and timed (a deployed SecAgg+
+        round's stages; ``direction``: up or down): recorded, not charged to the clock."""
+        self.ledger.record(
+            round=rnd,
+            src=src,
+            dst=dst,
+            edge=self.up_name if direction == "up" else self.down_name,
+            direction=direction,
+            sizes=sizes,
+        )
+
     def secure_round(self, rnd: int, node: str, report: Any, key: Sequence[object]) -> float:
         """A secure-aggregation node-round's messages (``hierfed.secagg.edge.SecAggReport``):
         every one recorded (up: member -> node, down: node -> member), and the simulated

@@ -156,14 +156,9 @@ class RemoteChildrenEngine(TreeEngine):
                 sizes=r.sizes or None,
                 key=ctx.key,
             )
-            if r.down_sizes:  # recorded after the report, so its time is not charged twice
-                ctx.channels.edge(self.nodes[n].tier, self.nodes[self.root].tier).down(
-                    ctx.times,
-                    rnd=ctx.round,
-                    parent=self.root,
-                    child=n,
-                    sizes=r.down_sizes,
-                    key=(*ctx.key, "protocol"),
+            if r.down_sizes:  # the server's protocol messages to it (SecAgg+ stages)
+                ctx.channels.edge(self.nodes[n].tier, self.nodes[self.root].tier).protocol(
+                    rnd=ctx.round, src=self.root, dst=n, direction="down", sizes=r.down_sizes
                 )
             if r.update is not None and in_time:
                 emitted[n] = r.update
