@@ -93,6 +93,9 @@ def validate_config(cfg: RunConfig) -> None:
     for name, pol in cfg.privacy.policies.items():
         _mapping(f"privacy.policies.{name}.modalities", pol.modalities, "{image: 2.0}")
     check_privacy_config(cfg)
+    from hierfed.batched.support import check_batched_config
+
+    check_batched_config(cfg)
     from hierfed.tracking import check_logging_config
 
     check_logging_config(cfg)
