@@ -242,6 +242,11 @@ class CohortTrainer:
             return total, out.detach()
 
         names = list(leaves)
+        bb = model.backbone
+        hf = hasattr(bb, "mask_is_full")  # a transformers backbone (hierfed/model/hf_backbone.py)
+        if hf and not one_by_one:  # it tests its mask's values: batched only without padding
+            text = [m for m in spec.modalities if model.modalities[m].kind == "text"]
+            one_by_one = not all(bool((inputs[m] != 0).all()) for m in text)
         if one_by_one:  # batches too small for the batched kernels to match: client by client
             outs_l, per = [], []
             for j in range(len(rows)):
@@ -265,7 +270,13 @@ class CohortTrainer:
             with warnings.catch_warnings():
                 # an op without a batching rule (e.g. attention on the CPU) runs client by client
                 warnings.filterwarnings("ignore", message=".*batching rule.*")
-                totals, outs = vmap(one)(leaves, fixed, anchor, inputs, y)
+                try:
+                    if hf:
+                        setattr(bb, "mask_is_full", True)  # noqa: B010
+                    totals, outs = vmap(one)(leaves, fixed, anchor, inputs, y)
+                finally:
+                    if hf:
+                        setattr(bb, "mask_is_full", False)  # noqa: B010
             grads = torch.autograd.grad(totals.sum(), [leaves[n] for n in names], allow_unused=True)
         got = {n: g for n, g in zip(names, grads) if g is not None}
         if self.cfg.max_grad_norm > 0 and got:

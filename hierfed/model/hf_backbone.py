@@ -67,9 +67,14 @@ class HFBackbone(Backbone):
         self.max_tokens = int(getattr(conf, "max_position_embeddings", 512))
         pad = getattr(tokenizer, "pad_token_id", None)
         self._pad = 0 if pad is None else int(pad)
+        # set by batched training (hierfed/batched) around a batch with no padding at all:
+        # the model is then given no mask, which is what it does itself with an all-ones
+        # mask (a test of the mask's values that ``vmap`` cannot run)
+        self.mask_is_full = False
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(inputs_embeds=tokens, attention_mask=mask.long())
+        attention_mask = None if self.mask_is_full else mask.long()
+        out = self.model(inputs_embeds=tokens, attention_mask=attention_mask)
         return out.last_hidden_state
 
     def _swap_pad(self, ids: torch.Tensor) -> torch.Tensor:
