@@ -3,7 +3,7 @@
 Bit for bit on the CPU: the trained tensors, the reported loss and the step count of each
 client, for the benchmark MLP (uneven sizes, every optimizer, FedProx, clipping), the tiny
 M3T with missing modalities, personalization and data poisoning, LoRA clients of ranks 1, 2
-and 4, and a whole run's pinned digest with batching off (the pinned tests run it on).
+and 4, and two whole pinned runs (tests/test_engine_pinned.py) trained batched.
 """
 
 from __future__ import annotations
@@ -182,16 +182,40 @@ def test_batched_key_is_checked_and_on_refuses_dp_sgd():
         load_config(None, tiny_overrides(**{"train.batched": "on", "model.lora_dropout": 0.1}))
 
 
-def test_a_whole_run_with_batching_off_keeps_the_pinned_digest(monkeypatch):
-    """The pinned digests run with the default ``train.batched=auto`` (batched here); the
-    same run one client at a time gives the same digest."""
+def test_whole_runs_trained_batched_keep_the_pinned_digests(monkeypatch):
+    """Two pinned runs (tests/test_engine_pinned.py, recorded one client at a time) trained
+    with ``train.batched=on``: final state, ledger and clock digests unchanged."""
     import tests.test_engine_pinned as pinned
+    from hierfed.batched import trainer
 
     real = pinned._overrides
+    sizes: list[int] = []
+    fit_group = trainer.CohortTrainer.fit_group
 
-    def off(name):
+    def on(name):
         path, topo, ov = real(name)
-        return path, topo, [*ov, "train.batched=off"]
+        return path, topo, [*ov, "train.batched=on"]
 
-    monkeypatch.setattr(pinned, "_overrides", off)
-    assert pinned.digest("star") == pinned.PINNED["star"]
+    def counted(self, items):
+        sizes.append(len(items))
+        return fit_group(self, items)
+
+    monkeypatch.setattr(pinned, "_overrides", on)
+    monkeypatch.setattr(trainer.CohortTrainer, "fit_group", counted)
+    for name in ("star", "robust-median"):
+        assert pinned.digest(name) == pinned.PINNED[name]
+    assert sizes and max(sizes) > 1  # they really trained batched
+
+
+def test_auto_batches_single_task_small_models_on_the_cpu_and_everything_on_a_gpu(tiny_cfg):
+    from hierfed.batched.support import use_batched
+    from hierfed.model.spec import ModelSpec
+
+    cfg = tiny_cfg()
+    small = ModelSpec(components={}, tier_names=(), resources={}, backbone_numel=1_000)
+    big = ModelSpec(components={}, tier_names=(), resources={}, backbone_numel=22_000_000)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert use_batched(cfg, cpu, small, 1) and not use_batched(cfg, cpu, small, 4)
+    assert not use_batched(cfg, cpu, big, 1) and use_batched(cfg, gpu, big, 4)
+    off = tiny_cfg(**{"train.batched": "off"})
+    assert not use_batched(off, gpu, small, 1)

@@ -99,7 +99,7 @@ class WorkerCore:
         ):  # states come and go on the CPU; the skeleton and batches live here
             self.model.to(self.device)
         self.trainer = ClientTrainer(self.model, self.cfg.train, self.cfg.seed, self.device)
-        self.batched = use_batched(self.cfg, self.device, self.spec)  # train.batched
+        self.batched = use_batched(self.cfg, self.device, self.spec, len(self.fed.tasks))
         self.profiles = self.fed.by_id
         self.attack = build_attack(self.cfg, self.fed)  # None unless the config simulates attackers
         self.faults = Faults(self.cfg.runtime.faults)
