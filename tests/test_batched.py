@@ -219,3 +219,17 @@ def test_auto_batches_single_task_small_models_on_the_cpu_and_everything_on_a_gp
     assert not use_batched(cfg, cpu, big, 1) and use_batched(cfg, gpu, big, 4)
     off = tiny_cfg(**{"train.batched": "off"})
     assert not use_batched(off, gpu, small, 1)
+
+
+def test_batched_on_two_ray_workers_keeps_the_pinned_digest(ray_session, monkeypatch):
+    """The pinned star run (recorded one at a time, local runtime) trained batched by two Ray
+    workers, one slice of 4-5 clients each: the same digest."""
+    import tests.test_engine_pinned as pinned
+
+    real = pinned._overrides
+    extra = ["train.batched=on", "runtime.name=ray", "runtime.num_workers=2"]
+    extra.append("runtime.chunks_per_worker=1")
+    monkeypatch.setattr(
+        pinned, "_overrides", lambda n: (lambda a: (*a[:2], [*a[2], *extra]))(real(n))
+    )
+    assert pinned.digest("star") == pinned.PINNED["star"]
