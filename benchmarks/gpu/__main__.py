@@ -20,7 +20,9 @@ local epoch.
 
 Targets (issue 14): batched at 64 clients >= 10x the one-at-a-time throughput; one at a time
 >= 80% of the plain loop. ``--device cpu --quick`` (a 2-layer, width-64 BERT, 1 and 4 clients)
-exercises the same code on a CPU in seconds; its figures say nothing about a GPU.
+exercises the same code on a CPU in seconds; its figures say nothing about a GPU. ``--pad F``
+ends a fraction F of the rows in padding; ``--attn sdpa`` uses torch's fused attention
+instead of the default eager one.
 Writes results.json and REPORT.md.
 """
 
@@ -61,6 +63,7 @@ QUICK_SHAPE = {
 BATCHED_VS_ONE = 10.0  # at 64 clients
 ONE_VS_PLAIN = 0.80
 _SHAPE: dict[str, Any] = dict(MINILM_SHAPE)
+_ATTN = ["eager"]
 
 
 def bert_config(path: str | None) -> Any:
@@ -77,8 +80,8 @@ def bert_config(path: str | None) -> Any:
             )
         except ImportError:
             pass
-    # eager attention: the same kernels one at a time and under vmap, on every device
-    return BertConfig(**_SHAPE, attn_implementation="eager")
+    # --attn (default eager: the same kernels one at a time and under vmap, on every device)
+    return BertConfig(**_SHAPE, attn_implementation=_ATTN[0])
 
 
 def register(config_json: str | None) -> None:
@@ -109,9 +112,14 @@ def register(config_json: str | None) -> None:
         seq, vocab = int(cfg.options["seq"]), int(cfg.options["vocab"])
         n = cfg.samples_per_student
 
+        pad = float(cfg.options.get("pad", 0.0))
+
         def rows(key: str, k: int) -> ClientData:
             rng = np_rng(seed, "gpu-text", key)
             ids = rng.integers(1, vocab, size=(k, seq), dtype=np.int64)
+            if pad:  # this fraction of rows ends in padding (0) after a random length
+                for r in np.flatnonzero(rng.random(k) < pad):
+                    ids[r, rng.integers(1, seq) :] = 0
             return ClientData({"text": ids}, {"label": (ids[:, 0] % 4).astype(np.int64)})
 
         ids = [
@@ -150,10 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--rows", type=int, default=64, help="training rows per client")
     p.add_argument("--quick", action="store_true", help="a small BERT, 1 and 4 clients (smoke)")
+    p.add_argument("--pad", type=float, default=0.0, help="fraction of rows with padding")
+    p.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="attention kernel")
     p.add_argument("--config-json", default=None, help="a BertConfig JSON (default: MiniLM-L6's)")
     p.add_argument("--out", default="benchmarks/out/gpu")
     p.add_argument("overrides", nargs="*", help="extra hierfed key=value overrides")
     args = p.parse_args(argv)
+    _ATTN[0] = args.attn
     if args.quick:
         _SHAPE.clear()
         _SHAPE.update(QUICK_SHAPE)
@@ -173,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     most = max(counts)
     ov = [
         "data.name=gpu-text",
-        f"data.options={{seq: {args.seq}, vocab: {_SHAPE['vocab_size']}}}",
+        f"data.options={{seq: {args.seq}, vocab: {_SHAPE['vocab_size']}, pad: {args.pad}}}",
         "data.num_institutions=1",
         f"data.students_per_institution={most}",
         f"data.samples_per_student={rows_each}",

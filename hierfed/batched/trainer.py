@@ -136,13 +136,13 @@ class CohortTrainer:
         loss_sum = [0.0] * len(items)
         count = [0] * len(items)
         for s in range(int(steps.max(initial=0))):
-            groups: dict[tuple[str, int], list[int]] = {}
+            groups: dict[tuple[str, int, bool], list[int]] = {}
             for a in np.flatnonzero(steps > s).tolist():
                 epoch, t, idx = plans[a][s]
                 if epoch != (plans[a][s - 1][0] if s else -1):
                     loss_sum[a], count[a] = 0.0, 0  # a new epoch: the loss is the last epoch's
-                groups.setdefault((t, len(idx)), []).append(a)
-            for (t, _), rows in groups.items():
+                groups.setdefault((t, len(idx), self._padded(items[a], t, idx)), []).append(a)
+            for (t, _, padded), rows in groups.items():
                 last = any(plans[r][s][0] == cfg.local_epochs - 1 for r in rows)
                 losses = self._group_step(
                     items,
@@ -158,6 +158,7 @@ class CohortTrainer:
                     opt,
                     report=last,
                     one_by_one=len(plans[rows[0]][s][2]) < min_rows,
+                    padded=padded,
                 )
                 for r, loss in zip(rows, losses):
                     n_rows = len(plans[r][s][2])
@@ -175,6 +176,21 @@ class CohortTrainer:
         model.load_components({c: items[-1].start[c] for c in items[-1].start})
         model.load_components(out[-1].state)
         return out
+
+    def _padded(self, it: CohortItem, task: str, idx: np.ndarray) -> bool:
+        """Whether a transformers backbone would see padding in this batch (clients with and
+        without padding run apart: without, the model skips its mask altogether)."""
+        model = self.model
+        if not hasattr(model.backbone, "vmap_mask"):
+            return False
+        for j, m in enumerate(model.tasks[task].modalities):  # M3TModel.forward's mask
+            if model.modalities[m].kind == "text":
+                keep = it.data.inputs[m][idx] != 0
+                if j == 0 and not model.prompt_tokens:
+                    keep[:, 0] = True  # the model never masks its first token
+                if not keep.all():
+                    return True
+        return False
 
     def _min_rows(self, stacked: dict[str, torch.Tensor]) -> int:
         """The fewest batch rows at which every stacked ``nn.Linear`` runs on the BLAS path."""
@@ -212,6 +228,7 @@ class CohortTrainer:
         *,
         report: bool,
         one_by_one: bool,
+        padded: bool,
     ) -> list[float]:
         """One step of the clients ``rows``, all on ``task`` with equally long batches."""
         model = self.model
@@ -243,10 +260,7 @@ class CohortTrainer:
 
         names = list(leaves)
         bb = model.backbone
-        hf = hasattr(bb, "mask_is_full")  # a transformers backbone (hierfed/model/hf_backbone.py)
-        if hf and not one_by_one:  # it tests its mask's values: batched only without padding
-            text = [m for m in spec.modalities if model.modalities[m].kind == "text"]
-            one_by_one = not all(bool((inputs[m] != 0).all()) for m in text)
+        hf = hasattr(bb, "vmap_mask")  # a transformers backbone (hierfed/model/hf_backbone.py)
         if one_by_one:  # batches too small for the batched kernels to match: client by client
             outs_l, per = [], []
             for j in range(len(rows)):
@@ -272,11 +286,11 @@ class CohortTrainer:
                 warnings.filterwarnings("ignore", message=".*batching rule.*")
                 try:
                     if hf:
-                        setattr(bb, "mask_is_full", True)  # noqa: B010
+                        setattr(bb, "vmap_mask", "4d" if padded else "full")  # noqa: B010
                     totals, outs = vmap(one)(leaves, fixed, anchor, inputs, y)
                 finally:
                     if hf:
-                        setattr(bb, "mask_is_full", False)  # noqa: B010
+                        setattr(bb, "vmap_mask", None)  # noqa: B010
             grads = torch.autograd.grad(totals.sum(), [leaves[n] for n in names], allow_unused=True)
         got = {n: g for n, g in zip(names, grads) if g is not None}
         if self.cfg.max_grad_norm > 0 and got:
