@@ -120,6 +120,35 @@ def test_tiny_m3t_with_missing_modalities_personalization_and_poisoning(tiny_cfg
     assert any(m.local for m in together[0])  # personal heads stayed home
 
 
+def test_dp_sgd_clients_train_one_at_a_time_beside_a_batched_cohort(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg(
+        **{
+            "runtime.name": "local",
+            "privacy.policies.p.epsilon": 8.0,
+            "privacy.assign": '{"global/inst-00/*": p}',
+            "data.samples_per_student": 8,
+            "train.batch_size": 8,
+        }
+    )
+    fed = build_federation(cfg)
+    core = WorkerCore(WorkerSetup(cfg, fed))
+    sizes: list[int] = []
+    fit_group = CohortTrainer.fit_group
+
+    def counted(self, items):
+        sizes.append(len(items))
+        return fit_group(self, items)
+
+    monkeypatch.setattr(CohortTrainer, "fit_group", counted)
+    jobs = _jobs(core, fed)
+    alone, together = _both(core, jobs, {"global": core.initial_state()})
+    _same_results(alone, together)
+    private = [m for m in together[0] if m.privacy is not None]
+    assert [m.client_id for m in private] == [c.id for c in fed.clients[:3]]
+    assert [m.privacy for m in private] == [m.privacy for m in alone[0][:3]]
+    assert sum(sizes) == len(fed.clients) - 3  # the others trained batched
+
+
 def test_lora_clients_of_ranks_1_2_4_train_bit_identically():
     from tests.test_lora_ranks import _core, _parent
 
