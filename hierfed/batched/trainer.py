@@ -258,6 +258,12 @@ class CohortTrainer:
                 total = total + 0.5 * mu * sum(((p[n] - p0[n]) ** 2).sum() for n in order)
             return total, out.detach()
 
+        def logits(p, f, p0, inp):  # the batched forward; the loss is taken outside vmap
+            out = functional_call(model, {**f, **p}, (inp, task))
+            if mu > 0:
+                return out, 0.5 * mu * sum(((p[n] - p0[n]) ** 2).sum() for n in order)
+            return (out,)
+
         names = list(leaves)
         bb = model.backbone
         hf = hasattr(bb, "vmap_mask")  # a transformers backbone (hierfed/model/hf_backbone.py)
@@ -287,7 +293,21 @@ class CohortTrainer:
                 try:
                     if hf:
                         setattr(bb, "vmap_mask", "4d" if padded else "full")  # noqa: B010
-                    totals, outs = vmap(one)(leaves, fixed, anchor, inputs, y)
+                    if spec.kind == "classification":
+                        # cross-entropy per row, then each client's mean: the same gradient as
+                        # the mean cross-entropy, without vmap's Python decomposition of it
+                        res = vmap(logits)(leaves, fixed, anchor, inputs)
+                        outs = res[0]
+                        m, b = y.shape
+                        rows_loss = nn.functional.cross_entropy(
+                            outs.reshape(m * b, -1), y.reshape(-1).long(), reduction="none"
+                        )
+                        totals = rows_loss.view(m, b).mean(1)
+                        if mu > 0:
+                            totals = totals + res[1]
+                        outs = outs.detach()
+                    else:
+                        totals, outs = vmap(one)(leaves, fixed, anchor, inputs, y)
                 finally:
                     if hf:
                         setattr(bb, "vmap_mask", None)  # noqa: B010
