@@ -298,11 +298,11 @@ class CohortTrainer:
                         # the mean cross-entropy, without vmap's Python decomposition of it
                         res = vmap(logits)(leaves, fixed, anchor, inputs)
                         outs = res[0]
-                        m, b = y.shape
+                        nc, nb = y.shape
                         rows_loss = nn.functional.cross_entropy(
-                            outs.reshape(m * b, -1), y.reshape(-1).long(), reduction="none"
+                            outs.reshape(nc * nb, -1), y.reshape(-1).long(), reduction="none"
                         )
-                        totals = rows_loss.view(m, b).mean(1)
+                        totals = rows_loss.view(nc, nb).mean(1)
                         if mu > 0:
                             totals = totals + res[1]
                         outs = outs.detach()
