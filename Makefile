@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install example-plugin run test lint typecheck bench-smoke clean
+.PHONY: help install example-plugin run test lint typecheck bench-smoke bench-gpu bench-overhead clean
 
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ typecheck: $(STAMP) ## mypy over hierfed/ and topologies/
 
 bench-smoke: $(STAMP) ## tiny benchmark suite + overhead benchmark at N=100; checks the outputs (not timings)
 	$(PY) -m benchmarks.smoke --out benchmarks/out/smoke
+
+bench-gpu: $(STAMP) ## GPU throughput: plain loop vs hierfed one at a time vs batched, 1/16/64 clients (ARGS='--device cpu --quick' to smoke on a CPU)
+	$(PY) -m benchmarks.gpu --out benchmarks/out/gpu $(ARGS)
+
+bench-overhead: $(STAMP) ## overhead benchmark, N=1000 full participation only: floor, hierfed, Flower side by side (~2-3 min)
+	$(PY) -m benchmarks.overhead run --clients 1000 --participation 1.0 --out benchmarks/out/overhead $(ARGS)
 
 clean: ## remove the virtualenv, caches and run outputs
 	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,7 +1,8 @@
 """``python -m benchmarks.smoke [--out DIR]`` — what ``make bench-smoke`` runs.
 
-Runs the tiny suite (benchmarks/suites/smoke.yaml) and the overhead benchmark at N=100 (full
-participation, all three implementations), then checks that every output exists and is
+Runs the tiny suite (benchmarks/suites/smoke.yaml), the overhead benchmark at N=100 (full
+participation, all three implementations) and the GPU benchmark's CPU smoke
+(``benchmarks.gpu --device cpu --quick``: plain loop, one at a time, batched), then checks that every output exists and is
 well-formed. It checks files and math, never timings: hierfed's final model must equal the
 plain loop's bit for bit, and Flower's accuracy must agree with the floor's.
 """
@@ -113,6 +114,25 @@ def check_overhead(out: Path, rounds: int) -> list[str]:
     ]
 
 
+def check_gpu_quick(out: Path) -> list[str]:
+    """``benchmarks.gpu --device cpu --quick``: the bench-gpu code path, on the CPU."""
+    data = json.loads((out / "results.json").read_text())
+    _check(data["quick"] and data["device"] == "cpu", "the gpu smoke ran --quick on the CPU")
+    counts = [row["clients"] for row in data["table"]]
+    _check(counts == [1, 4], f"the gpu smoke measured 1 and 4 clients (got {counts})")
+    for row in data["table"]:
+        _check(
+            all(row["rows_per_s"][k] > 0 for k in ("plain", "one", "batched")),
+            "the gpu smoke has a throughput for the plain loop, one at a time and batched",
+        )
+        _check(
+            row["max_abs_diff"] == 0.0,
+            "batched LoRA on the BERT architecture equals one at a time bit for bit on the CPU",
+        )
+    _check("| hierfed batched rows/s |" in (out / "REPORT.md").read_text(), "gpu REPORT.md")
+    return ["gpu (--device cpu --quick): plain, one at a time and batched ran; batched == one"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.smoke")
     p.add_argument("--out", default="benchmarks/out/smoke")
@@ -147,6 +167,19 @@ def main(argv: list[str] | None = None) -> int:
             "--out",
             str(out / "overhead"),
         ],
+        # half the rows padded: both of a transformers backbone's batched mask paths run
+        [
+            py,
+            "-m",
+            "benchmarks.gpu",
+            "--device",
+            "cpu",
+            "--quick",
+            "--pad",
+            "0.5",
+            "--out",
+            str(out / "gpu"),
+        ],
     ]
     for cmd in steps:
         proc = subprocess.run(cmd)
@@ -154,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench-smoke: FAILED: {' '.join(cmd)} exited {proc.returncode}", file=sys.stderr)
             return 1
     try:
-        notes = check_suite(out / "suite") + check_overhead(out / "overhead", args.rounds)
+        notes = (
+            check_suite(out / "suite")
+            + check_overhead(out / "overhead", args.rounds)
+            + check_gpu_quick(out / "gpu")
+        )
     except (SmokeFailure, OSError, KeyError, ValueError) as exc:
         print(f"bench-smoke: FAILED: {exc}", file=sys.stderr)
         return 1

@@ -80,6 +80,7 @@ def _registered(key: str, registry: Any, name: str) -> None:
 FEATURE_CHECKS = (
     "hierfed.attacks:check_attack_config",
     "hierfed.privacy.policy:check_privacy_config",
+    "hierfed.batched.support:check_batched_config",
     "hierfed.tracking:check_logging_config",
     "hierfed.continual.checks:check_continual_config",
     "hierfed.faults:check_faults_config",

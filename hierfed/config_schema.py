@@ -62,6 +62,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     fedprox_mu: float = 0.0  # proximal term towards the round's starting state; 0 = off
     max_grad_norm: float = 0.0  # plain (non-DP) gradient clipping; 0 = off
+    # many clients per vectorized pass (hierfed/batched, docs/batched.md): auto | on | off
+    batched: str = "auto"
+    batched_max_clients: int = 256  # clients stacked in one batched pass at most
 
 
 @dataclass

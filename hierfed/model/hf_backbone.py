@@ -67,10 +67,34 @@ class HFBackbone(Backbone):
         self.max_tokens = int(getattr(conf, "max_position_embeddings", 512))
         pad = getattr(tokenizer, "pad_token_id", None)
         self._pad = 0 if pad is None else int(pad)
+        # set by batched training (hierfed/batched), which runs the model under ``vmap``,
+        # where the model's own test of its mask's values (``mask.all()``) cannot run:
+        # "full" (no padding in the batch): no mask, what the model does with an all-ones
+        # mask; "4d": the 4-D mask the model would build itself (eager or sdpa attention)
+        self.vmap_mask: str | None = None
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(inputs_embeds=tokens, attention_mask=mask.long())
+        attention_mask: torch.Tensor | None = mask.long()
+        if self.vmap_mask == "full":
+            attention_mask = None
+        elif self.vmap_mask == "4d":
+            attention_mask = self._mask_4d(mask, tokens.dtype)
+        out = self.model(inputs_embeds=tokens, attention_mask=attention_mask)
         return out.last_hidden_state
+
+    def _mask_4d(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, 1, T, T]`` as transformers builds it from a padding mask: booleans for
+        sdpa attention, 0 / the dtype's minimum for eager attention."""
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        b, t = mask.shape
+        keep = mask.bool()[:, None, None, :].expand(b, 1, t, t)
+        if impl == "sdpa":
+            return keep.contiguous()
+        if impl == "eager":
+            zero = torch.zeros((), dtype=dtype, device=mask.device)
+            low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
+            return torch.where(keep, zero, low).contiguous()
+        raise NotImplementedError(f"batched training with {impl} attention")
 
     def _swap_pad(self, ids: torch.Tensor) -> torch.Tensor:
         if self._pad == 0:

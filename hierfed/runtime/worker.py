@@ -16,9 +16,10 @@ import torch
 import hierfed.runtime.jobs as msg  # the messages between driver and workers
 from hierfed.aggregators.lora import mask_rank, truncate_rank
 from hierfed.attacks import attack_pool, build_attack, poisoned
-from hierfed.client import ClientTrainer, to_cpu
+from hierfed.batched.support import use_batched
+from hierfed.client import ClientTrainer, FitResult, to_cpu
 from hierfed.config import RunConfig
-from hierfed.data.federation import Federation
+from hierfed.data.federation import ClientData, Federation
 from hierfed.errors import UpdateRejected
 from hierfed.faults import Faults
 from hierfed.mixing import combine, consensus_distance, weighted_average
@@ -28,11 +29,24 @@ from hierfed.model.spec import ModelSpec
 from hierfed.postprocess.base import PostContext, apply_chain, build_chain
 from hierfed.postprocess.validate import Expectation, validate_update
 from hierfed.privacy.dpsgd import train_client
-from hierfed.privacy.policy import plan_for
+from hierfed.privacy.policy import DPPlan, plan_for
 from hierfed.runtime.merge import merge_node_round
 from hierfed.update import State, Update, first_nonfinite, state_add, state_sub
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A client's training inputs on this worker (``WorkerCore.prepare``)."""
+
+    data: ClientData
+    tasks: tuple[str, ...]
+    start: State  # the parent's state with the client's own components
+    begin: State  # what training starts from (a lower-rank client's rank-r view of ``start``)
+    rank: int
+    rows: int
+    plan: DPPlan | None
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,7 @@ class WorkerCore:
         ):  # states come and go on the CPU; the skeleton and batches live here
             self.model.to(self.device)
         self.trainer = ClientTrainer(self.model, self.cfg.train, self.cfg.seed, self.device)
+        self.batched = use_batched(self.cfg, self.device, self.spec, len(self.fed.tasks))
         self.profiles = self.fed.by_id
         self.attack = build_attack(self.cfg, self.fed)  # None unless the config simulates attackers
         self.faults = Faults(self.cfg.runtime.faults)
@@ -110,31 +125,58 @@ class WorkerCore:
         updates: dict[str, Update] = {}
         if self.faults and jobs:
             self.faults.before_slice(jobs[0].round, [j.client_id for j in jobs], attempt)
+        # train.batched (hierfed/batched): many at once; a continual job's per-round tasks,
+        # replay and EWC terms are the one-at-a-time trainer's (hierfed/continual/fit.py)
+        if self.batched and len(jobs) > 1 and not any(j.continual for j in jobs):
+            from hierfed.batched.cohort import train_cohort
+
+            return train_cohort(self, jobs, states)
         for job in jobs:
             try:
                 if self.faults:
                     self.faults.in_client(job.client_id)
                 meta, update = self._train_one(job, states[job.parent_id])
             except Exception as exc:  # a client's failure is reported, not fatal to the slice
-                log.warning("client %s failed in round %d: %s", job.client_id, job.round, exc)
-                meta = msg.ClientMeta(
-                    job.client_id,
-                    job.parent_id,
-                    0,
-                    float("nan"),
-                    0,
-                    {},
-                    error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}",
-                )
-                update = None
+                meta, update = self.failed(job, exc), None
             metas.append(meta)
             if update is not None:
                 updates[job.client_id] = update
         return metas, updates
 
+    @staticmethod
+    def failed(job: msg.TrainJob, exc: BaseException) -> msg.ClientMeta:
+        """The meta of a client whose training raised ``exc`` (reported, not fatal)."""
+        log.warning("client %s failed in round %d: %s", job.client_id, job.round, exc)
+        return msg.ClientMeta(
+            job.client_id,
+            job.parent_id,
+            0,
+            float("nan"),
+            0,
+            {},
+            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}",
+        )
+
     def _train_one(
         self, job: msg.TrainJob, parent_state: State
     ) -> tuple[msg.ClientMeta, Update | None]:
+        prep = self.prepare(job, parent_state)
+        self.trainer.continual = job.continual  # a continual run's tasks and mitigations
+        fit, privacy = train_client(
+            self.trainer,
+            plan=prep.plan,
+            prior=job.privacy,
+            data=prep.data,
+            tasks=prep.tasks,
+            start=prep.begin,
+            trainable=job.trains,
+            key=job.key,
+        )
+        return self.finish(job, prep, fit, privacy)
+
+    def prepare(self, job: msg.TrainJob, parent_state: State) -> Prepared:
+        """What training ``job``'s client needs: its data (poisoned if it attacks), its start
+        state, the lower-rank view of it a lower-rank client begins from, its DP plan."""
         profile = self.profiles[job.client_id]
         data = self.fed.train[job.client_id]
         start: State = dict(parent_state)
@@ -147,21 +189,25 @@ class WorkerCore:
                 c: (truncate_rank(p, rank) if c.startswith("adapter.") and c in job.trains else p)
                 for c, p in start.items()
             }
-        self.trainer.continual = job.continual  # a continual run's tasks and mitigations
-        fit, privacy = train_client(
-            self.trainer,
-            plan=plan_for(self.cfg, profile, len(data), self.fed.tier_names),
-            prior=job.privacy,
+        return Prepared(
             data=poisoned(self.attack, job.client_id, data, self.fed.tasks),
-            tasks=profile.tasks,
-            start=begin,
-            trainable=job.trains,
-            key=job.key,
+            tasks=tuple(profile.tasks),
+            start=start,
+            begin=begin,
+            rank=rank,
+            rows=len(data),
+            plan=plan_for(self.cfg, profile, len(data), self.fed.tier_names),
         )
+
+    def finish(
+        self, job: msg.TrainJob, prep: Prepared, fit: FitResult | None, privacy: object
+    ) -> tuple[msg.ClientMeta, Update | None]:
+        """A trained client's meta and update: rank mask, delta, its tier's postprocess chain."""
         if fit is None:  # its DP budget is spent: the client sits out this round and says so
             return msg.ClientMeta(
                 job.client_id, job.parent_id, 0, 0.0, 0, {}, job.local, privacy=privacy
             ), None
+        rank, start = prep.rank, prep.start
         if rank < self.spec.lora_rank:
             fit = replace(
                 fit,
@@ -170,7 +216,7 @@ class WorkerCore:
                     for c, p in fit.state.items()
                 },
             )
-        n = len(data)
+        n = prep.rows
         local = {c: fit.state[c] for c in job.trains if c not in job.sends} or None
         if not job.sends:
             return msg.ClientMeta(
