@@ -262,3 +262,13 @@ def test_batched_on_two_ray_workers_keeps_the_pinned_digest(ray_session, monkeyp
         pinned, "_overrides", lambda n: (lambda a: (*a[:2], [*a[2], *extra]))(real(n))
     )
     assert pinned.digest("star") == pinned.PINNED["star"]
+
+
+def test_on_refuses_a_continual_schedule_which_trains_one_at_a_time():
+    with pytest.raises(ConfigError, match=r"continual.*train.batched=auto"):
+        load_config(
+            None,
+            tiny_overrides(**{"train.batched": "on", "continual.tasks": "{essay_topic: 2}"}),
+        )
+    cfg = load_config(None, tiny_overrides(**{"continual.tasks": "{essay_topic: 2}"}))
+    assert cfg.train.batched == "auto"  # auto: continual jobs go one at a time in the worker
