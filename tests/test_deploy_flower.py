@@ -1,10 +1,11 @@
 """A real deployment on localhost: a ``flower-superlink`` and one ``flower-supernode`` per
 institution, with TLS and SuperNode authentication, run the default hierarchical job and end
-where the simulation ends; an unregistered SuperNode is refused.
+where the simulation ends; an unregistered SuperNode is refused; a SuperNode killed mid-run
+follows the quorum rules.
 
 One SuperLink and its SuperNodes serve the whole module (their start-up is the cost). The
-heavier drills (SecAgg+ over the transport, a SuperNode killed mid-run) run with
-``HIERFED_DEPLOY_FULL=1``.
+heavier drill, SecAgg+ over the transport (73 s here), runs with ``HIERFED_DEPLOY_FULL=1``;
+``tests/test_deploy_secagg.py`` runs Flower's SecAgg+ workflow and mod in memory by default.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def test_secagg_deployment_ends_within_quantization_of_the_simulation(site, tmp_
     assert up["secagg.collect_masked_vectors"] > 0 and up["secagg.share_keys"] > 0
 
 
-@pytest.mark.skipif(not FULL, reason="set HIERFED_DEPLOY_FULL=1 (a SuperNode is killed: last)")
+# last in the module: it kills one of the shared SuperNodes
 def test_a_supernode_killed_mid_run_follows_the_quorum(site, tmp_path):
     out = tmp_path / "killed"
     tiers = dict(site.cfg.topology.tiers)
