@@ -1,8 +1,9 @@
 """The Ray runtime: a fixed pool of worker actors, each a thin shell around a WorkerCore.
 
 * ``ray.init`` locally (``runtime.num_cpus``), bound to 127.0.0.1, or connects to
-  ``runtime.address``; a Ray session that is already up (e.g. a test suite's) is reused and
-  left running. A local session gets a watchdog (``hierfed.runtime.reaper``) that ends the
+  ``runtime.address``; a Ray session that is already up (e.g. a test suite's, or one a
+  notebook started to share between runs) is reused and left running; a session the runtime
+  started itself ends with it (``shutdown``). A local session gets a watchdog (``hierfed.runtime.reaper``) that ends the
   processes Ray would leave behind if the driver is killed.
 * One actor per worker (``runtime.num_workers``, default one per CPU), never one per client.
   Each builds one model skeleton and frozen backbone, then trains slice after slice.
@@ -411,3 +412,8 @@ class RayRuntime(Runtime):
             except Exception:  # already gone
                 pass
         self.actors = []
+        if self._reaper is not None:  # a session this run started ends with it, as Flower's does
+            ray.shutdown()  # (at exit Ray would first sleep 0.5 s for its log lines)
+            self._reaper.terminate()  # nothing of the session is left to watch
+            self._reaper.wait()
+            self._reaper = None
