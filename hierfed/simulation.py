@@ -6,6 +6,7 @@ reporter draws it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -230,17 +231,12 @@ def run(
     or ``overwrite``. ``prepare``: see ``_build_topology`` (hierfed.deploy's server)."""
     validate_config(cfg)
     out_dir = Path(cfg.out) if cfg.out else unique_default(default_out_dir(cfg))
-    if not (write or resume):
-        return _run(
-            cfg,
-            out_dir,
-            runtime=runtime,
-            on_event=on_event,
-            write=write,
-            resume=resume,
-            prepare=prepare,
-        )
-    with claim_run_dir(out_dir, resume=resume, overwrite=overwrite):
+    claim = (  # a run that writes nothing claims no folder
+        claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
+        if write or resume
+        else contextlib.nullcontext()
+    )
+    with claim:
         return _run(
             cfg,
             out_dir,

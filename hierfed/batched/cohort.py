@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import hierfed.runtime.jobs as msg
 from hierfed.batched.trainer import CohortItem, CohortTrainer, cohort_groups
-from hierfed.privacy.dpsgd import train_client
 from hierfed.update import State, Update
 
 if TYPE_CHECKING:
@@ -31,17 +30,7 @@ Result = tuple[msg.ClientMeta, Update | None]
 def _one(core: WorkerCore, job: msg.TrainJob, prep: Prepared) -> Result:
     """``job``'s client alone, with the one-at-a-time trainer (DP-SGD included)."""
     try:
-        fit, privacy = train_client(
-            core.trainer,
-            plan=prep.plan,
-            prior=job.privacy,
-            data=prep.data,
-            tasks=prep.tasks,
-            start=prep.begin,
-            trainable=job.trains,
-            key=job.key,
-        )
-        return core.finish(job, prep, fit, privacy)
+        return core.fit_prepared(job, prep)
     except Exception as exc:
         return core.failed(job, exc), None
 

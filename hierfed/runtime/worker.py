@@ -160,7 +160,12 @@ class WorkerCore:
     def _train_one(
         self, job: msg.TrainJob, parent_state: State
     ) -> tuple[msg.ClientMeta, Update | None]:
-        prep = self.prepare(job, parent_state)
+        return self.fit_prepared(job, self.prepare(job, parent_state))
+
+    def fit_prepared(
+        self, job: msg.TrainJob, prep: Prepared
+    ) -> tuple[msg.ClientMeta, Update | None]:
+        """``job``'s client alone, with the one-at-a-time trainer (DP-SGD included)."""
         self.trainer.continual = job.continual  # a continual run's tasks and mitigations
         fit, privacy = train_client(
             self.trainer,
