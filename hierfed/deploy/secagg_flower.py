@@ -36,6 +36,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from hierfed.deploy.secagg import MAX_WEIGHT, Layout, sum_update, workflow_params
+from hierfed.deploy.wire import reply_stats
 from hierfed.engine.subtree import SubtreeReply
 
 log = logging.getLogger(__name__)
@@ -162,17 +163,8 @@ def secagg_round(
             node_id=inst,
             update=total if k == 0 else None,  # the sum travels once, with the first sender
             sizes=counting.up.get(node, {}),
-            elapsed_s=float(h["elapsed_s"]),
-            participants=int(h["participants"]),
-            loss_sum=float(h["loss_sum"]),
-            loss_rows=int(h["loss_rows"]),
-            failures=tuple((a, b) for a, b in h["failures"]),
-            rejections=tuple((a, b) for a, b in h["rejections"]),
-            dropped=tuple(h["dropped"]),
-            late=tuple(h["late"]),
-            privacy=dict(h["privacy"]),
-            contributions={a: float(b) for a, b in h["contributions"].items()},
             down_sizes=counting.down.get(node, {}),
+            **reply_stats(h),
         )
     return out, inner
 

@@ -80,21 +80,28 @@ def reply_to_wire(reply: SubtreeReply) -> tuple[bytes, str]:
     return data, json.dumps(head, sort_keys=True)
 
 
+def reply_stats(h: dict[str, Any]) -> dict[str, Any]:
+    """A reply head's statistics of the subtree's round, as ``SubtreeReply`` fields."""
+    return {
+        "elapsed_s": float(h["elapsed_s"]),
+        "participants": int(h["participants"]),
+        "loss_sum": float(h["loss_sum"]),
+        "loss_rows": int(h["loss_rows"]),
+        "failures": tuple((a, b) for a, b in h["failures"]),
+        "rejections": tuple((a, b) for a, b in h["rejections"]),
+        "dropped": tuple(h["dropped"]),
+        "late": tuple(h["late"]),
+        "privacy": dict(h["privacy"]),
+        "contributions": {k: float(v) for k, v in h["contributions"].items()},
+    }
+
+
 def reply_from_wire(data: bytes, head_json: str) -> SubtreeReply:
     h = json.loads(head_json)
     return SubtreeReply(
         node_id=h["node_id"],
         update=update_from_wire(data, h["update"]) if h["update"] else None,
         sizes={c: int(n) for c, n in h["sizes"].items()},
-        elapsed_s=float(h["elapsed_s"]),
-        participants=int(h["participants"]),
-        loss_sum=float(h["loss_sum"]),
-        loss_rows=int(h["loss_rows"]),
-        failures=tuple((a, b) for a, b in h["failures"]),
-        rejections=tuple((a, b) for a, b in h["rejections"]),
-        dropped=tuple(h["dropped"]),
-        late=tuple(h["late"]),
-        privacy=dict(h["privacy"]),
-        contributions={k: float(v) for k, v in h["contributions"].items()},
         down_sizes={c: int(n) for c, n in h.get("down_sizes", {}).items()},
+        **reply_stats(h),
     )
