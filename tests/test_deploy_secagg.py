@@ -253,7 +253,9 @@ def test_a_secagg_run_ends_within_quantization_of_the_simulation(tmp_path):
         for p, t in params.items()
     )
     # quantized, not bit-identical: a round's merge is off by about n * step (~1e-5 here), and
-    # the next round's training carries that on (measured: ~1e-4 after two rounds)
-    assert 0 < worst < 1e-3
+    # the next round's training carries that on. Flower rounds stochastically with numpy's
+    # unseeded global RNG, so the gap varies run to run: 2 of 9 runs here were above 1e-3, the
+    # largest 3.0e-3 (the deploy benchmark saw 2.3e-3), hence the bound one order above
+    assert 0 < worst < 1e-2
     secagg = {k: v for k, v in dep.ledger.by_component().items() if k.startswith("secagg.")}
     assert len(secagg) == 4 and min(secagg.values()) > 0
