@@ -67,6 +67,20 @@ def _server_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
+def _node_contexts(nodes, workdir):
+    """Flower contexts of the sites' SuperNodes (node id -> context), as a SuperNode makes them."""
+    return {
+        nid: Context(
+            run_id=7,
+            node_id=nid,
+            node_config={"institution": inst, "workdir": str(workdir)},
+            state=RecordDict(),
+            run_config={},
+        )
+        for inst, nid in nodes.items()
+    }
+
+
 def _setup(tmp_path, **drop):
     cfg = load_config(None, OV, out=str(tmp_path / "run"))
     fed = build_federation(cfg)
@@ -82,16 +96,7 @@ def _setup(tmp_path, **drop):
     above = initial  # every component is global by default
     plain = sites(1, (0,), dict.fromkeys(insts, above))
     nodes = {inst: 100 + k for k, inst in enumerate(insts)}
-    ctxs = {
-        nid: Context(
-            run_id=7,
-            node_id=nid,
-            node_config={"institution": inst, "workdir": str(tmp_path / "masked")},
-            state=RecordDict(),
-            run_config={},
-        )
-        for inst, nid in nodes.items()
-    }
+    ctxs = _node_contexts(nodes, tmp_path / "masked")
     fields = {
         inst: {
             "institution": inst,
@@ -206,18 +211,7 @@ def test_a_secagg_run_ends_within_quantization_of_the_simulation(tmp_path):
     fed = build_federation(cfg)
     insts = sorted({"/".join(c.path[:2]) for c in fed.clients})
     nodes = {inst: 100 + k for k, inst in enumerate(insts)}
-    relay = Relay(
-        {
-            nid: Context(
-                run_id=7,
-                node_id=nid,
-                node_config={"institution": inst, "workdir": str(tmp_path / "nodes")},
-                state=RecordDict(),
-                run_config={},
-            )
-            for inst, nid in nodes.items()
-        }
-    )
+    relay = Relay(_node_contexts(nodes, tmp_path / "nodes"))
     server_ctx = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config={})
     scale = float(sum(c.num_train for c in fed.clients))
 

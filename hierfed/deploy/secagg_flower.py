@@ -36,7 +36,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 
 from hierfed.deploy.secagg import MAX_WEIGHT, Layout, sum_update, workflow_params
-from hierfed.deploy.wire import reply_stats
+from hierfed.deploy.wire import reply_stats, stats_head
 from hierfed.engine.subtree import SubtreeReply
 
 log = logging.getLogger(__name__)
@@ -183,17 +183,8 @@ def client_fit(msg: Message, run: Any) -> Message:
             "num_samples": reply.update.meta.num_samples if reply.update else 0,
             "stats": dict(reply.update.meta.stats) if reply.update else {},
         },
-        "elapsed_s": reply.elapsed_s,
-        "participants": reply.participants,
-        "loss_sum": reply.loss_sum,
-        "loss_rows": reply.loss_rows,
-        "failures": [list(x) for x in reply.failures],
-        "rejections": [list(x) for x in reply.rejections],
-        "dropped": list(reply.dropped),
-        "late": list(reply.late),
-        "privacy": reply.privacy,
-        "contributions": reply.contributions,
         "inner": inner,
+        **stats_head(reply),
     }
     res = FitRes(
         Status(Code.OK, ""),

@@ -65,6 +65,15 @@ def reply_to_wire(reply: SubtreeReply) -> tuple[bytes, str]:
         "node_id": reply.node_id,
         "update": upd,
         "sizes": reply.sizes,
+        "down_sizes": reply.down_sizes,
+        **stats_head(reply),
+    }
+    return data, json.dumps(head, sort_keys=True)
+
+
+def stats_head(reply: SubtreeReply) -> dict[str, Any]:
+    """``reply``'s statistics of the subtree's round as JSON values (``reply_stats`` reads them)."""
+    return {
         "elapsed_s": reply.elapsed_s,
         "participants": reply.participants,
         "loss_sum": reply.loss_sum,
@@ -75,9 +84,7 @@ def reply_to_wire(reply: SubtreeReply) -> tuple[bytes, str]:
         "late": list(reply.late),
         "privacy": reply.privacy,
         "contributions": reply.contributions,
-        "down_sizes": reply.down_sizes,
     }
-    return data, json.dumps(head, sort_keys=True)
 
 
 def reply_stats(h: dict[str, Any]) -> dict[str, Any]:
